@@ -1,0 +1,86 @@
+"""The `jaxllm` command line: `jaxllm <command> [--config FILE ...] [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from jaxllm.config import Config, ConfigError, load_config
+
+console = Console()
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", action="append", default=[],
+        help="YAML file or preset name under configs/ (e.g. tiny, mesh/fsdp_tp); repeat to merge in order",
+    )
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=4 train.steps=100")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    """Model size, FLOPs per token and param shardings for a config; optionally one forward pass."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxllm.config import validate
+    from jaxllm.language_model import build
+    from jaxllm.sharding import make_mesh
+
+    cfg = _load(args)
+    sizes = validate(cfg, jax.device_count())
+    lm = build(cfg)
+    seq = cfg.data.seq_len
+    console.print(f"[bold]params[/] {lm.num_params:,} ({lm.num_params - lm.num_embedding_params:,} non-embedding)")
+    console.print(f"[bold]train FLOPs/token[/] at seq {seq}: {lm.flops_per_token(seq):.4g}")
+    console.print(f"[bold]mesh[/] {sizes} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
+    shardings = lm.param_shardings(make_mesh(cfg.mesh))
+    table = Table("param", "shape", "logical axes", "partition spec")
+    for (path, shape), axes, sh in zip(
+        jax.tree_util.tree_leaves_with_path(lm.param_shapes), jax.tree.leaves(lm.logical_axes, is_leaf=lambda x: isinstance(x, tuple)), jax.tree.leaves(shardings)
+    ):
+        name = ".".join(str(k.key) for k in path)
+        table.add_row(name, str(shape.shape), str(axes), str(sh.spec))
+    console.print(table)
+    if args.forward:
+        params = jax.jit(lm.init)(jax.random.key(cfg.train.seed))
+        tokens = jnp.zeros((1, seq), jnp.int32)
+        apply = jax.jit(lm.apply)
+        t0 = time.perf_counter()
+        logits = apply(params, tokens).block_until_ready()
+        t1 = time.perf_counter()
+        apply(params, tokens).block_until_ready()
+        t2 = time.perf_counter()
+        console.print(
+            f"[bold]forward[/] logits {tuple(logits.shape)} {logits.dtype}; "
+            f"compile+run {t1 - t0:.2f}s, run {1000 * (t2 - t1):.1f} ms"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxllm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="param count, FLOPs and shardings of a config")
+    _add_config_args(p)
+    p.add_argument("--forward", action="store_true", help="also compile and time one forward pass")
+    p.set_defaults(fn=cmd_info)
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except ConfigError as err:
+        console.print(f"[red]config error:[/] {err}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""Typed configuration: dataclasses, YAML presets, dotted CLI overrides, validated before compiling.
+
+Merging and type checking are OmegaConf structured configs; this module adds the cross-field checks
+(heads vs kv heads vs tensor axis, mesh vs device count, ...) and turns every failure into a
+`ConfigError` whose message names the offending key and what it may be.
+
+    cfg = load_config(["configs/tiny.yaml"], ["model.num_layers=4"])
+    validate(cfg, num_devices=jax.device_count())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+NORMS = ("rmsnorm", "layernorm")
+POSITIONS = ("rope", "learned", "none")
+ROPE_SCALINGS = ("none", "llama3")
+BIASES = ("none", "qkv", "all")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+ATTENTION_IMPLS = ("xla",)
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or inconsistent with another."""
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling. `llama3` is the Llama-3.1 wavelength-banded scaling."""
+
+    type: str = "none"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+
+@dataclass
+class AttentionConfig:
+    impl: str = "xla"
+    sliding_window: Optional[int] = None  # tokens a query may look back, itself included (Mistral)
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3/OLMo2)
+    logit_softcap: Optional[float] = None  # cap * tanh(scores / cap) (Gemma-2)
+
+
+@dataclass
+class MlpConfig:
+    d_ff: int = 1408
+    activation: str = "silu"
+    gated: bool = True  # act(x W_gate) * (x W_up): SwiGLU with silu, GeGLU with gelu
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    d_model: int = 512
+    num_layers: int = 8
+    num_heads: int = 8
+    num_kv_heads: int = 8
+    head_dim: Optional[int] = None  # default d_model // num_heads
+    max_seq_len: int = 2048
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    position: str = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    bias: str = "none"  # which projections carry a bias: none (Llama), qkv (Qwen2), all (GPT-2)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    mlp: MlpConfig = field(default_factory=MlpConfig)
+    tie_embeddings: bool = False
+    final_logit_softcap: Optional[float] = None
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"
+    scan_layers: bool = True  # False unrolls the layer loop (same stacked params)
+    init_std: float = 0.02
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+
+def _default_rules() -> dict[str, list[str]]:
+    # Logical axis -> mesh axes. Params: embed/vocab/mlp/heads...; activations: batch/length/act_*.
+    return {
+        "batch": ["data", "fsdp", "expert"],
+        "length": [],
+        "act_embed": [],
+        "act_heads": ["tensor"],
+        "act_kv_heads": ["tensor"],
+        "act_mlp": ["tensor"],
+        "act_vocab": ["tensor"],
+        "embed": ["fsdp"],
+        "vocab": ["tensor"],
+        "mlp": ["tensor"],
+        "heads": ["tensor"],
+        "kv_heads": ["tensor"],
+        "head_dim": [],
+        "layers": [],
+        "norm": [],
+        "expert": ["expert"],
+    }
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh shape (-1 on one axis: all remaining devices) and logical->mesh axis rules."""
+
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+    rules: dict[str, list[str]] = field(default_factory=_default_rules)
+
+    def axis_sizes(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in MESH_AXES}
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # "synthetic" (built-in corpus) or a path to local data
+    text_field: str = "text"
+    tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
+    seq_len: int = 256
+    eval_fraction: float = 0.02
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 8
+    microbatches: int = 1
+    optimizer: str = "adamw"
+    learning_rate: float = 3e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    z_loss: float = 0.0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+
+
+@dataclass
+class CheckpointConfig:
+    run_dir: str = "runs/default"
+    save_every: int = 100
+    keep_last: int = 2
+    keep_every: Optional[int] = None
+    async_save: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# --------------------------------------------------------------------------------------- loading
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path as given, or a preset name such as `tiny` or `mesh/fsdp_tp` under `configs/`."""
+    path = Path(name)
+    if path.exists():
+        return path
+    preset = CONFIGS_DIR / f"{name}.yaml"
+    if preset.exists():
+        return preset
+    known = sorted(str(p.relative_to(CONFIGS_DIR))[:-5] for p in CONFIGS_DIR.rglob("*.yaml"))
+    raise ConfigError(f"config file {str(name)!r} not found; presets: {known}")
+
+
+def _allowed_keys(node_type: type, dotted_key: str) -> list[str]:
+    """Field names of the dataclass that should hold `dotted_key`'s last part."""
+    parts = dotted_key.split(".")[:-1]
+    cls: Any = node_type
+    for part in parts:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields or not dataclasses.is_dataclass(fields[part].default_factory):
+            break
+        cls = fields[part].default_factory
+    return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+
+
+def _omegaconf_error(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = err.full_key or "?"
+    if isinstance(err, ConfigKeyError):
+        allowed = _allowed_keys(Config, key)
+        return ConfigError(f"unknown config key {key!r} (from {source}); allowed here: {allowed}")
+    if isinstance(err, ValidationError):
+        msg = str(err).splitlines()[0]
+        return ConfigError(f"config key {key!r} (from {source}): {msg}")
+    return ConfigError(f"config (from {source}): {err}")
+
+
+def load_config(
+    files: Sequence[str | Path] = (), overrides: Sequence[str] = (), base: Config | None = None
+) -> Config:
+    """Merge defaults <- YAML files (in order) <- `key=value` overrides into a typed `Config`.
+
+    Raises ConfigError for unknown keys, wrong types or values that fail `check_values`.
+    """
+    merged = OmegaConf.structured(base if base is not None else Config())
+    sources: list[tuple[str, Any]] = []
+    for f in files:
+        path = resolve_config_path(f)
+        sources.append((str(path), OmegaConf.load(path)))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value (e.g. model.num_layers=4); got {bad}")
+    for o in overrides:
+        sources.append((f"override {o!r}", OmegaConf.from_dotlist([o])))
+    for source, conf in sources:
+        try:
+            merged = OmegaConf.merge(merged, conf)
+        except OmegaConfBaseException as err:
+            raise _omegaconf_error(err, source) from None
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    check_values(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+def _choice(key: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _positive(key: str, value: float | int | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(f"{key}={value!r} must be > 0")
+
+
+def check_values(cfg: Config) -> None:
+    """Checks that need no devices: choices, positivity, cross-field consistency."""
+    m = cfg.model
+    _choice("model.norm", m.norm, NORMS)
+    _choice("model.position", m.position, POSITIONS)
+    _choice("model.rope_scaling.type", m.rope_scaling.type, ROPE_SCALINGS)
+    _choice("model.bias", m.bias, BIASES)
+    _choice("model.mlp.activation", m.mlp.activation, ACTIVATIONS)
+    _choice("model.attention.impl", m.attention.impl, ATTENTION_IMPLS)
+    _choice("model.dtype", m.dtype, DTYPES)
+    _choice("model.param_dtype", m.param_dtype, DTYPES)
+    _choice("model.remat", m.remat, REMAT_POLICIES)
+    for key in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "max_seq_len"):
+        _positive(f"model.{key}", getattr(m, key))
+    _positive("model.mlp.d_ff", m.mlp.d_ff)
+    _positive("model.head_dim", m.head_dim, allow_none=True)
+    _positive("model.attention.sliding_window", m.attention.sliding_window, allow_none=True)
+    _positive("model.attention.logit_softcap", m.attention.logit_softcap, allow_none=True)
+    _positive("model.final_logit_softcap", m.final_logit_softcap, allow_none=True)
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}; "
+            f"allowed num_kv_heads: {[k for k in range(1, m.num_heads + 1) if m.num_heads % k == 0]}"
+        )
+    if m.head_dim is None and m.d_model % m.num_heads:
+        raise ConfigError(
+            f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
+            "set model.head_dim explicitly or pick num_heads dividing d_model"
+        )
+    if m.position == "rope" and m.resolved_head_dim % 2:
+        raise ConfigError(f"model.head_dim={m.resolved_head_dim} must be even for rope positions")
+    if cfg.data.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+            f"allowed: data.seq_len <= {m.max_seq_len}"
+        )
+    _positive("data.seq_len", cfg.data.seq_len)
+    _positive("train.batch_size", cfg.train.batch_size)
+    _positive("train.microbatches", cfg.train.microbatches)
+    if cfg.train.batch_size % cfg.train.microbatches:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is not divisible by "
+            f"train.microbatches={cfg.train.microbatches}"
+        )
+    sizes = cfg.mesh.axis_sizes()
+    filled = [a for a, s in sizes.items() if s == -1]
+    if len(filled) > 1:
+        raise ConfigError(f"at most one mesh axis may be -1 (fill); got {filled}")
+    for axis, size in sizes.items():
+        if size == 0 or size < -1:
+            raise ConfigError(f"mesh.{axis}={size} must be a positive size or -1 (fill)")
+    for logical, axes in cfg.mesh.rules.items():
+        unknown = [a for a in axes if a not in MESH_AXES]
+        if unknown:
+            raise ConfigError(
+                f"mesh.rules.{logical} names unknown mesh axes {unknown}; allowed: {list(MESH_AXES)}"
+            )
+    _check_tensor_axis(m, sizes["tensor"])
+
+
+def _check_tensor_axis(m: ModelConfig, tensor: int) -> None:
+    if tensor <= 1:
+        return
+    for key, value in (("model.num_heads", m.num_heads), ("model.num_kv_heads", m.num_kv_heads)):
+        if value % tensor:
+            raise ConfigError(
+                f"{key}={value} is not divisible by the tensor mesh axis (mesh.tensor={tensor}); "
+                f"allowed mesh.tensor: {[t for t in range(1, value + 1) if value % t == 0]}"
+            )
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
+    """Axis sizes with the -1 axis filled; ConfigError if they do not multiply to `num_devices`."""
+    sizes = cfg.axis_sizes()
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    fill = [a for a, s in sizes.items() if s == -1]
+    if fill:
+        if num_devices % fixed:
+            raise ConfigError(
+                f"mesh axes {({a: s for a, s in sizes.items() if s != -1})} multiply to {fixed}, "
+                f"which does not divide the {num_devices} devices for mesh.{fill[0]}=-1"
+            )
+        sizes[fill[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ConfigError(
+            f"mesh axes {sizes} multiply to {fixed} but there are {num_devices} devices; "
+            "make the product equal the device count or set one axis to -1"
+        )
+    return sizes
+
+
+def validate(cfg: Config, num_devices: int) -> dict[str, int]:
+    """All checks, including those against the device count. Returns the filled mesh shape."""
+    check_values(cfg)
+    sizes = mesh_shape(cfg.mesh, num_devices)
+    _check_tensor_axis(cfg.model, sizes["tensor"])
+    batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    micro = cfg.train.batch_size // cfg.train.microbatches
+    if micro % batch_shards:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} / train.microbatches={cfg.train.microbatches} "
+            f"= {micro} is not divisible by the data*fsdp*expert mesh axes ({batch_shards})"
+        )
+    return sizes

@@ -1,0 +1,113 @@
+"""The functional model API: build once from a config, then pure functions of a params pytree.
+
+    lm = LanguageModel(cfg.model)                   # or jaxllm.build(cfg) for the mesh rules too
+    params = lm.init(jax.random.key(0))             # nested dict of arrays
+    logits = jax.jit(lm.apply)(params, tokens)      # [B, T] int -> [B, T, V]
+    loss, metrics = lm.loss(params, batch)          # batch: inputs, targets, [loss_mask, positions, segment_ids]
+
+Everything is a plain function of pytrees: jit, grad and vmap them without knowing Flax.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxllm.config import Config, ModelConfig, _default_rules
+from jaxllm.losses import cross_entropy
+from jaxllm.models.transformer import Transformer
+from jaxllm.sharding import Rules, make_rules, param_shardings
+
+Params = dict[str, Any]
+Batch = Mapping[str, jax.Array]
+
+
+class LanguageModel:
+    """A model config split once into (graphdef, params); all methods are pure in `params`."""
+
+    def __init__(self, cfg: ModelConfig, rules: Mapping[str, Sequence[str]] | Rules | None = None):
+        self.cfg = cfg
+        if rules is None:
+            rules = _default_rules()
+        self.rules: Rules = make_rules(rules) if isinstance(rules, Mapping) else tuple(rules)
+        abstract = nnx.eval_shape(lambda: Transformer(cfg, self.rules, rngs=nnx.Rngs(0)))
+        self.graphdef, abstract_state = nnx.split(abstract)
+        self.param_shapes: Params = jax.tree.map(
+            lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(abstract_state)
+        )
+        specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
+        self.logical_axes: Params = jax.tree.map(
+            tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+        )
+
+    # ------------------------------------------------------------------ pure functions of params
+    def init(self, key: jax.Array) -> Params:
+        """Fresh params (nested dict of arrays) from a PRNG key."""
+        model = Transformer(self.cfg, self.rules, rngs=nnx.Rngs(params=key))
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    def apply(
+        self,
+        params: Params,
+        tokens_BT: jax.Array,
+        positions_BT: jax.Array | None = None,
+        segment_ids_BT: jax.Array | None = None,
+        *,
+        return_hidden: bool = False,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Logits [B, T, V]; with return_hidden, (logits, final hidden states [B, T, D])."""
+        model: Transformer = nnx.merge(self.graphdef, params)
+        hidden_BTD = model.hidden(tokens_BT, positions_BT, segment_ids_BT)
+        logits_BTV = model.logits(hidden_BTD)
+        return (logits_BTV, hidden_BTD) if return_hidden else logits_BTV
+
+    def loss(self, params: Params, batch: Batch, *, z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Next-token cross entropy of batch['targets'] given batch['inputs'] (both [B, T])."""
+        logits_BTV = self.apply(params, batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+        return cross_entropy(logits_BTV, batch["targets"], batch.get("loss_mask"), z_loss)
+
+    # -------------------------------------------------------------------------------- accounting
+    @property
+    def num_params(self) -> int:
+        return sum(int(x.size) for x in jax.tree.leaves(self.param_shapes))
+
+    @property
+    def num_embedding_params(self) -> int:
+        """Lookup-table params (token and learned position embeddings): no matmul FLOPs."""
+        n = self.cfg.vocab_size * self.cfg.d_model
+        return n + (self.cfg.max_seq_len * self.cfg.d_model if self.cfg.position == "learned" else 0)
+
+    def flops_per_token(self, seq_len: int, *, training: bool = True) -> float:
+        """Matmul FLOPs per token for a row of `seq_len` tokens (causal; 3x forward when training).
+
+        Forward = 2 * (matmul params, including the output head even when tied)
+                + 4 * layers * heads * head_dim * (mean keys attended per query: causal, windowed).
+        Norms, softmax and elementwise work are not counted.
+        """
+        c = self.cfg
+        matmul_params = self.num_params - self.num_embedding_params
+        if c.tie_embeddings:  # the shared table is also the output head's matmul
+            matmul_params += c.vocab_size * c.d_model
+        matmul_params -= _bias_and_norm_params(self.param_shapes)
+        window = c.attention.sliding_window or seq_len
+        mean_keys = sum(min(i + 1, window) for i in range(seq_len)) / seq_len
+        forward = 2 * matmul_params + 4 * c.num_layers * c.num_heads * c.resolved_head_dim * mean_keys
+        return 3 * forward if training else forward
+
+    def param_shardings(self, mesh: Mesh) -> Any:
+        """NamedSharding tree matching `init`'s output under this model's logical-axis rules."""
+        return param_shardings(self.logical_axes, self.param_shapes, mesh, self.rules)
+
+
+def _bias_and_norm_params(param_shapes: Params) -> int:
+    leaves = jax.tree_util.tree_leaves_with_path(param_shapes)
+    return sum(int(x.size) for path, x in leaves if getattr(path[-1], "key", None) in ("bias", "scale"))
+
+
+def build(cfg: Config) -> LanguageModel:
+    """The LanguageModel of a full config, with its mesh's logical-axis rules."""
+    return LanguageModel(cfg.model, cfg.mesh.rules)

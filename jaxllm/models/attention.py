@@ -1,0 +1,127 @@
+"""Multi-head attention (MHA/GQA/MQA) with RoPE, QK-norm, sliding window, soft-cap and packing.
+
+All attention math goes through `attend`, which dispatches on `impl`; Pallas kernels plug in there.
+Masking is by positions and segment ids: query i sees key j iff they share a segment id,
+pos_j <= pos_i and (with a window W) pos_i - pos_j < W. Segment id 0 is conventionally padding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxllm.config import ModelConfig
+from jaxllm.models.layers import Dense, RMSNorm
+from jaxllm.models.rope import apply_rope, rope_inv_freq
+from jaxllm.sharding import Rules, constrain
+
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows stay NaN-free
+
+
+def attention_mask(
+    q_positions_BT: jax.Array,
+    kv_positions_BS: jax.Array,
+    q_segment_ids_BT: jax.Array,
+    kv_segment_ids_BS: jax.Array,
+    *,
+    causal: bool = True,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Boolean [B, T, S]: True where query t may attend to key s."""
+    mask = q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :]
+    delta_BTS = q_positions_BT[:, :, None] - kv_positions_BS[:, None, :]
+    if causal:
+        mask &= delta_BTS >= 0
+    if sliding_window is not None:
+        mask &= jnp.abs(delta_BTS) < sliding_window
+    return mask
+
+
+def attend_xla(
+    q_BTNH: jax.Array,
+    k_BSKH: jax.Array,
+    v_BSKH: jax.Array,
+    mask_BTS: jax.Array,
+    *,
+    scale: float,
+    logit_softcap: float | None = None,
+) -> jax.Array:
+    """Reference attention as einsums; GQA without repeating kv heads. Softmax in f32."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
+    if logit_softcap is not None:
+        s_BKGTS = logit_softcap * jnp.tanh(s_BKGTS / logit_softcap)
+    s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, _MASKED)
+    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKH.dtype)
+    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS, v_BSKH)
+    return out_BTKGH.reshape(B, T, N, H)
+
+
+def attend(
+    q_BTNH: jax.Array,
+    k_BSKH: jax.Array,
+    v_BSKH: jax.Array,
+    *,
+    q_positions_BT: jax.Array,
+    kv_positions_BS: jax.Array,
+    q_segment_ids_BT: jax.Array,
+    kv_segment_ids_BS: jax.Array,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+    scale: float | None = None,
+    impl: str = "xla",
+) -> jax.Array:
+    """softmax(q k^T * scale [soft-capped, masked]) v -> [B, T, N, H]. N must be a multiple of K."""
+    scale = 1.0 / math.sqrt(q_BTNH.shape[-1]) if scale is None else scale
+    if impl == "xla":
+        mask_BTS = attention_mask(
+            q_positions_BT, kv_positions_BS, q_segment_ids_BT, kv_segment_ids_BS,
+            causal=causal, sliding_window=sliding_window,
+        )
+        return attend_xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale=scale, logit_softcap=logit_softcap)
+    raise ValueError(f"unknown attention impl {impl!r}")
+
+
+class Attention(nnx.Module):
+    """Projections + RoPE + `attend`. Params: q/k/v kernels [D, heads, H], o kernel [heads, H, D]."""
+
+    def __init__(self, cfg: ModelConfig, rules: Rules, *, rngs: nnx.Rngs):
+        self.cfg, self.rules = cfg, rules
+        D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+        qkv_bias = cfg.bias in ("qkv", "all")
+        self.q = Dense((D,), (N, H), ("embed", "heads", "head_dim"), use_bias=qkv_bias, std=cfg.init_std, **kw)
+        self.k = Dense((D,), (K, H), ("embed", "kv_heads", "head_dim"), use_bias=qkv_bias, std=cfg.init_std, **kw)
+        self.v = Dense((D,), (K, H), ("embed", "kv_heads", "head_dim"), use_bias=qkv_bias, std=cfg.init_std, **kw)
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.o = Dense((N, H), (D,), ("heads", "head_dim", "embed"), use_bias=cfg.bias == "all", std=out_std, **kw)
+        if cfg.attention.qk_norm:
+            self.q_norm = RMSNorm(H, eps=cfg.norm_eps, **kw)
+            self.k_norm = RMSNorm(H, eps=cfg.norm_eps, **kw)
+
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
+        cfg, rules = self.cfg, self.rules
+        q_BTNH = constrain(self.q(x_BTD), ("batch", "length", "act_heads", "head_dim"), rules)
+        k_BTKH = constrain(self.k(x_BTD), ("batch", "length", "act_kv_heads", "head_dim"), rules)
+        v_BTKH = constrain(self.v(x_BTD), ("batch", "length", "act_kv_heads", "head_dim"), rules)
+        if cfg.attention.qk_norm:
+            q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
+        if cfg.position == "rope":
+            inv_freq = rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
+            q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
+            k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
+        out_BTNH = attend(
+            q_BTNH, k_BTKH, v_BTKH,
+            q_positions_BT=positions_BT, kv_positions_BS=positions_BT,
+            q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=segment_ids_BT,
+            sliding_window=cfg.attention.sliding_window, logit_softcap=cfg.attention.logit_softcap,
+            impl=cfg.attention.impl,
+        )
+        out_BTNH = constrain(out_BTNH, ("batch", "length", "act_heads", "head_dim"), rules)
+        return self.o(out_BTNH)

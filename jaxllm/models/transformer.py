@@ -1,0 +1,98 @@
+"""Decoder-only transformer covering the Llama, Mistral, Qwen2 and GPT-2 families by configuration.
+
+Layers are stacked (params carry a leading `layers` axis) and run with `jax.lax.scan`, so compile
+time does not grow with depth; `scan_layers=False` unrolls the same loop.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxllm.config import ModelConfig
+from jaxllm.models.attention import Attention
+from jaxllm.models.layers import Dense, Embed, make_norm
+from jaxllm.models.mlp import Mlp
+from jaxllm.sharding import Rules, constrain
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, rules: Rules, *, rngs: nnx.Rngs):
+        self.rules = rules
+        self.attn_norm = make_norm(cfg, cfg.d_model, rngs)
+        self.attn = Attention(cfg, rules, rngs=rngs)
+        self.mlp_norm = make_norm(cfg, cfg.d_model, rngs)
+        self.mlp = Mlp(cfg, rules, rngs=rngs)
+
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
+        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+        return constrain(x_BTD, ("batch", "length", "act_embed"), self.rules)
+
+
+class Transformer(nnx.Module):
+    """tokens [B, T] -> logits [B, T, V] (and optionally the final hidden states [B, T, D])."""
+
+    def __init__(self, cfg: ModelConfig, rules: Rules, *, rngs: nnx.Rngs):
+        self.cfg, self.rules = cfg, rules
+        kw = dict(std=cfg.init_std, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), **kw)
+        if cfg.position == "learned":
+            self.pos_embed = Embed(cfg.max_seq_len, cfg.d_model, (None, "embed"), **kw)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rules, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = make_norm(cfg, cfg.d_model, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), use_bias=False, **kw)
+
+    def hidden(
+        self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None
+    ) -> jax.Array:
+        """Final-norm hidden states [B, T, D]. Default positions 0..T-1, one segment per row."""
+        cfg, rules = self.cfg, self.rules
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones((B, T), jnp.int32)
+        x_BTD = self.embed(tokens_BT)
+        if cfg.position == "learned":
+            x_BTD = x_BTD + self.pos_embed(positions_BT)
+        x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"), rules)
+
+        block_def, stacked_state = nnx.split(self.blocks)
+
+        def layer(x_BTD: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, None]:
+            return nnx.merge(block_def, layer_state)(x_BTD, positions_BT, segment_ids_BT), None
+
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        unroll = 1 if cfg.scan_layers else cfg.num_layers
+        x_BTD, _ = jax.lax.scan(layer, x_BTD, stacked_state, unroll=unroll)
+        return self.final_norm(x_BTD)
+
+    def logits(self, x_BTD: jax.Array) -> jax.Array:
+        """Output head (tied or untied) with optional soft-cap: [B, T, D] -> [B, T, V]."""
+        cfg = self.cfg
+        logits_BTV = self.embed.attend(x_BTD) if cfg.tie_embeddings else self.lm_head(x_BTD)
+        if cfg.final_logit_softcap is not None:
+            cap = cfg.final_logit_softcap
+            logits_BTV = cap * jnp.tanh(logits_BTV / cap)
+        return constrain(logits_BTV, ("batch", "length", "act_vocab"), self.rules)
+
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None) -> jax.Array:
+        return self.logits(self.hidden(tokens_BT, positions_BT, segment_ids_BT))

@@ -1,0 +1,42 @@
+"""Test setup: 8 fake CPU devices (must be set before JAX initialises) and tiny model configs."""
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import dataclasses  # noqa: E402
+
+import pytest  # noqa: E402
+
+from jaxllm.config import AttentionConfig, MlpConfig, ModelConfig  # noqa: E402
+
+
+def tiny_model(**overrides) -> ModelConfig:
+    """A 2-layer, d_model 32 Llama-style config; keyword overrides replace fields."""
+    base = ModelConfig(
+        vocab_size=97, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64,
+        mlp=MlpConfig(d_ff=64),
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+# The attention/model variants every causality and packing property must hold for.
+VARIANTS = {
+    "mha": tiny_model(num_kv_heads=4),
+    "gqa": tiny_model(),
+    "mqa": tiny_model(num_kv_heads=1),
+    "sliding_window": tiny_model(attention=AttentionConfig(sliding_window=4)),
+    "qk_norm_softcap": tiny_model(
+        attention=AttentionConfig(qk_norm=True, logit_softcap=20.0), final_logit_softcap=30.0
+    ),
+    "gpt2_style": tiny_model(
+        norm="layernorm", position="learned", bias="all", tie_embeddings=True, num_kv_heads=4,
+        mlp=MlpConfig(d_ff=64, activation="gelu_tanh", gated=False),
+    ),
+}
+
+
+@pytest.fixture(params=sorted(VARIANTS), ids=sorted(VARIANTS))
+def variant(request) -> ModelConfig:
+    return VARIANTS[request.param]
