@@ -1,0 +1,1 @@
+"""Hugging Face interop: configs and weights in and out."""
