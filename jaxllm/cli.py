@@ -66,6 +66,16 @@ def cmd_info(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train a model (default: the small preset on the built-in synthetic corpus)."""
+    from jaxllm.train.trainer import resolve_run_config, train
+
+    files = args.config or ["small"]
+    result = train(resolve_run_config(files, args.overrides), console=console)
+    if result.interrupted:
+        raise SystemExit(130)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_config_args(p)
     p.add_argument("--forward", action="store_true", help="also compile and time one forward pass")
     p.set_defaults(fn=cmd_info)
+    p = sub.add_parser("train", help="train a model; resumes when checkpoint.run_dir holds a checkpoint")
+    _add_config_args(p)
+    p.set_defaults(fn=cmd_train)
     args = parser.parse_args(argv)
     try:
         args.fn(args)

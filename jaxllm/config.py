@@ -30,6 +30,8 @@ ATTENTION_IMPLS = ("xla",)
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
+OPTIMIZERS = ("adamw", "lion", "adafactor")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
 
 class ConfigError(ValueError):
@@ -131,6 +133,7 @@ class MeshConfig:
 @dataclass
 class DataConfig:
     source: str = "synthetic"  # "synthetic" (built-in corpus) or a path to local data
+    synthetic_docs: int = 20000
     text_field: str = "text"
     tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
     seq_len: int = 256
@@ -145,19 +148,24 @@ class TrainConfig:
     microbatches: int = 1
     optimizer: str = "adamw"
     learning_rate: float = 3e-3
-    schedule: str = "cosine"
+    schedule: str = "cosine"  # warmup then: cosine | linear decay | constant | wsd (stable, then decay)
     warmup_steps: int = 30
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    min_lr_ratio: float = 0.1  # final lr / peak lr for the decaying schedules
+    wsd_decay_fraction: float = 0.2  # share of steps in WSD's final decay
+    b1: float = 0.9
+    b2: float = 0.95
+    weight_decay: float = 0.1  # not applied to norms, biases or embeddings of positions
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
     z_loss: float = 0.0
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
+    eval_batches: int = 4
 
 
 @dataclass
 class CheckpointConfig:
-    run_dir: str = "runs/default"
+    run_dir: str = ""  # empty: a new runs/<date-time>; an existing run directory resumes
     save_every: int = 100
     keep_last: int = 2
     keep_every: Optional[int] = None
@@ -269,6 +277,12 @@ def check_values(cfg: Config) -> None:
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("model.param_dtype", m.param_dtype, DTYPES)
     _choice("model.remat", m.remat, REMAT_POLICIES)
+    _choice("train.optimizer", cfg.train.optimizer, OPTIMIZERS)
+    _choice("train.schedule", cfg.train.schedule, SCHEDULES)
+    _positive("train.steps", cfg.train.steps)
+    _positive("train.learning_rate", cfg.train.learning_rate)
+    if not 0 <= cfg.train.warmup_steps <= cfg.train.steps:
+        raise ConfigError(f"train.warmup_steps={cfg.train.warmup_steps} must be within [0, train.steps={cfg.train.steps}]")
     for key in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "max_seq_len"):
         _positive(f"model.{key}", getattr(m, key))
     _positive("model.mlp.d_ff", m.mlp.d_ff)

@@ -17,7 +17,7 @@ def test_preset_and_overrides_merge_with_types():
     assert cfg.model.d_model == 64  # from configs/tiny.yaml
     assert cfg.train.learning_rate == pytest.approx(0.01)
     assert cfg.model.attention.sliding_window == 8
-    assert cfg.model.vocab_size == 256
+    assert cfg.model.vocab_size == 320
     # later files override earlier ones; YAML round trip is lossless
     cfg2 = load_config(["tiny", "mesh/fsdp_tp"])
     assert (cfg2.mesh.fsdp, cfg2.mesh.tensor, cfg2.mesh.data) == (-1, 2, 1)

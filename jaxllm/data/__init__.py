@@ -1,0 +1,1 @@
+"""Data: the built-in synthetic corpus, tokenizers, readers and the grain pipeline."""

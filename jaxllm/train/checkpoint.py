@@ -1,0 +1,80 @@
+"""Checkpoints with orbax: params, optimizer state, step, rng and the data iterator state.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a checkpoint is
+complete or absent. On restore the newest readable checkpoint wins: an unreadable newest one is
+reported and skipped; one saved for a different model shape is a clear error, never a silent mix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxllm.config import CheckpointConfig, ConfigError
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig, warn: Callable[[str], None] = print):
+        self.warn = warn
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep_last, keep_period=cfg.keep_every,
+            enable_async_checkpointing=cfg.async_save, create=True,
+        )
+        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+    def save(self, step: int, state: Any, data_state: dict[str, Any], *, force: bool = False) -> None:
+        """Save (asynchronously if configured) at `step`; `force` saves even off the interval."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+        self.manager.save(step, args=args, force=force)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, state, data_state) of the newest readable checkpoint, or None if there is none.
+
+        `abstract_state` holds jax.ShapeDtypeStruct leaves with the target shardings.
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                self._check_shapes(step, abstract_state)
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
+                )
+            except ConfigError:
+                raise
+            except Exception as err:  # noqa: BLE001 - any read failure means: try the previous one
+                self.warn(f"checkpoint at step {step} is unreadable ({type(err).__name__}: {str(err)[:200]}); "
+                          "falling back to the previous one")
+                continue
+            return step, restored["state"], restored["data"]
+        return None
+
+    def _check_shapes(self, step: int, abstract_state: Any) -> None:
+        meta = self.manager.item_metadata(step)["state"]
+        saved = jax.tree_util.tree_leaves_with_path(meta)
+        wanted = dict(jax.tree_util.tree_leaves_with_path(abstract_state))
+        mismatched = []
+        for path, m in saved:
+            w = wanted.get(path)
+            if w is not None and tuple(m.shape) != tuple(np.shape(w)):
+                mismatched.append(f"{jax.tree_util.keystr(path)}: saved {tuple(m.shape)}, config {tuple(np.shape(w))}")
+        if len(saved) != len(wanted) and not mismatched:
+            mismatched.append(f"{len(saved)} saved arrays vs {len(wanted)} in this config")
+        if mismatched:
+            raise ConfigError(
+                f"the run directory holds a checkpoint (step {step}) of a different model shape: "
+                + "; ".join(mismatched[:5])
+                + ". Use a new checkpoint.run_dir or the config it was trained with."
+            )
+
+    def close(self) -> None:
+        self.manager.close()

@@ -1,0 +1,62 @@
+"""Metrics: tensorboard event files (no TensorFlow needed), a JSONL log, and the device's measured peak."""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.compat.proto.tensor_pb2 import TensorProto
+from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+
+class MetricsWriter:
+    """Scalars and text to `<run_dir>/tensorboard` (for `tensorboard --logdir`) and `metrics.jsonl`."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True):
+        self.enabled = enabled
+        if enabled:
+            self._tb = EventFileWriter(str(Path(run_dir) / "tensorboard"))
+            self._jsonl = (Path(run_dir) / "metrics.jsonl").open("a")
+
+    def scalars(self, step: int, values: Mapping[str, float], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        summary = Summary(value=[Summary.Value(tag=prefix + k, simple_value=float(v)) for k, v in values.items()])
+        self._tb.add_event(Event(wall_time=time.time(), step=step, summary=summary))
+        self._jsonl.write(json.dumps({"step": step, **{prefix + k: float(v) for k, v in values.items()}}) + "\n")
+        self._jsonl.flush()
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        if not self.enabled:
+            return
+        tensor = TensorProto(dtype=7, string_val=[text.encode()], tensor_shape=TensorShapeProto(dim=[]))  # DT_STRING
+        meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="text"))
+        summary = Summary(value=[Summary.Value(tag=tag, metadata=meta, tensor=tensor)])
+        self._tb.add_event(Event(wall_time=time.time(), step=step, summary=summary))
+
+    def close(self) -> None:
+        if self.enabled:
+            self._tb.close()
+            self._jsonl.close()
+
+
+@lru_cache(maxsize=None)
+def measured_peak_flops(dtype: str = "float32", n: int = 2048) -> float:
+    """FLOP/s of a jitted n x n matmul on the default device: the denominator of MFU."""
+    x = jnp.ones((n, n), jnp.dtype(dtype))
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best

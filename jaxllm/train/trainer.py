@@ -1,0 +1,221 @@
+"""The training loop behind `jaxllm train`: data, jitted sharded step, evals, checkpoints, metrics.
+
+    cfg = load_config(["small"], ["train.steps=100"])
+    result = train(cfg)           # resumes if cfg.checkpoint.run_dir holds a checkpoint
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from jaxllm.config import Config, ConfigError, load_config, to_yaml, validate
+from jaxllm.data.pipeline import Corpus, load_corpus, make_batches
+from jaxllm.language_model import LanguageModel, build
+from jaxllm.sharding import logical_to_spec, make_mesh
+from jaxllm.train.checkpoint import Checkpointer
+from jaxllm.train.metrics import MetricsWriter, measured_peak_flops
+from jaxllm.train.optimizer import make_optimizer, make_schedule
+from jaxllm.train.step import TrainState, init_state, make_eval_step, make_train_step
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    start_step: int
+    end_step: int
+    losses: dict[int, float] = field(default_factory=dict)  # logged step -> train loss
+    eval_loss: float | None = None
+    floor: float | None = None
+    tokens_per_second: float = 0.0
+    mfu: float = 0.0
+    interrupted: bool = False
+
+
+def resolve_run_config(files: list[str], overrides: list[str]) -> Config:
+    """Config for `jaxllm train`: a run directory's saved config.yaml (if any) under files/overrides."""
+    cfg = load_config(files, overrides)
+    if not cfg.checkpoint.run_dir:
+        cfg.checkpoint.run_dir = time.strftime("runs/%Y%m%d-%H%M%S")
+        return cfg
+    saved = Path(cfg.checkpoint.run_dir) / "config.yaml"
+    return load_config([saved, *files], overrides) if saved.exists() else cfg
+
+
+def state_shardings(abstract: TrainState, param_sh: Any, tx: optax.GradientTransformation, mesh) -> TrainState:
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, s: s, abstract.opt_state, param_sh, transform_non_params=lambda _: replicated
+    )
+    return TrainState(replicated, param_sh, opt_sh, replicated)
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits at the next step boundary."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _check_vocab(cfg: Config, corpus: Corpus) -> None:
+    if corpus.tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({corpus.tokenizer.vocab_size}, data.tokenizer={cfg.data.tokenizer!r}); "
+            f"allowed: model.vocab_size >= {corpus.tokenizer.vocab_size}"
+        )
+
+
+def train(cfg: Config, console: Console | None = None) -> TrainResult:
+    """Train (or resume) the run in cfg.checkpoint.run_dir; returns what was measured."""
+    main = jax.process_index() == 0
+    console = console or Console(quiet=not main)
+    validate(cfg, jax.device_count())
+    if not cfg.checkpoint.run_dir:
+        raise ConfigError("checkpoint.run_dir is empty; give a directory (resolve_run_config picks runs/<date-time>)")
+    corpus = load_corpus(cfg.data)
+    _check_vocab(cfg, corpus)
+    if corpus.report.skipped:
+        console.print(f"[yellow]data:[/] skipped {corpus.report.skipped} bad documents, e.g. {corpus.report.examples[:3]}")
+    run_dir = Path(cfg.checkpoint.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    t, d = cfg.train, cfg.data
+    lm: LanguageModel = build(cfg)
+    mesh = make_mesh(cfg.mesh)
+    schedule, tx = make_schedule(t), make_optimizer(t)
+    make_state = partial(init_state, lm, tx, t.seed)
+    abstract = jax.eval_shape(make_state)
+    state_sh = state_shardings(abstract, lm.param_shardings(mesh), tx, mesh)
+    batch_sh = NamedSharding(mesh, logical_to_spec(("batch", "length"), lm.rules, dict(mesh.shape)))
+
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, warn=lambda m: console.print(f"[yellow]{m}[/]"))
+    abstract_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    restored = ckpt.restore_latest(abstract_sh)
+    if restored is not None:
+        start, state, data_state = restored
+        console.print(f"resuming from step {start} in {run_dir}")
+    else:
+        start, data_state = 0, None
+        state = jax.jit(make_state, out_shardings=state_sh)()
+
+    procs = jax.process_count()
+    local_batch = t.batch_size // procs
+    train_it = iter(make_batches(corpus.train_docs, corpus.tokenizer, seq_len=d.seq_len, batch_size=local_batch,
+                                 seed=d.seed, repeat=True, process_index=jax.process_index(), process_count=procs))
+    if data_state is not None:
+        train_it.set_state(data_state)
+    to_global = lambda b: jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sh, x), b)
+
+    step_fn = jax.jit(
+        make_train_step(lm, tx, microbatches=t.microbatches, z_loss=t.z_loss, schedule=schedule),
+        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,),
+    )
+    eval_fn = jax.jit(make_eval_step(lm), in_shardings=(state_sh.params, batch_sh))
+
+    def evaluate(params) -> float | None:
+        if not corpus.eval_docs:
+            return None
+        it = make_batches(corpus.eval_docs, corpus.tokenizer, seq_len=d.seq_len, batch_size=local_batch, seed=d.seed,
+                          repeat=False, process_index=jax.process_index(), process_count=procs)
+        total, count = 0.0, 0.0
+        for _, batch in zip(range(t.eval_batches), it):
+            s, n = eval_fn(params, to_global(batch))
+            total, count = total + float(s), count + float(n)
+        return total / count if count else None
+
+    writer = MetricsWriter(run_dir, enabled=main)
+    writer.text(start, "config", "```\n" + to_yaml(cfg) + "\n```")
+    tokens_per_step = t.batch_size * d.seq_len
+    flops_per_step = lm.flops_per_token(d.seq_len) * tokens_per_step
+    peak = measured_peak_flops(cfg.model.dtype if cfg.model.dtype != "float16" else "float32") * jax.device_count()
+    result = TrainResult(run_dir=run_dir, start_step=start, end_step=start, floor=corpus.floor)
+    console.print(
+        f"run dir [bold]{run_dir}[/]: {lm.num_params:,} params, mesh {dict(mesh.shape)}, "
+        f"{len(corpus.train_docs):,} train / {len(corpus.eval_docs):,} eval docs, steps {start}->{t.steps}"
+    )
+
+    progress = Progress(
+        TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, disable=not main,
+    )
+    step, last_saved, last_log_step = start, start, start
+    last_log_time = time.perf_counter()
+    with _StopRequest() as stop, progress:
+        task = progress.add_task("train", total=t.steps, completed=start, info="compiling")
+        while step < t.steps:
+            state, metrics = step_fn(state, to_global(next(train_it)))
+            step += 1
+            if step % t.log_every == 0 or step == t.steps or stop.signal:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                step_time = (now - last_log_time) / (step - last_log_step)
+                last_log_time, last_log_step = now, step
+                m.update(step_time=step_time, tokens_per_second=tokens_per_step / step_time,
+                         mfu=flops_per_step / step_time / peak)
+                writer.scalars(step, m, prefix="train/")
+                result.losses[step] = m["loss"]
+                result.tokens_per_second, result.mfu = m["tokens_per_second"], m["mfu"]
+                info = f"loss {m['loss']:.3f} | {m['tokens_per_second']:,.0f} tok/s | MFU {100 * m['mfu']:.1f}%"
+                progress.update(task, info=info)
+                if not console.is_terminal:  # logs and CI: a line per log step instead of a live bar
+                    console.print(f"step {step}/{t.steps} {info}")
+            if t.eval_every and step % t.eval_every == 0:
+                result.eval_loss = evaluate(state.params)
+                if result.eval_loss is not None:
+                    writer.scalars(step, {"loss": result.eval_loss, "perplexity": float(np.exp(result.eval_loss))},
+                                   prefix="eval/")
+            progress.update(task, completed=step)
+            if step % cfg.checkpoint.save_every == 0 or step == t.steps or stop.signal:
+                ckpt.save(step, state, train_it.get_state(), force=True)
+                last_saved = step
+            if stop.signal:
+                console.print(f"[yellow]received signal {stop.signal}: saved step {step}, exiting[/]")
+                result.interrupted = True
+                break
+    ckpt.wait()
+    ckpt.close()
+    result.end_step = step
+    if not result.interrupted and result.eval_loss is None:
+        result.eval_loss = evaluate(state.params)
+    writer.close()
+    _summary(console, result, last_saved)
+    return result
+
+
+def _summary(console: Console, r: TrainResult, saved: int) -> None:
+    last = r.losses[max(r.losses)] if r.losses else float("nan")
+    line = f"[bold]done[/]: step {r.end_step}, train loss {last:.4f}"
+    if r.eval_loss is not None:
+        line += f", eval loss {r.eval_loss:.4f}"
+    if r.floor is not None:
+        line += f", floor {r.floor:.4f} (entropy of the synthetic corpus)"
+    console.print(line)
+    console.print(f"{r.tokens_per_second:,.0f} tokens/s, MFU {100 * r.mfu:.1f}%; checkpoint step {saved} and "
+                  f"tensorboard logs in {r.run_dir} (tensorboard --logdir {r.run_dir})")

@@ -1,0 +1,149 @@
+"""Built-in corpus, tokenizers, readers and the grain pipeline (packing, sharding, exact state)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from jaxllm.config import ConfigError, DataConfig
+from jaxllm.data import synthetic
+from jaxllm.data.pipeline import load_corpus, make_batches
+from jaxllm.data.sources import read_documents
+from jaxllm.data.tokenizer import ByteTokenizer, load_tokenizer
+
+
+def _oracle_nll(doc: str, table: np.ndarray) -> tuple[float, int]:
+    """-log p of BOS+doc+EOS targets under the true generative process, and the target count."""
+    letters = {c: i for i, c in enumerate(synthetic.ALPHABET)}
+    seg = synthetic.SEGMENT_LEN + 1
+    n = len(doc) // seg
+    nll = 0.0
+    for k in range(n):  # boundary before segment k: marker (or, after >= MIN segments, maybe EOS)
+        if k >= synthetic.MIN_SEGMENTS:
+            q = 1 / (synthetic.MAX_SEGMENTS - k + 1)  # P(n = k | n >= k), uniform n
+            nll -= math.log(1 - q)
+        if k > 0:
+            nll -= math.log(0.5)
+        body = doc[k * seg + 1 : (k + 1) * seg]
+        if doc[k * seg] == synthetic.FRESH:
+            nll -= math.log(1 / len(synthetic.ALPHABET))
+            for a, b in zip(body, body[1:]):
+                assert letters[b] in table[letters[a]]
+                nll -= math.log(1 / synthetic.SUCCESSORS)
+        else:
+            assert body == doc[(k - 1) * seg + 1 : k * seg]
+    if n < synthetic.MAX_SEGMENTS:  # the EOS after the last segment
+        nll -= math.log(1 / (synthetic.MAX_SEGMENTS - n + 1))
+    return nll, len(doc) + 1
+
+
+def test_entropy_floor_equals_the_oracle_loss():
+    docs = synthetic.generate_documents(4000, seed=7)
+    table = synthetic.transition_table()
+    nll, n = map(sum, zip(*(_oracle_nll(d, table) for d in docs)))
+    assert nll / n == pytest.approx(synthetic.entropy_floor(), rel=0.01)
+    assert synthetic.generate_documents(3, seed=7) == docs[:3]  # deterministic
+    assert any(synthetic.COPY in d for d in docs[:10])
+
+
+def test_byte_tokenizer_round_trip_and_hf_tokenizer(tmp_path):
+    tok = ByteTokenizer()
+    assert tok.decode(tok.encode("héllo")) == "héllo"
+    assert max(tok.encode("ÿ")) < 256 and tok.vocab_size == 259
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    hf = tokenizers.Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "<unk>": 2, "hi": 3, "there": 4}, unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.save(str(tmp_path / "tokenizer.json"))
+    t = load_tokenizer(str(tmp_path))
+    assert (t.encode("hi there you"), t.bos_id, t.eos_id, t.vocab_size) == ([3, 4, 2], 0, 1, 5)
+    with pytest.raises(ConfigError, match="no such tokenizer.json"):
+        load_tokenizer(str(tmp_path / "missing.json"))
+
+
+def test_batches_are_packed_documents_with_exact_resumable_state():
+    docs = synthetic.generate_documents(300, seed=1)
+    tok = ByteTokenizer()
+    ds = make_batches(docs, tok, seq_len=256, batch_size=4, seed=3, repeat=True)
+    it = iter(ds)
+    b = next(it)
+    assert {k: v.shape for k, v in b.items()} == {k: (4, 256) for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
+    np.testing.assert_array_equal(b["loss_mask"], b["segment_ids"] != 0)
+    row, seg, pos = b["inputs"][0], b["segment_ids"][0], b["positions"][0]
+    for s in set(seg[seg > 0].tolist()):
+        piece = row[seg == s]
+        np.testing.assert_array_equal(pos[seg == s], np.arange(len(piece)))  # positions restart per document
+        assert piece[0] == tok.bos_id and tok.decode(piece[1:]) in docs  # whole document (short docs fit)
+        np.testing.assert_array_equal(b["targets"][0][seg == s][:-1], piece[1:])  # targets are shifted inputs
+    for _ in range(5):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(3)]
+    it2 = iter(make_batches(docs, tok, seq_len=256, batch_size=4, seed=3, repeat=True))
+    it2.set_state(state)
+    for e in expected:
+        got = next(it2)
+        for k in e:
+            np.testing.assert_array_equal(got[k], e[k])
+
+
+def test_long_documents_are_split_and_processes_read_disjoint_shards():
+    tok = ByteTokenizer()
+    docs = [chr(97 + i) * 50 for i in range(8)]
+    rows = list(make_batches(docs, tok, seq_len=16, batch_size=1, seed=0, repeat=False))
+    text = "".join(tok.decode(r["inputs"][0][r["segment_ids"][0] > 0]) for r in rows)
+    assert all(text.count(chr(97 + i)) >= 49 for i in range(8))  # nothing lost but window overlaps
+    seen = []
+    for p in range(2):
+        shard = make_batches(docs, tok, seq_len=64, batch_size=1, seed=0, repeat=False, process_index=p, process_count=2)
+        seen.append({tok.decode(r["inputs"][0][1:51]) for r in shard})
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 8
+
+
+def test_readers_formats_and_bad_documents(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"first doc\n\nsecond doc\n\n\xff\xfe broken \n\nthird")
+    (tmp_path / "b.jsonl").write_bytes(
+        b'{"text": "json doc"}\n{"body": "no text field"}\nnot json\n{"text": "bad \xc3\x28 utf8"}\n'
+    )
+    docs, report = read_documents(str(tmp_path))
+    assert docs == ["first doc", "second doc", "third", "json doc"]
+    assert report.skipped == 4
+    assert any("not valid UTF-8" in e for e in report.examples)
+    assert any("no string field 'text'" in e for e in report.examples)
+
+
+def test_parquet_arrayrecord_and_hf_dataset_sources(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    pq.write_table(pa.table({"content": ["p one", "p two"]}), tmp_path / "d.parquet")
+    assert read_documents(str(tmp_path / "d.parquet"), "content")[0] == ["p one", "p two"]
+    w = ArrayRecordWriter(str(tmp_path / "d.arrayrecord"), "group_size:1")
+    for rec in (b"raw text", json.dumps({"text": "json record"}).encode()):
+        w.write(rec)
+    w.close()
+    assert read_documents(str(tmp_path / "d.arrayrecord"))[0] == ["raw text", "json record"]
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["hf one", "hf two"]}).save_to_disk(str(tmp_path / "hf"))
+    assert read_documents(str(tmp_path / "hf"))[0] == ["hf one", "hf two"]
+
+
+def test_missing_and_empty_sources_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.source='.*nope' does not exist"):
+        load_corpus(DataConfig(source=str(tmp_path / "nope")))
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    with pytest.raises(ConfigError, match=r"has no usable documents"):
+        load_corpus(DataConfig(source=str(tmp_path / "empty.txt")))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.csv").write_text("a,b")
+    with pytest.raises(ConfigError, match=r"holds no files ending in"):
+        load_corpus(DataConfig(source=str(tmp_path / "sub")))
+
+
+def test_eval_split_is_disjoint():
+    c = load_corpus(DataConfig(synthetic_docs=500, eval_fraction=0.1))
+    assert len(c.eval_docs) == 50 and len(c.train_docs) == 450
+    assert c.floor == pytest.approx(synthetic.entropy_floor())
