@@ -83,7 +83,8 @@ def make_batches(
     """Packed batches {inputs, targets, positions, segment_ids: int32 [B, T]; loss_mask: f32 [B, T]}.
 
     Each process reads documents process_index::process_count and yields its batch_size rows.
-    With `repeat` the documents are reshuffled every epoch and the stream never ends.
+    With `repeat` the documents are reshuffled every epoch and the stream never ends; without it
+    the documents are read once in order and a final short batch is padded with empty rows.
     """
     bos, eos = tokenizer.bos_id, tokenizer.eos_id
 
@@ -101,6 +102,13 @@ def make_batches(
         ds, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=batch_size,
         seed=seed, shuffle_bins=repeat,
     )
-    return ds.batch(batch_size, drop_remainder=repeat).map(_finish)
+    ds = ds.batch(batch_size, drop_remainder=repeat).map(_finish)
+    return ds if repeat else ds.map(lambda b: _pad_rows(b, batch_size))
+
+
+def _pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """Pad a final short batch with empty rows (segment 0, no loss) so every batch has `rows` rows."""
+    missing = rows - len(batch["inputs"])
+    return {k: np.pad(v, ((0, missing), (0, 0))) for k, v in batch.items()} if missing else batch
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxllm.config import CheckpointConfig, ConfigError
@@ -24,7 +23,8 @@ class Checkpointer:
             max_to_keep=cfg.keep_last, keep_period=cfg.keep_every,
             enable_async_checkpointing=cfg.async_save, create=True,
         )
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
 
     def save(self, step: int, state: Any, data_state: dict[str, Any], *, force: bool = False) -> None:
         """Save (asynchronously if configured) at `step`; `force` saves even off the interval."""
@@ -60,21 +60,24 @@ class Checkpointer:
 
     def _check_shapes(self, step: int, abstract_state: Any) -> None:
         meta = self.manager.item_metadata(step)["state"]
-        saved = jax.tree_util.tree_leaves_with_path(meta)
-        wanted = dict(jax.tree_util.tree_leaves_with_path(abstract_state))
-        mismatched = []
-        for path, m in saved:
-            w = wanted.get(path)
-            if w is not None and tuple(m.shape) != tuple(np.shape(w)):
-                mismatched.append(f"{jax.tree_util.keystr(path)}: saved {tuple(m.shape)}, config {tuple(np.shape(w))}")
-        if len(saved) != len(wanted) and not mismatched:
-            mismatched.append(f"{len(saved)} saved arrays vs {len(wanted)} in this config")
-        if mismatched:
+        if meta is None:
+            raise ValueError("no metadata")
+        saved = _shapes_by_path(meta)
+        wanted = _shapes_by_path(abstract_state)
+        mismatched = [f"{p}: saved {saved[p]}, config {wanted[p]}" for p in wanted if p in saved and saved[p] != wanted[p]]
+        missing = sorted(set(wanted) ^ set(saved))
+        if mismatched or missing:
             raise ConfigError(
                 f"the run directory holds a checkpoint (step {step}) of a different model shape: "
-                + "; ".join(mismatched[:5])
+                + "; ".join(mismatched[:5] + [f"only in one of them: {missing[:5]}"] * bool(missing))
                 + ". Use a new checkpoint.run_dir or the config it was trained with."
             )
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{'params.blocks.attn.q.kernel': shape}: paths made comparable across namedtuples and dicts."""
+    name = lambda k: str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))))
+    return {".".join(map(name, path)): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}

@@ -63,8 +63,8 @@ def make_train_step(
             "cross_entropy": loss,
             "perplexity": jnp.exp(loss),
             "z_loss": zl / denom,
-            "grad_norm": optax.global_norm(grads),
-            "update_norm": optax.global_norm(updates),
+            "grad_norm": optax.tree.norm(grads),
+            "update_norm": optax.tree.norm(updates),
             "tokens": n,
         }
         if schedule is not None:
