@@ -76,6 +76,15 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise SystemExit(130)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    """Time the train step of a config; print one JSON line."""
+    import json
+
+    from jaxllm.train.bench import bench
+
+    print(json.dumps(bench(_load(args), steps=args.steps, warmup=args.warmup)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("train", help="train a model; resumes when checkpoint.run_dir holds a checkpoint")
     _add_config_args(p)
     p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("bench", help="time the train step of a config (one JSON line)")
+    _add_config_args(p)
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
+    p.set_defaults(fn=cmd_bench)
     args = parser.parse_args(argv)
     try:
         args.fn(args)

@@ -85,9 +85,10 @@ class ModelConfig:
     final_logit_softcap: Optional[float] = None
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    remat: str = "none"
+    remat: str = "dots"  # keep matmul outputs, recompute the rest: measured fastest on CPU too
     scan_layers: bool = True  # False unrolls the layer loop (same stacked params)
     init_std: float = 0.02
+    loss_chunk: int = 128  # sequence positions per chunk of the output head + loss (bounds f32 logits)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -286,6 +287,7 @@ def check_values(cfg: Config) -> None:
     for key in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "max_seq_len"):
         _positive(f"model.{key}", getattr(m, key))
     _positive("model.mlp.d_ff", m.mlp.d_ff)
+    _positive("model.loss_chunk", m.loss_chunk)
     _positive("model.head_dim", m.head_dim, allow_none=True)
     _positive("model.attention.sliding_window", m.attention.sliding_window, allow_none=True)
     _positive("model.attention.logit_softcap", m.attention.logit_softcap, allow_none=True)

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxllm.config import Config, ModelConfig, _default_rules
-from jaxllm.losses import cross_entropy
+from jaxllm.losses import chunked_cross_entropy_sums
 from jaxllm.models.transformer import Transformer
 from jaxllm.sharding import Rules, make_rules, param_shardings
 
@@ -65,10 +65,24 @@ class LanguageModel:
         logits_BTV = model.logits(hidden_BTD)
         return (logits_BTV, hidden_BTD) if return_hidden else logits_BTV
 
+    def loss_sums(self, params: Params, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(sum of token cross entropies, sum of logsumexp^2, token count) over unmasked targets.
+
+        The output head and loss run `cfg.loss_chunk` positions at a time (never the full logits).
+        """
+        model: Transformer = nnx.merge(self.graphdef, params)
+        hidden_BTD = model.hidden(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+        return chunked_cross_entropy_sums(
+            hidden_BTD, model.logits, batch["targets"], batch.get("loss_mask"), self.cfg.loss_chunk
+        )
+
     def loss(self, params: Params, batch: Batch, *, z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Next-token cross entropy of batch['targets'] given batch['inputs'] (both [B, T])."""
-        logits_BTV = self.apply(params, batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
-        return cross_entropy(logits_BTV, batch["targets"], batch.get("loss_mask"), z_loss)
+        """Mean next-token cross entropy of batch['targets'] given batch['inputs'] (both [B, T]),
+        plus z_loss * mean logsumexp^2. Returns (loss, {cross_entropy, z_loss, tokens})."""
+        ce_sum, z_sum, tokens = self.loss_sums(params, batch)
+        denom = jnp.maximum(tokens, 1.0)
+        ce, zl = ce_sum / denom, z_sum / denom
+        return ce + z_loss * zl, {"cross_entropy": ce, "z_loss": zl, "tokens": tokens}
 
     # -------------------------------------------------------------------------------- accounting
     @property

@@ -164,3 +164,39 @@ def test_functional_api_composes_with_vmap():
     out = jax.vmap(lm.apply, in_axes=(None, 0))(params, tokens)
     chex.assert_shape(out, (3, 2, 6, cfg.vocab_size))
     np.testing.assert_allclose(out[1], lm.apply(params, tokens[1]), **TOL)
+
+
+@pytest.mark.parametrize("window", [None, 37])
+def test_blocked_causal_attention_equals_one_tile(window):
+    """Long self-attention skips key blocks after each query block (and before its window)."""
+    from jaxllm.models.attention import _causal_blocks, attend, attend_xla, attention_mask
+
+    B, T, N, K, H = 2, 300, 4, 2, 8
+    assert len(_causal_blocks(T, T, True, window)) > 1
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((B, T, n, H)).astype(np.float32) for n in (N, K, K))
+    seg = np.tile(np.repeat([1, 2, 3], [90, 150, 60]), (B, 1))
+    pos = np.concatenate([np.arange(90), np.arange(150), np.arange(60)])[None].repeat(B, 0)
+    out = attend(q, k, v, q_positions_BT=pos, kv_positions_BS=pos, q_segment_ids_BT=seg, kv_segment_ids_BS=seg,
+                 sliding_window=window)
+    mask = attention_mask(pos, pos, seg, seg, sliding_window=window)
+    np.testing.assert_allclose(out, attend_xla(q, k, v, mask, scale=H**-0.5), atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_loss_equals_full_logits_loss():
+    from jaxllm.losses import cross_entropy
+
+    cfg = tiny_model(loss_chunk=5)  # 12 positions: chunks of 5, 5 and a padded 2
+    lm, params = _model_and_params(cfg)
+    tokens = jax.random.randint(jax.random.key(10), (2, 12), 0, cfg.vocab_size)
+    mask = (jax.random.uniform(jax.random.key(11), (2, 12)) < 0.7).astype(jnp.float32)
+    batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, 1), "loss_mask": mask}
+
+    def reference(p):
+        return cross_entropy(lm.apply(p, tokens), batch["targets"], mask, z_loss=0.01)[0]
+
+    chunked = lambda p: lm.loss(p, batch, z_loss=0.01)[0]
+    np.testing.assert_allclose(chunked(params), reference(params), rtol=1e-6)
+    chex.assert_trees_all_close(jax.grad(chunked)(params), jax.grad(reference)(params), atol=1e-6, rtol=1e-5)
+    _, metrics = lm.loss(params, batch)
+    assert float(metrics["tokens"]) == float(mask.sum())

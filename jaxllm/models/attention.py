@@ -62,6 +62,21 @@ def attend_xla(
     return out_BTKGH.reshape(B, T, N, H)
 
 
+def _causal_blocks(T: int, S: int, causal: bool, window: int | None) -> list[tuple[int, int, int, int]]:
+    """(q_start, q_end, k_start, k_end) tiles covering every allowed (query, key) pair of a causal
+    self-attention: key blocks after a query block (or before its window) are skipped entirely.
+    One tile when not causal or T != S (decoding against a cache)."""
+    if not causal or T != S or T < 128:
+        return [(0, T, 0, S)]
+    size = max(64, -(-T // 8))
+    tiles = []
+    for q0 in range(0, T, size):
+        q1 = min(T, q0 + size)
+        k0 = 0 if window is None else max(0, q0 - window + 1)
+        tiles.append((q0, q1, k0, q1))
+    return tiles
+
+
 def attend(
     q_BTNH: jax.Array,
     k_BSKH: jax.Array,
@@ -77,15 +92,24 @@ def attend(
     scale: float | None = None,
     impl: str = "xla",
 ) -> jax.Array:
-    """softmax(q k^T * scale [soft-capped, masked]) v -> [B, T, N, H]. N must be a multiple of K."""
+    """softmax(q k^T * scale [soft-capped, masked]) v -> [B, T, N, H]. N must be a multiple of K.
+
+    With `causal` and T == S (self-attention), key index j > query index i is never attended, so
+    positions must not decrease within a segment (true of packed rows and left padding with
+    clipped positions alike, up to the outputs at padding, which carry no loss).
+    """
     scale = 1.0 / math.sqrt(q_BTNH.shape[-1]) if scale is None else scale
-    if impl == "xla":
+    if impl != "xla":
+        raise ValueError(f"unknown attention impl {impl!r}")
+    outs = []
+    for q0, q1, k0, k1 in _causal_blocks(q_BTNH.shape[1], k_BSKH.shape[1], causal, sliding_window):
         mask_BTS = attention_mask(
-            q_positions_BT, kv_positions_BS, q_segment_ids_BT, kv_segment_ids_BS,
-            causal=causal, sliding_window=sliding_window,
+            q_positions_BT[:, q0:q1], kv_positions_BS[:, k0:k1], q_segment_ids_BT[:, q0:q1],
+            kv_segment_ids_BS[:, k0:k1], causal=causal, sliding_window=sliding_window,
         )
-        return attend_xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale=scale, logit_softcap=logit_softcap)
-    raise ValueError(f"unknown attention impl {impl!r}")
+        outs.append(attend_xla(q_BTNH[:, q0:q1], k_BSKH[:, k0:k1], v_BSKH[:, k0:k1], mask_BTS,
+                               scale=scale, logit_softcap=logit_softcap))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
 class Attention(nnx.Module):

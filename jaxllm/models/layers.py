@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -49,9 +50,13 @@ class Dense(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        # As one 2-D matmul [tokens, in] @ [in, out]: XLA:CPU runs the backward of a 3-D
+        # dot_general ~1.5x slower than the same work flattened (measured, experiments/README.md).
         kernel = self.kernel[...].astype(self.dtype)
-        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
+        in_shape, out_shape = kernel.shape[: self.n_in], kernel.shape[self.n_in :]
+        lead = x.shape[: x.ndim - self.n_in]
+        y = x.astype(self.dtype).reshape(-1, math.prod(in_shape)) @ kernel.reshape(math.prod(in_shape), -1)
+        y = y.reshape(*lead, *out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -68,7 +73,10 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids_BT, axis=0).astype(self.dtype)
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
-        return jnp.einsum("btd,vd->btv", x_BTD.astype(self.dtype), self.embedding[...].astype(self.dtype))
+        """x @ embedding.T as one 2-D matmul: [..., D] -> [..., V]."""
+        table_VD = self.embedding[...].astype(self.dtype)
+        y = x_BTD.astype(self.dtype).reshape(-1, table_VD.shape[1]) @ table_VD.T
+        return y.reshape(*x_BTD.shape[:-1], table_VD.shape[0])
 
 
 class RMSNorm(nnx.Module):

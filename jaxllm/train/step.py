@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import optax
 
 from jaxllm.language_model import LanguageModel, Params
-from jaxllm.losses import cross_entropy_sums
 
 Batch = dict[str, jax.Array]
 
@@ -35,8 +34,7 @@ def make_train_step(
     with `lax.scan`; token-sum losses make the result equal to one step on the whole batch."""
 
     def sums(params: Params, mb: Batch) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
-        logits = lm.apply(params, mb["inputs"], mb.get("positions"), mb.get("segment_ids"))
-        ce, zl, n = cross_entropy_sums(logits, mb["targets"], mb.get("loss_mask"))
+        ce, zl, n = lm.loss_sums(params, mb)
         return ce + z_loss * zl, (ce, zl, n)
 
     grad_fn = jax.grad(sums, has_aux=True)
@@ -50,8 +48,11 @@ def make_train_step(
             g, s = grad_fn(state.params, mb)
             return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (g_sum, (ce, zl, n)), _ = jax.lax.scan(accumulate, (zeros, (0.0, 0.0, 0.0)), micro)
+        if microbatches == 1:
+            g_sum, (ce, zl, n) = grad_fn(state.params, batch)
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (g_sum, (ce, zl, n)), _ = jax.lax.scan(accumulate, (zeros, (0.0, 0.0, 0.0)), micro)
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda g: g / denom, g_sum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -78,8 +79,7 @@ def make_eval_step(lm: LanguageModel) -> Callable[[Params, Batch], tuple[jax.Arr
     """(params, batch) -> (sum of token losses, token count)."""
 
     def eval_step(params: Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        logits = lm.apply(params, batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
-        ce, _, n = cross_entropy_sums(logits, batch["targets"], batch.get("loss_mask"))
+        ce, _, n = lm.loss_sums(params, batch)
         return ce, n
 
     return eval_step
