@@ -147,7 +147,7 @@ class TrainConfig:
     steps: int = 300
     batch_size: int = 8
     microbatches: int = 1
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # adamw | lion | adafactor (scales updates by param RMS: lr ~1)
     learning_rate: float = 3e-3
     schedule: str = "cosine"  # warmup then: cosine | linear decay | constant | wsd (stable, then decay)
     warmup_steps: int = 30
@@ -161,7 +161,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
-    eval_batches: int = 4
+    eval_batches: int = 0  # batches per evaluation; 0: every held-out document
 
 
 @dataclass

@@ -13,38 +13,27 @@ from jaxllm.data.sources import read_documents
 from jaxllm.data.tokenizer import ByteTokenizer, load_tokenizer
 
 
-def _oracle_nll(doc: str, table: np.ndarray) -> tuple[float, int]:
-    """-log p of BOS+doc+EOS targets under the true generative process, and the target count."""
-    letters = {c: i for i, c in enumerate(synthetic.ALPHABET)}
-    seg = synthetic.SEGMENT_LEN + 1
-    n = len(doc) // seg
-    nll = 0.0
-    for k in range(n):  # boundary before segment k: marker (or, after >= MIN segments, maybe EOS)
-        if k >= synthetic.MIN_SEGMENTS:
-            q = 1 / (synthetic.MAX_SEGMENTS - k + 1)  # P(n = k | n >= k), uniform n
-            nll -= math.log(1 - q)
-        if k > 0:
-            nll -= math.log(0.5)
-        body = doc[k * seg + 1 : (k + 1) * seg]
-        if doc[k * seg] == synthetic.FRESH:
-            nll -= math.log(1 / len(synthetic.ALPHABET))
-            for a, b in zip(body, body[1:]):
-                assert letters[b] in table[letters[a]]
-                nll -= math.log(1 / synthetic.SUCCESSORS)
-        else:
-            assert body == doc[(k - 1) * seg + 1 : k * seg]
-    if n < synthetic.MAX_SEGMENTS:  # the EOS after the last segment
-        nll -= math.log(1 / (synthetic.MAX_SEGMENTS - n + 1))
-    return nll, len(doc) + 1
-
-
-def test_entropy_floor_equals_the_oracle_loss():
+def test_entropy_floor_equals_the_mean_document_entropy():
+    """Two derivations agree: the closed-form expectation and the per-document true -log p."""
     docs = synthetic.generate_documents(4000, seed=7)
-    table = synthetic.transition_table()
-    nll, n = map(sum, zip(*(_oracle_nll(d, table) for d in docs)))
+    nll, n = map(sum, zip(*(synthetic.document_entropy(d) for d in docs)))
     assert nll / n == pytest.approx(synthetic.entropy_floor(), rel=0.01)
+    # a hand-checkable document: fresh segment, then a copy, then EOS (n=2 of 2..12: P(EOS) = 1/11)
+    fresh = "|" + "".join(synthetic.ALPHABET[i] for i in _walk(synthetic.transition_table()))
+    doc = fresh + "#" + fresh[1:]
+    expected = math.log(32) + 15 * math.log(4) + math.log(2) + math.log(11)
+    assert synthetic.document_entropy(doc) == (pytest.approx(expected), 2 * 17 + 1)
+    with pytest.raises(ValueError, match="marked as a copy but differs"):
+        synthetic.document_entropy(fresh + "#" + fresh[2:] + "a")
     assert synthetic.generate_documents(3, seed=7) == docs[:3]  # deterministic
     assert any(synthetic.COPY in d for d in docs[:10])
+
+
+def _walk(table, start=0):
+    letters = [start]
+    for _ in range(synthetic.SEGMENT_LEN - 1):
+        letters.append(int(table[letters[-1], 0]))
+    return letters
 
 
 def test_byte_tokenizer_round_trip_and_hf_tokenizer(tmp_path):
@@ -146,4 +135,6 @@ def test_missing_and_empty_sources_are_clear_errors(tmp_path):
 def test_eval_split_is_disjoint():
     c = load_corpus(DataConfig(synthetic_docs=500, eval_fraction=0.1))
     assert len(c.eval_docs) == 50 and len(c.train_docs) == 450
-    assert c.floor == pytest.approx(synthetic.entropy_floor())
+    nats, n = map(sum, zip(*(synthetic.document_entropy(d) for d in c.eval_docs)))
+    assert c.floor == pytest.approx(nats / n)  # exact entropy of the held-out documents
+    assert c.floor == pytest.approx(synthetic.entropy_floor(), rel=0.05)

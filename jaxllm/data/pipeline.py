@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxllm.config import ConfigError, DataConfig
 from jaxllm.data.sources import ReadReport, read_documents
-from jaxllm.data.synthetic import entropy_floor, generate_documents
+from jaxllm.data.synthetic import document_entropy, generate_documents
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -25,7 +25,7 @@ class Corpus:
     eval_docs: list[str]
     tokenizer: Tokenizer
     report: ReadReport
-    floor: float | None  # known entropy (nats/token) of the synthetic corpus with byte tokens
+    floor: float | None  # synthetic corpus, byte tokens: exact entropy (nats/token) of the eval docs
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
@@ -34,13 +34,15 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     if cfg.source == "synthetic":
         docs = generate_documents(cfg.synthetic_docs, seed=cfg.seed)
         report = ReadReport(documents=len(docs))
-        floor = entropy_floor() if cfg.tokenizer == "byte" else None
     else:
         docs, report = read_documents(cfg.source, cfg.text_field)
-        floor = None
     every = max(2, round(1 / cfg.eval_fraction)) if cfg.eval_fraction > 0 else 0
     eval_docs = docs[::every] if every else []
     train_docs = [d for i, d in enumerate(docs) if not every or i % every]
+    floor = None
+    if cfg.source == "synthetic" and cfg.tokenizer == "byte":
+        nats, targets = map(sum, zip(*map(document_entropy, eval_docs or docs)))
+        floor = nats / targets
     if not train_docs:
         raise ConfigError(f"data.source={cfg.source!r}: no training documents left after the eval split")
     return Corpus(train_docs, eval_docs, tokenizer, report, floor)

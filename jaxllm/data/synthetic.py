@@ -50,6 +50,35 @@ def generate_documents(num_docs: int, seed: int = 0, grammar_seed: int = 1234) -
     return docs
 
 
+def document_entropy(doc: str, grammar_seed: int = 1234) -> tuple[float, int]:
+    """(nats, targets): -log p of a document's BOS+text+EOS targets under the true process.
+
+    Summed over the held-out documents this is the exact loss of a perfect model on them.
+    """
+    table = transition_table(grammar_seed)
+    letters = {c: i for i, c in enumerate(ALPHABET)}
+    seg = SEGMENT_LEN + 1
+    n = len(doc) // seg
+    nats = 0.0
+    for k in range(n):  # the boundary before segment k, then its letters
+        if k >= MIN_SEGMENTS:
+            nats -= math.log(1 - 1 / (MAX_SEGMENTS - k + 1))  # not EOS: P(n > k | n >= k)
+        if k > 0:
+            nats += math.log(2)  # fresh or copy
+        body = doc[k * seg + 1 : (k + 1) * seg]
+        if doc[k * seg] == FRESH:
+            nats += math.log(len(ALPHABET))
+            for a, b in zip(body, body[1:]):
+                if letters[b] not in table[letters[a]]:
+                    raise ValueError(f"{a!r} -> {b!r} is not in the grammar")
+                nats += math.log(SUCCESSORS)
+        elif body != doc[(k - 1) * seg + 1 : k * seg]:
+            raise ValueError(f"segment {k} is marked as a copy but differs from the previous one")
+    if n < MAX_SEGMENTS:
+        nats += math.log(MAX_SEGMENTS - n + 1)  # EOS: P(n = k | n >= k)
+    return nats, len(doc) + 1
+
+
 def entropy_floor() -> float:
     """Expected loss (nats per predicted token) of the ideal model on this corpus, byte tokens.
 

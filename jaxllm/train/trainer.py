@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 import time
 from dataclasses import dataclass, field
@@ -55,8 +56,11 @@ def resolve_run_config(files: list[str], overrides: list[str]) -> Config:
 
 def state_shardings(abstract: TrainState, param_sh: Any, tx: optax.GradientTransformation, mesh) -> TrainState:
     replicated = NamedSharding(mesh, PartitionSpec())
+    # Optimizer statistics shaped like their param shard like it; others (counts, Adafactor's
+    # factored row/column statistics) are replicated.
+    same_rank = lambda leaf, sh: sh if len(sh.spec) == len(leaf.shape) else replicated
     opt_sh = optax.tree_map_params(
-        tx, lambda _, s: s, abstract.opt_state, param_sh, transform_non_params=lambda _: replicated
+        tx, same_rank, abstract.opt_state, param_sh, transform_non_params=lambda _: replicated
     )
     return TrainState(replicated, param_sh, opt_sh, replicated)
 
@@ -145,7 +149,7 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
         it = make_batches(corpus.eval_docs, corpus.tokenizer, seq_len=d.seq_len, batch_size=local_batch, seed=d.seed,
                           repeat=False, process_index=jax.process_index(), process_count=procs)
         total, count = 0.0, 0.0
-        for _, batch in zip(range(t.eval_batches), it):
+        for _, batch in zip(range(t.eval_batches) if t.eval_batches else itertools.count(), it):
             s, n = eval_fn(params, to_global(batch))
             total, count = total + float(s), count + float(n)
         return total / count if count else None
@@ -215,7 +219,7 @@ def _summary(console: Console, r: TrainResult, saved: int) -> None:
     if r.eval_loss is not None:
         line += f", eval loss {r.eval_loss:.4f}"
     if r.floor is not None:
-        line += f", floor {r.floor:.4f} (entropy of the synthetic corpus)"
+        line += f", floor {r.floor:.4f} (exact entropy of the held-out documents)"
     console.print(line)
     console.print(f"{r.tokens_per_second:,.0f} tokens/s, MFU {100 * r.mfu:.1f}%; checkpoint step {saved} and "
                   f"tensorboard logs in {r.run_dir} (tensorboard --logdir {r.run_dir})")
