@@ -18,7 +18,7 @@ import pytest
 
 from jaxllm.config import ConfigError, TrainConfig, load_config
 from jaxllm.language_model import build
-from jaxllm.train.optimizer import decay_mask, make_optimizer, make_schedule
+from jaxllm.train.optimizer import decay_mask, make_schedule
 from jaxllm.train.step import init_state, make_train_step
 from jaxllm.train.trainer import train
 
@@ -187,7 +187,7 @@ def test_sharded_train_step_matches_single_device():
         ref_losses.append(float(m["loss"]))
 
     from jaxllm.sharding import make_mesh
-    from jaxllm.train.trainer import state_shardings
+    from jaxllm.train.setup import state_shardings
 
     mesh = make_mesh(cfg.mesh)
     state_sh = state_shardings(jax.eval_shape(lambda: init_state(lm, tx, 0)), lm.param_shardings(mesh), tx, mesh)

@@ -8,7 +8,7 @@ is checkpointed with the model and a resumed run continues with the exact next b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import grain
 import numpy as np

@@ -10,25 +10,18 @@ import itertools
 import signal
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
-import optax
-from jax.sharding import NamedSharding, PartitionSpec
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from jaxllm.config import Config, ConfigError, load_config, to_yaml, validate
 from jaxllm.data.pipeline import Corpus, load_corpus, make_batches
-from jaxllm.language_model import LanguageModel, build
-from jaxllm.sharding import logical_to_spec, make_mesh
 from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.metrics import MetricsWriter, measured_peak_flops
-from jaxllm.train.optimizer import make_optimizer, make_schedule
-from jaxllm.train.step import TrainState, init_state, make_eval_step, make_train_step
+from jaxllm.train.setup import setup_step
 
 
 @dataclass
@@ -52,17 +45,6 @@ def resolve_run_config(files: list[str], overrides: list[str]) -> Config:
         return cfg
     saved = Path(cfg.checkpoint.run_dir) / "config.yaml"
     return load_config([saved, *files], overrides) if saved.exists() else cfg
-
-
-def state_shardings(abstract: TrainState, param_sh: Any, tx: optax.GradientTransformation, mesh) -> TrainState:
-    replicated = NamedSharding(mesh, PartitionSpec())
-    # Optimizer statistics shaped like their param shard like it; others (counts, Adafactor's
-    # factored row/column statistics) are replicated.
-    same_rank = lambda leaf, sh: sh if len(sh.spec) == len(leaf.shape) else replicated
-    opt_sh = optax.tree_map_params(
-        tx, same_rank, abstract.opt_state, param_sh, transform_non_params=lambda _: replicated
-    )
-    return TrainState(replicated, param_sh, opt_sh, replicated)
 
 
 class _StopRequest:
@@ -111,23 +93,16 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
     t, d = cfg.train, cfg.data
-    lm: LanguageModel = build(cfg)
-    mesh = make_mesh(cfg.mesh)
-    schedule, tx = make_schedule(t), make_optimizer(t)
-    make_state = partial(init_state, lm, tx, t.seed)
-    abstract = jax.eval_shape(make_state)
-    state_sh = state_shardings(abstract, lm.param_shardings(mesh), tx, mesh)
-    batch_sh = NamedSharding(mesh, logical_to_spec(("batch", "length"), lm.rules, dict(mesh.shape)))
-
+    setup = setup_step(cfg)
+    lm, mesh = setup.lm, setup.mesh
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, warn=lambda m: console.print(f"[yellow]{m}[/]"))
-    abstract_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-    restored = ckpt.restore_latest(abstract_sh)
+    restored = ckpt.restore_latest(setup.abstract_state)
     if restored is not None:
         start, state, data_state = restored
         console.print(f"resuming from step {start} in {run_dir}")
     else:
         start, data_state = 0, None
-        state = jax.jit(make_state, out_shardings=state_sh)()
+        state = setup.init()
 
     procs = jax.process_count()
     local_batch = t.batch_size // procs
@@ -135,13 +110,6 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
                                  seed=d.seed, repeat=True, process_index=jax.process_index(), process_count=procs))
     if data_state is not None:
         train_it.set_state(data_state)
-    to_global = lambda b: jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sh, x), b)
-
-    step_fn = jax.jit(
-        make_train_step(lm, tx, microbatches=t.microbatches, z_loss=t.z_loss, schedule=schedule),
-        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,),
-    )
-    eval_fn = jax.jit(make_eval_step(lm), in_shardings=(state_sh.params, batch_sh))
 
     def evaluate(params) -> float | None:
         if not corpus.eval_docs:
@@ -150,7 +118,7 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
                           repeat=False, process_index=jax.process_index(), process_count=procs)
         total, count = 0.0, 0.0
         for _, batch in zip(range(t.eval_batches) if t.eval_batches else itertools.count(), it):
-            s, n = eval_fn(params, to_global(batch))
+            s, n = setup.eval_step(params, setup.global_batch(batch))
             total, count = total + float(s), count + float(n)
         return total / count if count else None
 
@@ -171,10 +139,10 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
     )
     step, last_saved, last_log_step = start, start, start
     last_log_time = time.perf_counter()
-    with _StopRequest() as stop, progress:
+    with _StopRequest() as stop, progress, jax.set_mesh(mesh):
         task = progress.add_task("train", total=t.steps, completed=start, info="compiling")
         while step < t.steps:
-            state, metrics = step_fn(state, to_global(next(train_it)))
+            state, metrics = setup.train_step(state, setup.global_batch(next(train_it)))
             step += 1
             if step % t.log_every == 0 or step == t.steps or stop.signal:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -207,7 +175,8 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
     ckpt.close()
     result.end_step = step
     if not result.interrupted and result.eval_loss is None:
-        result.eval_loss = evaluate(state.params)
+        with jax.set_mesh(mesh):
+            result.eval_loss = evaluate(state.params)
     writer.close()
     _summary(console, result, last_saved)
     return result
