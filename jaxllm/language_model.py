@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from jaxllm.config import Config, ModelConfig, _default_rules
 from jaxllm.losses import chunked_cross_entropy_sums
+from jaxllm.models.kv_cache import KVCache
 from jaxllm.models.transformer import Transformer
 from jaxllm.sharding import Rules, make_rules, param_shardings
 
@@ -64,6 +65,23 @@ class LanguageModel:
         hidden_BTD = model.hidden(tokens_BT, positions_BT, segment_ids_BT)
         logits_BTV = model.logits(hidden_BTD)
         return (logits_BTV, hidden_BTD) if return_hidden else logits_BTV
+
+    def apply_cached(
+        self,
+        params: Params,
+        tokens_BT: jax.Array,
+        positions_BT: jax.Array,
+        segment_ids_BT: jax.Array,
+        cache: KVCache,
+    ) -> tuple[jax.Array, KVCache]:
+        """Logits [B, T, V] of tokens that continue what `cache` holds, and the updated cache."""
+        model: Transformer = nnx.merge(self.graphdef, params)
+        hidden_BTD, cache = model.hidden(tokens_BT, positions_BT, segment_ids_BT, cache)
+        return model.logits(hidden_BTD), cache
+
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        """An empty cache of `length` slots (prompt + new tokens) in the compute dtype."""
+        return KVCache.empty(self.cfg, batch, length)
 
     def loss_sums(self, params: Params, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(sum of token cross entropies, sum of logsumexp^2, token count) over unmasked targets.

@@ -1,4 +1,8 @@
-"""Logit parity with Hugging Face `transformers` (torch, CPU) on tiny random-init models, one per family."""
+"""Hugging Face interop against `transformers` (torch, CPU) on tiny random-init models, one per family:
+import a saved checkpoint directory, logit parity with padding, greedy generation token for token,
+export that transformers loads back, and a lossless round trip."""
+
+import json
 
 import jax
 import numpy as np
@@ -8,6 +12,8 @@ torch = pytest.importorskip("torch", reason="HF parity needs the [hf] extra")
 transformers = pytest.importorskip("transformers")
 
 from jaxllm.config import ConfigError  # noqa: E402
+from jaxllm.generate import generate  # noqa: E402
+from jaxllm.interop.hf_checkpoint import load_hf_checkpoint, save_hf_checkpoint  # noqa: E402
 from jaxllm.interop.hf_mapping import config_from_hf, params_from_hf  # noqa: E402
 from jaxllm.language_model import LanguageModel  # noqa: E402
 
@@ -26,8 +32,7 @@ FAMILIES = {
 TOL = 1e-4  # max abs logit difference, f32
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_logits_match_transformers_with_left_padding(family):
+def _hf_model(family):
     torch.manual_seed(0)
     hf_cfg = FAMILIES[family]()
     hf_cfg._attn_implementation = "eager"
@@ -36,29 +41,95 @@ def test_logits_match_transformers_with_left_padding(family):
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name or "ln_" in name:
                 p.add_(0.1 * torch.randn_like(p))
-    cfg = config_from_hf(hf_cfg.to_dict())
-    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    params = params_from_hf(cfg, hf_cfg.model_type, state)
-    lm = LanguageModel(cfg)
-    assert jax.tree.map(np.shape, params) == jax.tree.map(lambda s: s.shape, lm.param_shapes)
+    return model
 
+
+def _batch():
     T = 12
-    tokens = np.random.default_rng(0).integers(0, 97, size=(2, T))
+    tokens = np.random.default_rng(0).integers(3, 97, size=(2, T))
     mask = np.ones((2, T), np.int64)
     mask[1, :4] = 0  # left padding in the second row
-    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    return tokens, mask, np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+
+
+def _hf_logits(model, tokens, mask, positions):
     with torch.no_grad():
-        ref = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
-                    position_ids=torch.tensor(positions)).logits.numpy()
-    out = np.asarray(jax.jit(lm.apply)(params, tokens, positions, mask))
+        return model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
+                     position_ids=torch.tensor(positions)).logits.numpy()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_import_generate_export_round_trip(family, tmp_path):
+    model = _hf_model(family)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    lm, params, model_type = load_hf_checkpoint(tmp_path / "hf")
+    assert model_type == model.config.model_type
+
+    # logits on a padded batch
+    tokens, mask, positions = _batch()
     real = mask.astype(bool)
-    err = np.max(np.abs(out[real] - ref[real]))
-    assert err < TOL, f"{family}: max abs logit diff {err:.2e}"
+    ref = _hf_logits(model, tokens, mask, positions)
+    out = np.asarray(jax.jit(lm.apply)(params, tokens, positions, mask))
+    assert np.max(np.abs(out[real] - ref[real])) < TOL
+
+    # greedy generation of 20 tokens, batched prompts of different lengths
+    prompts = [list(tokens[0, :9]), list(tokens[1, 4:9])]
+    with torch.no_grad():
+        hf_out = model.generate(input_ids=torch.tensor(tokens[:, :9]), attention_mask=torch.tensor(mask[:, :9]),
+                                max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert generate(lm, params, prompts, 20) == hf_out[:, 9:].tolist()
+
+    # export: transformers loads it and matches; re-import is lossless
+    save_hf_checkpoint(tmp_path / "out", lm.cfg, params)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    assert np.max(np.abs(_hf_logits(back, tokens, mask, positions)[real] - ref[real])) < TOL
+    _, params2, _ = load_hf_checkpoint(tmp_path / "out")
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
 
 
-def test_unsupported_and_mismatched_checkpoints_are_clear_errors():
+def test_sharded_import_places_params_on_the_mesh(tmp_path):
+    from jaxllm.config import MeshConfig
+    from jaxllm.sharding import make_mesh
+
+    _hf_model("llama").save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()  # a sharded checkpoint
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))  # vocab 97 would not split over tensor
+    lm, params, _ = load_hf_checkpoint(tmp_path, mesh=mesh)
+    q = params["blocks"]["attn"]["q"]["kernel"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None, None)
+    assert q.addressable_shards[0].data.shape == (2, 32 // 8, 4, 8)
+    _, local, _ = load_hf_checkpoint(tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, params, local)
+
+
+def test_malformed_checkpoints_are_clear_errors(tmp_path):
+    model = _hf_model("llama")
+    model.save_pretrained(tmp_path / "ok", safe_serialization=True)
+    # no weights
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text((tmp_path / "ok" / "config.json").read_text())
+    with pytest.raises(ConfigError, match=r"no weights \(\*.safetensors"):
+        load_hf_checkpoint(tmp_path / "empty")
+    # only a pickle: refused, never opened
+    (tmp_path / "empty" / "pytorch_model.bin").write_bytes(b"not opened")
+    with pytest.raises(ConfigError, match=r"only pickled weights \['pytorch_model.bin'\]; jaxllm never unpickles"):
+        load_hf_checkpoint(tmp_path / "empty")
+    # truncated safetensors
+    data = (tmp_path / "ok" / "model.safetensors").read_bytes()
+    (tmp_path / "ok" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match=r"model.safetensors: not a readable safetensors file .*truncated"):
+        load_hf_checkpoint(tmp_path / "ok")
+    # unsupported architecture, missing config
+    cfg = json.loads((tmp_path / "empty" / "config.json").read_text()) | {"model_type": "bert"}
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match=r"model_type 'bert' is not supported; supported: \['llama'"):
-        config_from_hf({"model_type": "bert"})
+        load_hf_checkpoint(tmp_path / "empty")
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ConfigError, match=r"no config.json"):
+        load_hf_checkpoint(tmp_path / "nothing")
+
+
+def test_missing_and_unexpected_tensors_are_listed():
     hf_cfg = FAMILIES["llama"]()
     cfg = config_from_hf(hf_cfg.to_dict())
     model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
@@ -66,4 +137,4 @@ def test_unsupported_and_mismatched_checkpoints_are_clear_errors():
     del state["model.layers.1.mlp.up_proj.weight"]
     state["model.extra.weight"] = np.zeros(3)
     with pytest.raises(ConfigError, match=r"missing \['model.layers.1.mlp.up_proj.weight'\], unexpected \['model.extra.weight'\]"):
-        params_from_hf(cfg, "llama", state)
+        params_from_hf(cfg, "llama", state, LanguageModel(cfg).param_shapes)

@@ -1,13 +1,15 @@
 """Map Hugging Face causal-LM configs and state dicts (Llama, Mistral, Qwen2/3, GPT-2) to jaxllm.
 
-`config_from_hf(config_dict) -> ModelConfig`; `params_from_hf(cfg, model_type, tensors) -> params`.
-Tensors are numpy arrays keyed by HF names (from safetensors or a torch state dict converted by the
-caller); nothing here unpickles anything. What cannot be represented is a `ConfigError`.
+One table per family (`_entries`) drives both directions: `params_from_hf` and `params_to_hf`, with
+`config_from_hf` / `config_to_hf` for `config.json`. Tensors are numpy arrays keyed by HF names; nothing
+here unpickles anything. What cannot be represented is a `ConfigError`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -75,86 +77,170 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     )
 
 
-def _llama_layer(cfg: ModelConfig, get: Callable[[str], np.ndarray], i: int) -> dict[str, Any]:
-    D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
-    p = f"model.layers.{i}."
-    attn: dict[str, Any] = {
-        "q": {"kernel": get(p + "self_attn.q_proj.weight").T.reshape(D, N, H)},
-        "k": {"kernel": get(p + "self_attn.k_proj.weight").T.reshape(D, K, H)},
-        "v": {"kernel": get(p + "self_attn.v_proj.weight").T.reshape(D, K, H)},
-        "o": {"kernel": get(p + "self_attn.o_proj.weight").T.reshape(N, H, D)},
-    }
-    if cfg.bias == "qkv":
-        for name, heads in (("q", N), ("k", K), ("v", K)):
-            attn[name]["bias"] = get(p + f"self_attn.{name}_proj.bias").reshape(heads, H)
-    if cfg.attention.qk_norm:
-        attn["q_norm"] = {"scale": get(p + "self_attn.q_norm.weight")}
-        attn["k_norm"] = {"scale": get(p + "self_attn.k_norm.weight")}
-    return {
-        "attn_norm": {"scale": get(p + "input_layernorm.weight")},
-        "attn": attn,
-        "mlp_norm": {"scale": get(p + "post_attention_layernorm.weight")},
-        "mlp": {name: {"kernel": get(p + f"mlp.{name}_proj.weight").T} for name in ("gate", "up", "down")},
-    }
+@dataclass(frozen=True)
+class Entry:
+    """One HF tensor <-> one or more jaxllm params (several: a fused tensor split on its out axis).
+
+    `transpose`: the HF tensor is torch Linear-style [out, in]; `n_in`: how many leading dims of the
+    jaxllm param are input dims (0 for vectors). Layer entries hold `{i}` and map to stacked params.
+    """
+
+    hf: str
+    paths: tuple[tuple[str, ...], ...]
+    transpose: bool = False
+    n_in: int = 1
 
 
-def _gpt2_layer(cfg: ModelConfig, get: Callable[[str], np.ndarray], i: int) -> dict[str, Any]:
-    D, N, H = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim
-    p = f"transformer.h.{i}."
-    qkv_w = np.split(get(p + "attn.c_attn.weight"), 3, axis=1)  # Conv1D: [in, out]
-    qkv_b = np.split(get(p + "attn.c_attn.bias"), 3)
-    attn = {name: {"kernel": w.reshape(D, N, H), "bias": b.reshape(N, H)} for name, w, b in zip("qkv", qkv_w, qkv_b)}
-    attn["o"] = {"kernel": get(p + "attn.c_proj.weight").reshape(N, H, D), "bias": get(p + "attn.c_proj.bias")}
-    ln = lambda name: {"scale": get(p + f"{name}.weight"), "bias": get(p + f"{name}.bias")}
-    return {
-        "attn_norm": ln("ln_1"),
-        "attn": attn,
-        "mlp_norm": ln("ln_2"),
-        "mlp": {
-            "up": {"kernel": get(p + "mlp.c_fc.weight"), "bias": get(p + "mlp.c_fc.bias")},
-            "down": {"kernel": get(p + "mlp.c_proj.weight"), "bias": get(p + "mlp.c_proj.bias")},
-        },
-    }
-
-
-def params_from_hf(cfg: ModelConfig, model_type: str, tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """jaxllm params (layers stacked) from HF-named tensors. Missing or unexpected names are an error
-    listing them; a tied `lm_head.weight` must equal the embedding table."""
-    used: set[str] = set()
-
-    def get(name: str) -> np.ndarray:
-        if name not in tensors:
-            missing.append(name)
-            return np.zeros((0,))
-        used.add(name)
-        return np.asarray(tensors[name])
-
-    missing: list[str] = []
-    layer_fn = _gpt2_layer if model_type == "gpt2" else _llama_layer
-    layers = [layer_fn(cfg, get, i) for i in range(cfg.num_layers)]
+def _entries(cfg: ModelConfig, model_type: str) -> tuple[list[Entry], list[Entry]]:
+    """(top-level entries, per-layer entries) for a model family."""
+    E = lambda hf, *paths, t=False, n=1: Entry(hf, tuple(tuple(p.split(".")) for p in paths), t, n)
     if model_type == "gpt2":
-        params: dict[str, Any] = {
-            "embed": {"embedding": get("transformer.wte.weight")},
-            "pos_embed": {"embedding": get("transformer.wpe.weight")},
-            "final_norm": {"scale": get("transformer.ln_f.weight"), "bias": get("transformer.ln_f.bias")},
-        }
-    else:
-        params = {"embed": {"embedding": get("model.embed_tokens.weight")}, "final_norm": {"scale": get("model.norm.weight")}}
+        p = "transformer.h.{i}."
+        layer = [
+            E(p + "ln_1.weight", "attn_norm.scale", n=0), E(p + "ln_1.bias", "attn_norm.bias", n=0),
+            E(p + "attn.c_attn.weight", "attn.q.kernel", "attn.k.kernel", "attn.v.kernel"),
+            E(p + "attn.c_attn.bias", "attn.q.bias", "attn.k.bias", "attn.v.bias", n=0),
+            E(p + "attn.c_proj.weight", "attn.o.kernel", n=2), E(p + "attn.c_proj.bias", "attn.o.bias", n=0),
+            E(p + "ln_2.weight", "mlp_norm.scale", n=0), E(p + "ln_2.bias", "mlp_norm.bias", n=0),
+            E(p + "mlp.c_fc.weight", "mlp.up.kernel"), E(p + "mlp.c_fc.bias", "mlp.up.bias", n=0),
+            E(p + "mlp.c_proj.weight", "mlp.down.kernel"), E(p + "mlp.c_proj.bias", "mlp.down.bias", n=0),
+        ]
+        top = [E("transformer.wte.weight", "embed.embedding"), E("transformer.wpe.weight", "pos_embed.embedding"),
+               E("transformer.ln_f.weight", "final_norm.scale", n=0), E("transformer.ln_f.bias", "final_norm.bias", n=0)]
+        return top, layer
+    p = "model.layers.{i}."
+    layer = [E(p + "input_layernorm.weight", "attn_norm.scale", n=0),
+             E(p + "post_attention_layernorm.weight", "mlp_norm.scale", n=0)]
+    layer += [E(p + f"self_attn.{x}_proj.weight", f"attn.{x}.kernel", t=True) for x in "qkv"]
+    layer += [E(p + "self_attn.o_proj.weight", "attn.o.kernel", t=True, n=2)]
+    layer += [E(p + f"mlp.{x}_proj.weight", f"mlp.{x}.kernel", t=True) for x in ("gate", "up", "down")]
+    if cfg.bias == "qkv":
+        layer += [E(p + f"self_attn.{x}_proj.bias", f"attn.{x}.bias", n=0) for x in "qkv"]
+    if cfg.attention.qk_norm:
+        layer += [E(p + f"self_attn.{x}_norm.weight", f"attn.{x}_norm.scale", n=0) for x in "qk"]
+    top = [E("model.embed_tokens.weight", "embed.embedding"), E("model.norm.weight", "final_norm.scale", n=0)]
     if not cfg.tie_embeddings:
-        params["lm_head"] = {"kernel": get("lm_head.weight").T}
-    elif "lm_head.weight" in tensors:
-        used.add("lm_head.weight")
-        if not missing and not np.array_equal(tensors["lm_head.weight"], params["embed"]["embedding"]):
+        top.append(E("lm_head.weight", "lm_head.kernel", t=True))
+    return top, layer
+
+
+def _from_hf(entry: Entry, x: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    if entry.transpose:
+        x = x.T
+    parts = np.split(x, len(shapes), axis=-1) if len(shapes) > 1 else [x]
+    return [part.reshape(shape) for part, shape in zip(parts, shapes)]
+
+
+def _to_hf(entry: Entry, ys: list[np.ndarray]) -> np.ndarray:
+    flat = [y.reshape(-1) if entry.n_in == 0 else y.reshape(math.prod(y.shape[: entry.n_in]), -1) for y in ys]
+    x = np.concatenate(flat, axis=-1) if len(flat) > 1 else flat[0]
+    return x.T if entry.transpose else x
+
+
+def _get(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def params_from_hf(
+    cfg: ModelConfig, model_type: str, tensors: Mapping[str, np.ndarray], param_shapes: Mapping[str, Any]
+) -> dict[str, Any]:
+    """jaxllm params (layers stacked) from HF-named tensors (a dict, or a lazy mapping reading files).
+
+    `param_shapes` is `LanguageModel.param_shapes`. Missing or unexpected names are one error
+    listing them all; a tied `lm_head.weight` is accepted when it equals the embedding table.
+    """
+    top, layer = _entries(cfg, model_type)
+    names = [e.hf for e in top] + [e.hf.format(i=i) for i in range(cfg.num_layers) for e in layer]
+    missing = [n for n in names if n not in tensors]
+    extra = set(tensors) - set(names) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+    if missing or extra:
+        raise ConfigError(
+            f"HF checkpoint does not match the {model_type} layout: missing {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}, unexpected {sorted(extra)[:8]}"
+        )
+    params: dict[str, Any] = {}
+    for e in top:
+        shapes = [_get(param_shapes, p).shape for p in e.paths]
+        for path, value in zip(e.paths, _from_hf(e, np.asarray(tensors[e.hf]), shapes)):
+            _set(params, path, value)
+    for e in layer:
+        shapes = [_get(param_shapes["blocks"], p).shape[1:] for p in e.paths]
+        per_layer = [_from_hf(e, np.asarray(tensors[e.hf.format(i=i)]), shapes) for i in range(cfg.num_layers)]
+        for j, path in enumerate(e.paths):
+            _set(params, ("blocks",) + path, np.stack([values[j] for values in per_layer]))
+    if cfg.tie_embeddings and "lm_head.weight" in tensors:
+        if not np.array_equal(np.asarray(tensors["lm_head.weight"]), params["embed"]["embedding"]):
             raise ConfigError("tie_word_embeddings is set but lm_head.weight differs from the embedding table")
-    unexpected = sorted(set(tensors) - used)
-    if missing or unexpected:
-        raise ConfigError(f"HF checkpoint does not match the {model_type} layout: missing {missing}, unexpected {unexpected}")
-    params["blocks"] = _stack(layers)
     return params
 
 
-def _stack(layers: list[dict[str, Any]]) -> dict[str, Any]:
-    first = layers[0]
-    if isinstance(first, dict):
-        return {k: _stack([layer[k] for layer in layers]) for k in first}
-    return np.stack(layers)
+def params_to_hf(cfg: ModelConfig, model_type: str, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The inverse of `params_from_hf`: HF-named numpy tensors."""
+    top, layer = _entries(cfg, model_type)
+    out = {e.hf: _to_hf(e, [np.asarray(_get(params, p)) for p in e.paths]) for e in top}
+    for e in layer:
+        stacked = [np.asarray(_get(params["blocks"], p)) for p in e.paths]
+        for i in range(cfg.num_layers):
+            out[e.hf.format(i=i)] = np.ascontiguousarray(_to_hf(e, [s[i] for s in stacked]))
+    return out
+
+
+def model_type_of(cfg: ModelConfig) -> str:
+    """The HF family that represents `cfg`, or a ConfigError saying why none does."""
+    if cfg.position == "learned" and cfg.norm == "layernorm" and cfg.bias == "all" and not cfg.mlp.gated:
+        return "gpt2"
+    if cfg.position != "rope" or cfg.norm != "rmsnorm" or not cfg.mlp.gated or cfg.bias == "all":
+        raise ConfigError("no Hugging Face family matches this config (Llama-like needs rope, rmsnorm, gated "
+                          "MLP, bias none/qkv; GPT-2 needs learned positions, layernorm, bias all, plain MLP)")
+    if cfg.attention.logit_softcap or cfg.final_logit_softcap or cfg.rope_scaling.type not in ("none", "llama3"):
+        raise ConfigError("soft-capping has no Hugging Face equivalent among llama/mistral/qwen2/qwen3/gpt2")
+    if cfg.attention.qk_norm:
+        if cfg.bias != "none" or cfg.attention.sliding_window:
+            raise ConfigError("qk_norm (qwen3) cannot be combined with biases or a sliding window")
+        return "qwen3"
+    if cfg.bias == "qkv":
+        if cfg.attention.sliding_window:
+            raise ConfigError("qkv bias (qwen2) with a global sliding window has no Hugging Face equivalent")
+        return "qwen2"
+    return "mistral" if cfg.attention.sliding_window else "llama"
+
+
+_ACT_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
+
+
+def config_to_hf(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
+    """A `config.json` dict that `transformers` builds the same model from."""
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}[model_type]
+    if model_type == "gpt2":
+        return {
+            "model_type": "gpt2", "architectures": [arch], "vocab_size": cfg.vocab_size, "n_embd": cfg.d_model,
+            "n_layer": cfg.num_layers, "n_head": cfg.num_heads, "n_positions": cfg.max_seq_len, "n_inner": cfg.mlp.d_ff,
+            "activation_function": "gelu_new" if cfg.mlp.activation == "gelu_tanh" else _ACT_TO_HF[cfg.mlp.activation],
+            "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": True,
+        }
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling.type == "llama3":
+        s = cfg.rope_scaling
+        rope.update(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
+                    high_freq_factor=s.high_freq_factor, original_max_position_embeddings=s.original_max_seq_len)
+    out = {
+        "model_type": model_type, "architectures": [arch], "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.mlp.d_ff, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.resolved_head_dim,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": _ACT_TO_HF[cfg.mlp.activation],
+        "tie_word_embeddings": cfg.tie_embeddings, "rope_theta": cfg.rope_theta, "rope_parameters": rope,
+    }
+    if cfg.rope_scaling.type == "llama3":
+        out["rope_scaling"] = rope
+    if model_type == "mistral":
+        out["sliding_window"] = cfg.attention.sliding_window
+    return out

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ModelConfig
+from jaxllm.models.kv_cache import LayerCache
 from jaxllm.models.layers import Dense, RMSNorm
 from jaxllm.models.rope import apply_rope, rope_inv_freq
 from jaxllm.sharding import Rules, constrain
@@ -129,7 +130,15 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(H, eps=cfg.norm_eps, **kw)
             self.k_norm = RMSNorm(H, eps=cfg.norm_eps, **kw)
 
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        segment_ids_BT: jax.Array,
+        cache: LayerCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """[B, T, D] -> [B, T, D]. With a `cache`, this call's keys/values are written at
+        cache.index and the queries attend over the whole cache; returns (out, (k_cache, v_cache))."""
         cfg, rules = self.cfg, self.rules
         q_BTNH = constrain(self.q(x_BTD), ("batch", "length", "act_heads", "head_dim"), rules)
         k_BTKH = constrain(self.k(x_BTD), ("batch", "length", "act_kv_heads", "head_dim"), rules)
@@ -140,12 +149,19 @@ class Attention(nnx.Module):
             inv_freq = rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
             q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
             k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
+        kv_positions_BS, kv_segment_ids_BS = positions_BT, segment_ids_BT
+        if cache is not None:
+            start = (0, cache.index, 0, 0)
+            k_BTKH = jax.lax.dynamic_update_slice(cache.k, k_BTKH.astype(cache.k.dtype), start)
+            v_BTKH = jax.lax.dynamic_update_slice(cache.v, v_BTKH.astype(cache.v.dtype), start)
+            kv_positions_BS, kv_segment_ids_BS = cache.positions, cache.segment_ids
         out_BTNH = attend(
             q_BTNH, k_BTKH, v_BTKH,
-            q_positions_BT=positions_BT, kv_positions_BS=positions_BT,
-            q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=segment_ids_BT,
+            q_positions_BT=positions_BT, kv_positions_BS=kv_positions_BS,
+            q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=kv_segment_ids_BS,
             sliding_window=cfg.attention.sliding_window, logit_softcap=cfg.attention.logit_softcap,
             impl=cfg.attention.impl,
         )
         out_BTNH = constrain(out_BTNH, ("batch", "length", "act_heads", "head_dim"), rules)
-        return self.o(out_BTNH)
+        out_BTD = self.o(out_BTNH)
+        return out_BTD if cache is None else (out_BTD, (k_BTKH, v_BTKH))

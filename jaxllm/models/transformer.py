@@ -12,6 +12,7 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.attention import Attention
+from jaxllm.models.kv_cache import KVCache, LayerCache
 from jaxllm.models.layers import Dense, Embed, make_norm
 from jaxllm.models.mlp import Mlp
 from jaxllm.sharding import Rules, constrain
@@ -33,10 +34,14 @@ class Block(nnx.Module):
         self.mlp_norm = make_norm(cfg, cfg.d_model, rngs)
         self.mlp = Mlp(cfg, rules, rngs=rngs)
 
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache: LayerCache | None = None):
+        """[B, T, D] -> [B, T, D]; with a cache, (out, (k_cache, v_cache)) as in Attention."""
+        attn = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, cache)
+        attn_BTD, kv = attn if cache is not None else (attn, None)
+        x_BTD = x_BTD + attn_BTD
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
-        return constrain(x_BTD, ("batch", "length", "act_embed"), self.rules)
+        x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"), self.rules)
+        return x_BTD if cache is None else (x_BTD, kv)
 
 
 class Transformer(nnx.Module):
@@ -60,9 +65,16 @@ class Transformer(nnx.Module):
             self.lm_head = Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), use_bias=False, **kw)
 
     def hidden(
-        self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None
-    ) -> jax.Array:
-        """Final-norm hidden states [B, T, D]. Default positions 0..T-1, one segment per row."""
+        self,
+        tokens_BT: jax.Array,
+        positions_BT: jax.Array | None = None,
+        segment_ids_BT: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Final-norm hidden states [B, T, D]. Default positions 0..T-1, one segment per row.
+
+        With a `cache` the tokens continue what it holds: returns (hidden, updated cache).
+        """
         cfg, rules = self.cfg, self.rules
         B, T = tokens_BT.shape
         if positions_BT is None:
@@ -75,15 +87,25 @@ class Transformer(nnx.Module):
         x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"), rules)
 
         block_def, stacked_state = nnx.split(self.blocks)
+        if cache is not None:
+            cache = cache.record(positions_BT, segment_ids_BT)
 
-        def layer(x_BTD: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, None]:
-            return nnx.merge(block_def, layer_state)(x_BTD, positions_BT, segment_ids_BT), None
+        def layer(x_BTD: jax.Array, xs):
+            block = nnx.merge(block_def, xs[0])
+            if cache is None:
+                return block(x_BTD, positions_BT, segment_ids_BT), None
+            layer_cache = LayerCache(xs[1], xs[2], cache.positions, cache.segment_ids, cache.index)
+            return block(x_BTD, positions_BT, segment_ids_BT, layer_cache)
 
-        if cfg.remat != "none":
+        if cfg.remat != "none" and cache is None:
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         unroll = 1 if cfg.scan_layers else cfg.num_layers
-        x_BTD, _ = jax.lax.scan(layer, x_BTD, stacked_state, unroll=unroll)
-        return self.final_norm(x_BTD)
+        xs = (stacked_state,) if cache is None else (stacked_state, cache.k, cache.v)
+        x_BTD, kv = jax.lax.scan(layer, x_BTD, xs, unroll=unroll)
+        hidden_BTD = self.final_norm(x_BTD)
+        if cache is None:
+            return hidden_BTD
+        return hidden_BTD, cache._replace(k=kv[0], v=kv[1], index=cache.index + T)
 
     def logits(self, x_BTD: jax.Array) -> jax.Array:
         """Output head (tied or untied) with optional soft-cap: [B, T, D] -> [B, T, V]."""

@@ -1,0 +1,178 @@
+"""Generation as pure jitted functions over an explicit KV cache.
+
+    out = generate(lm, params, [[1, 5, 9], [1, 7]], max_new_tokens=20)           # greedy
+    out = generate(lm, params, prompts, 50, Sampling(temperature=0.8, top_p=0.9), stop_ids=(2,))
+    for token_ids in stream(lm, params, prompts, 50): ...                        # one step at a time
+
+Prompts of different lengths are left-padded (segment 0) so every row's last prompt token sits at
+the same cache slot; positions count real tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.config import ConfigError
+from jaxllm.language_model import LanguageModel, Params
+from jaxllm.models.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+def sample_token(logits_BV: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
+    """Next token ids [B] from logits [B, V] under `s` (filters applied to the tempered distribution)."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    if s.temperature == 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV / s.temperature
+    if s.top_k:
+        kth = jax.lax.top_k(logits_BV, s.top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth, -jnp.inf, logits_BV)
+    if s.top_p < 1.0:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        cutoff_B1 = jnp.take_along_axis(sorted_BV, jnp.sum(cum_BV < s.top_p, axis=-1, keepdims=True), axis=-1)
+        logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+    return jax.random.categorical(key, logits_BV).astype(jnp.int32)
+
+
+@dataclass
+class _Prompts:
+    tokens: np.ndarray  # [B, P] left-padded
+    positions: np.ndarray
+    segment_ids: np.ndarray
+
+
+def _pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> _Prompts:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (e.g. BOS)")
+    P = max(len(p) for p in prompts)
+    tokens = np.full((len(prompts), P), pad_id, np.int32)
+    seg = np.zeros((len(prompts), P), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p) :] = p
+        seg[i, P - len(p) :] = 1
+    positions = np.clip(np.cumsum(seg, axis=1) - 1, 0, None).astype(np.int32)
+    return _Prompts(tokens, positions, seg)
+
+
+@partial(jax.jit, static_argnames=("lm", "cache_len", "sampling"))
+def prefill(lm: LanguageModel, params: Params, tokens, positions, segment_ids, key, *, cache_len: int, sampling: Sampling):
+    """Run the prompts [B, P] into a fresh cache; returns (cache, first new token [B], last positions [B])."""
+    cache = lm.init_cache(tokens.shape[0], cache_len)
+    logits, cache = lm.apply_cached(params, tokens, positions, segment_ids, cache)
+    return cache, sample_token(logits[:, -1], key, sampling), positions[:, -1]
+
+
+@partial(jax.jit, static_argnames=("lm", "sampling"), donate_argnames=("cache",))
+def decode_step(lm: LanguageModel, params: Params, cache: KVCache, token_B, position_B, key, *, sampling: Sampling):
+    """Feed one token per row at `position_B`; returns (cache, next token [B])."""
+    ones = jnp.ones_like(token_B)[:, None]
+    logits, cache = lm.apply_cached(params, token_B[:, None], position_B[:, None], ones, cache)
+    return cache, sample_token(logits[:, 0], key, sampling)
+
+
+def _check_length(lm: LanguageModel, prompt_len: int, max_new_tokens: int) -> int:
+    cache_len = prompt_len + max_new_tokens
+    if cache_len > lm.cfg.max_seq_len:
+        raise ConfigError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"model.max_seq_len={lm.cfg.max_seq_len}"
+        )
+    return cache_len
+
+
+@partial(jax.jit, static_argnames=("lm", "max_new_tokens", "sampling", "stop_ids", "pad_id"))
+def _generate(lm, params, tokens, positions, segment_ids, key, *, max_new_tokens, sampling, stop_ids, pad_id):
+    key, sub = jax.random.split(key)
+    cache, first, last_pos = prefill(lm, params, tokens, positions, segment_ids, sub,
+                                     cache_len=tokens.shape[1] + max_new_tokens, sampling=sampling)
+    stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
+    out = jnp.full((tokens.shape[0], max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, stops)
+
+    def cond(carry):
+        i, _, _, _, done, _, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, token, pos, done, out, key = carry
+        key, sub = jax.random.split(key)
+        cache, nxt = decode_step(lm, params, cache, token, pos + 1, sub, sampling=sampling)
+        nxt = jnp.where(done, pad_id, nxt)
+        return i + 1, cache, nxt, pos + 1, done | jnp.isin(nxt, stops), out.at[:, i].set(nxt), key
+
+    carry = (jnp.int32(1), cache, first, last_pos, done, out, key)
+    return jax.lax.while_loop(cond, body, carry)[5]
+
+
+def _trim(row: Sequence[int], stop_ids: tuple[int, ...], length: int) -> list[int]:
+    row = [int(t) for t in row[:length]]
+    for i, t in enumerate(row):
+        if t in stop_ids:
+            return row[:i]
+    return row
+
+
+def generate(
+    lm: LanguageModel,
+    params: Params,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    *,
+    stop_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    seed: int = 0,
+) -> list[list[int]]:
+    """New token ids per prompt (stop token excluded), prefill + `lax.while_loop` decode, one jit."""
+    p = _pad_prompts(prompts, pad_id)
+    _check_length(lm, p.tokens.shape[1], max_new_tokens)
+    out = _generate(lm, params, p.tokens, p.positions, p.segment_ids, jax.random.key(seed),
+                    max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=tuple(stop_ids), pad_id=pad_id)
+    return [_trim(row, tuple(stop_ids), max_new_tokens) for row in np.asarray(out)]
+
+
+def stream(
+    lm: LanguageModel,
+    params: Params,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    *,
+    stop_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    seed: int = 0,
+) -> Iterator[np.ndarray]:
+    """Yield the next token of every row [B] as it is decoded (same jitted steps as `generate`);
+    stops when every row has produced a stop token or after max_new_tokens."""
+    p = _pad_prompts(prompts, pad_id)
+    cache_len = _check_length(lm, p.tokens.shape[1], max_new_tokens)
+    key = jax.random.key(seed)
+    key, sub = jax.random.split(key)
+    cache, token, pos = prefill(lm, params, p.tokens, p.positions, p.segment_ids, sub,
+                                cache_len=cache_len, sampling=sampling)
+    done = np.zeros(len(prompts), bool)
+    for i in range(max_new_tokens):
+        tok = np.where(done, pad_id, np.asarray(token))
+        yield tok
+        done |= np.isin(tok, list(stop_ids))
+        if done.all() or i + 1 == max_new_tokens:
+            return
+        key, sub = jax.random.split(key)
+        pos = pos + 1
+        cache, token = decode_step(lm, params, cache, jnp.asarray(tok), pos, sub, sampling=sampling)
