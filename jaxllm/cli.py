@@ -12,7 +12,7 @@ from rich.table import Table
 
 from jaxllm.config import Config, ConfigError, load_config
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # logs: no truncated names
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -85,6 +85,59 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(json.dumps(bench(_load(args), steps=args.steps, warmup=args.warmup)))
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Stream a continuation of --prompt from a Hugging Face or jaxllm run directory."""
+    from jaxllm.generate import Sampling, stream
+    from jaxllm.interop.models import load_model
+
+    m = load_model(args.model)
+    if m.tokenizer is None:
+        raise ConfigError(f"{args.model} has no tokenizer.json: cannot turn the prompt into tokens")
+    tok = m.tokenizer
+    ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(args.prompt)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    stops = (tok.eos_id,) if tok.eos_id is not None else ()
+    console.print(args.prompt, end="", style="bold", highlight=False)
+    for token in stream(m.lm, m.params, [ids], args.max_new_tokens, sampling, stop_ids=stops, seed=args.seed):
+        if int(token[0]) in stops:
+            break
+        console.print(tok.decode([int(token[0])]), end="", highlight=False, markup=False)
+    console.print()
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    """Hugging Face directory <-> jaxllm run directory."""
+    from jaxllm.interop.models import convert
+
+    console.print(convert(args.src, args.dst))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Loss and perplexity of a model on a local text/jsonl/parquet file (every document)."""
+    import json
+    import math
+
+    import jax
+
+    from jaxllm.data.pipeline import make_batches
+    from jaxllm.data.sources import read_documents
+    from jaxllm.interop.models import load_model
+
+    m = load_model(args.model)
+    if m.tokenizer is None:
+        raise ConfigError(f"{args.model} has no tokenizer.json")
+    docs, report = read_documents(args.data, args.text_field)
+    seq = min(args.seq_len, m.lm.cfg.max_seq_len)
+    loss_sums = jax.jit(m.lm.loss_sums)
+    total = count = 0.0
+    for batch in make_batches(docs, m.tokenizer, seq_len=seq, batch_size=args.batch_size, seed=0, repeat=False):
+        s, _, n = loss_sums(m.params, batch)
+        total, count = total + float(s), count + float(n)
+    loss = total / max(count, 1.0)
+    print(json.dumps({"loss": loss, "perplexity": math.exp(loss), "tokens": int(count), "documents": len(docs),
+                      "skipped": report.skipped}))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +153,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
     p.set_defaults(fn=cmd_bench)
+    p = sub.add_parser("generate", help="stream a continuation from a HF or jaxllm run directory")
+    p.add_argument("--model", required=True, help="Hugging Face directory or jaxllm run directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser("convert", help="Hugging Face directory <-> jaxllm run directory")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.set_defaults(fn=cmd_convert)
+    p = sub.add_parser("eval", help="loss/perplexity of a model on a local data file")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help=".txt/.jsonl/.parquet file or directory")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(fn=cmd_eval)
     args = parser.parse_args(argv)
     try:
         args.fn(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -45,6 +46,10 @@ class HFTokenizer:
         self.eos_id = find(["</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>", "<|im_end|>"])
         pad = find(["<pad>", "<|pad|>", "[PAD]"])
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+        config = Path(path).parent / "tokenizer_config.json"
+        self.chat_template: str | None = None
+        if config.exists():
+            self.chat_template = json.loads(config.read_text()).get("chat_template")
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

@@ -108,7 +108,7 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
     local_batch = t.batch_size // procs
     train_it = iter(make_batches(corpus.train_docs, corpus.tokenizer, seq_len=d.seq_len, batch_size=local_batch,
                                  seed=d.seed, repeat=True, process_index=jax.process_index(), process_count=procs))
-    if data_state is not None:
+    if data_state:  # a converted checkpoint (step 0) carries no iterator state
         train_it.set_state(data_state)
 
     def evaluate(params) -> float | None:

@@ -1,0 +1,79 @@
+"""Load a model from either kind of directory, and convert between them.
+
+A *Hugging Face directory* holds config.json + safetensors (+ tokenizer.json); a *jaxllm run
+directory* holds config.yaml + checkpoints/ written by `jaxllm train`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+
+from jaxllm.config import Config, ConfigError, load_config, to_yaml
+from jaxllm.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
+from jaxllm.interop.hf_checkpoint import load_hf_checkpoint, save_hf_checkpoint
+from jaxllm.language_model import LanguageModel, Params
+
+
+@dataclass
+class LoadedModel:
+    lm: LanguageModel
+    params: Params
+    tokenizer: Tokenizer | None
+    config: Config  # for HF directories: defaults with this model config
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "config.yaml").exists() and (path / "checkpoints").is_dir()
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    path = Path(path)
+    if (path / "config.json").exists():
+        lm, params, _ = load_hf_checkpoint(path)
+        tok = HFTokenizer(path / "tokenizer.json") if (path / "tokenizer.json").exists() else None
+        return LoadedModel(lm, params, tok, Config(model=lm.cfg))
+    if is_run_dir(path):
+        from jaxllm.train.checkpoint import Checkpointer
+        from jaxllm.train.setup import setup_step
+
+        cfg = load_config([path / "config.yaml"], ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.expert=1",
+                                                   f"train.batch_size={jax.device_count()}", "train.microbatches=1"])
+        setup = setup_step(cfg)
+        restored = Checkpointer(path / "checkpoints", cfg.checkpoint).restore_latest(setup.abstract_state)
+        if restored is None:
+            raise ConfigError(f"{path}: the run directory holds no complete checkpoint")
+        return LoadedModel(setup.lm, restored[1].params, load_tokenizer(cfg.data.tokenizer), cfg)
+    raise ConfigError(f"{path}: neither a Hugging Face directory (config.json) nor a jaxllm run directory "
+                      "(config.yaml + checkpoints/)")
+
+
+def convert(src: str | Path, dst: str | Path) -> str:
+    """HF directory -> jaxllm run directory (step 0, fresh optimizer: `jaxllm train` continues from it),
+    or jaxllm run directory -> HF directory. Returns a one-line description."""
+    src, dst = Path(src), Path(dst)
+    if (src / "config.json").exists():
+        from jaxllm.train.checkpoint import Checkpointer
+        from jaxllm.train.setup import setup_step
+
+        lm, params, family = load_hf_checkpoint(src)
+        tok = str(src / "tokenizer.json") if (src / "tokenizer.json").exists() else "byte"
+        cfg = Config(model=lm.cfg)
+        cfg.data.tokenizer, cfg.data.seq_len = tok, min(cfg.data.seq_len, lm.cfg.max_seq_len)
+        cfg.checkpoint.run_dir = str(dst)
+        setup = setup_step(cfg)
+        state = setup.init()._replace(params=jax.device_put(params, setup.state_sharding.params))
+        state = state._replace(opt_state=jax.jit(setup.tx.init)(state.params))
+        dst.mkdir(parents=True, exist_ok=True)
+        (dst / "config.yaml").write_text(to_yaml(cfg))
+        ckpt = Checkpointer(dst / "checkpoints", cfg.checkpoint)
+        ckpt.save(0, state, {}, force=True)
+        ckpt.wait()
+        ckpt.close()
+        return f"{family} checkpoint {src} -> jaxllm run directory {dst} (step 0)"
+    loaded = load_model(src)
+    tok_dir = Path(loaded.config.data.tokenizer).parent if loaded.config.data.tokenizer != "byte" else None
+    family = save_hf_checkpoint(dst, loaded.lm.cfg, loaded.params, tokenizer_dir=tok_dir)
+    return f"jaxllm run {src} -> {family} checkpoint {dst}"

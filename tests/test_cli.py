@@ -1,0 +1,56 @@
+"""The `jaxllm` command line end to end, in-process: info, train (the default preset), generate,
+convert both ways, eval, and config errors as exit code 2 with the message."""
+
+import json
+
+import pytest
+
+from jaxllm.cli import main
+
+
+def test_info_and_config_errors(capsys):
+    assert main(["info", "--config", "tiny", "--config", "mesh/fsdp_tp"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.attn.q.kernel" in out and "'fsdp', 'tensor'" in out
+    assert main(["info", "--config", "tiny", "model.num_kv_heads=3"]) == 2
+    assert "model.num_heads=4 is not divisible by model.num_kv_heads=3" in capsys.readouterr().out
+
+
+def test_default_train_lowers_the_loss_then_generate_convert_eval(tmp_path, capsys):
+    run = tmp_path / "run"
+    # the default preset (small), shortened
+    assert main(["train", f"checkpoint.run_dir={run}", "train.steps=30", "train.warmup_steps=5", "train.log_every=1",
+                 "data.synthetic_docs=2000", "checkpoint.async_save=false"]) == 0
+    out = capsys.readouterr().out
+    assert "done: step 30" in out and "floor" in out
+    losses = [json.loads(line)["train/loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in line]
+    assert losses[-1] < 0.6 * losses[0]
+
+    assert main(["generate", "--model", str(run), "--prompt", "|abc", "--max-new-tokens", "24"]) == 0
+    text = capsys.readouterr().out.strip()
+    assert text.startswith("|abc") and len(text) > 10
+
+    assert main(["convert", str(run), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "run2")]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "run2"), "--prompt", "|abc", "--max-new-tokens", "24"]) == 0
+    assert capsys.readouterr().out.strip() == text  # same weights, same greedy continuation
+
+    data = tmp_path / "eval.txt"
+    data.write_text("|abcdefghijklmnop#abcdefghijklmnop\n\n|ponmlkjihgfedcba")
+    assert main(["eval", "--model", str(run), "--data", str(data), "--seq-len", "64"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["documents"] == 2 and result["tokens"] == 34 + 1 + 17 + 1
+    assert 0 < result["loss"] < 10 and result["perplexity"] == pytest.approx(2.718281828 ** result["loss"])
+
+    # resuming a converted checkpoint continues training from its weights (step 0, no iterator state)
+    assert main(["train", f"checkpoint.run_dir={tmp_path / 'run2'}", "train.steps=2", "train.warmup_steps=1",
+                 "checkpoint.async_save=false"]) == 0
+    assert "resuming from step 0" in capsys.readouterr().out
+
+
+def test_generate_needs_a_model_directory(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
+    assert "neither a Hugging Face directory" in capsys.readouterr().out

@@ -1,0 +1,82 @@
+"""KV-cache decoding == recomputing the full forward; sampling options; length errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_model
+
+from jaxllm.config import AttentionConfig, ConfigError
+from jaxllm.generate import Sampling, _pad_prompts, generate, sample_token, stream
+from jaxllm.language_model import LanguageModel
+
+TOL = dict(atol=1e-4, rtol=1e-4)  # f32: cached and full attention sum in different orders
+
+
+def test_kv_cache_decoding_equals_full_recompute(variant):
+    """Prefill two left-padded prompts, feed 8 tokens one by one through the cache; every step's
+    logits equal a full forward over the whole (padded) sequence so far."""
+    lm = LanguageModel(variant)
+    params = lm.init(jax.random.key(0))
+    p = _pad_prompts([[1, 5, 9, 4, 7], [1, 8, 3]], pad_id=0)
+    new = np.random.default_rng(0).integers(0, variant.vocab_size, (2, 8)).astype(np.int32)
+    cache = lm.init_cache(2, p.tokens.shape[1] + new.shape[1])
+    apply_cached = jax.jit(lm.apply_cached)
+    logits, cache = apply_cached(params, p.tokens, p.positions, p.segment_ids, cache)
+    tokens, positions, segs = p.tokens, p.positions, p.segment_ids
+    full = jax.jit(lm.apply)
+    real = segs.astype(bool)
+    np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(full(params, tokens, positions, segs))[real], **TOL)
+    for i in range(new.shape[1]):
+        pos = positions[:, -1:] + 1
+        tokens = np.concatenate([tokens, new[:, i : i + 1]], 1)
+        positions = np.concatenate([positions, pos], 1)
+        segs = np.concatenate([segs, np.ones((2, 1), np.int32)], 1)
+        step_logits, cache = apply_cached(params, new[:, i : i + 1], pos, np.ones((2, 1), np.int32), cache)
+        np.testing.assert_allclose(step_logits[:, 0], full(params, tokens, positions, segs)[:, -1], **TOL)
+    assert int(cache.index) == tokens.shape[1]
+
+
+def test_generate_and_stream_agree_and_stop_tokens_trim():
+    lm = LanguageModel(tiny_model(attention=AttentionConfig(sliding_window=6)))
+    params = lm.init(jax.random.key(1))
+    prompts = [[1, 5, 9], [1, 7]]
+    greedy = generate(lm, params, prompts, 12)
+    assert [len(g) for g in greedy] == [12, 12]
+    streamed = np.stack(list(stream(lm, params, prompts, 12))).T.tolist()
+    assert streamed == greedy
+    stop = greedy[0][4]
+    trimmed = generate(lm, params, prompts, 12, stop_ids=(stop,))
+    assert trimmed[0] == greedy[0][: greedy[0].index(stop)]
+    assert len(list(stream(lm, params, [prompts[0]], 12, stop_ids=(stop,)))) == greedy[0].index(stop) + 1
+
+
+def test_sampling_filters():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.key(0), 200)
+    draw = lambda s: np.array([int(sample_token(logits, k, s)[0]) for k in keys])
+    assert set(draw(Sampling())) == {0}
+    assert set(draw(Sampling(temperature=1.0, top_k=1))) == {0}
+    assert set(draw(Sampling(temperature=1.0, top_k=2))) == {0, 1}
+    assert set(draw(Sampling(temperature=1.0, top_p=0.7))) == {0, 1}  # 0.5 < 0.7 <= 0.8
+    assert set(draw(Sampling(temperature=1.0, top_p=0.4))) == {0}
+    free = draw(Sampling(temperature=1.0))
+    assert set(free) == {0, 1, 2, 3} and abs(np.mean(free == 0) - 0.5) < 0.12
+
+
+def test_sampled_generation_is_reproducible_by_seed():
+    lm = LanguageModel(tiny_model())
+    params = lm.init(jax.random.key(2))
+    s = Sampling(temperature=1.0, top_k=20)
+    a = generate(lm, params, [[1, 2, 3]], 16, s, seed=3)
+    assert a == generate(lm, params, [[1, 2, 3]], 16, s, seed=3)
+    assert a != generate(lm, params, [[1, 2, 3]], 16, s, seed=4)
+
+
+def test_too_long_generation_is_a_clear_error():
+    lm = LanguageModel(tiny_model())  # max_seq_len 64
+    params = lm.init(jax.random.key(0))
+    with pytest.raises(ConfigError, match=r"prompt \(3 tokens\) \+ max_new_tokens \(62\) exceeds model.max_seq_len=64"):
+        generate(lm, params, [[1, 2, 3]], 62)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(lm, params, [[]], 4)
