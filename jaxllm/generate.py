@@ -5,7 +5,8 @@
     for token_ids in stream(lm, params, prompts, 50): ...                        # one step at a time
 
 Prompts of different lengths are left-padded (segment 0) so every row's last prompt token sits at
-the same cache slot; positions count real tokens only.
+the same cache slot; positions count real tokens only. Sliding-window models keep a bounded cache of
+max(prompt, window) slots, reused as a ring.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from jaxllm.config import ConfigError
 from jaxllm.language_model import LanguageModel, Params
-from jaxllm.models.kv_cache import KVCache
+from jaxllm.models.kv_cache import KVCache, cache_length
 
 
 @dataclass(frozen=True)
@@ -86,21 +87,22 @@ def decode_step(lm: LanguageModel, params: Params, cache: KVCache, token_B, posi
     return cache, sample_token(logits[:, 0], key, sampling)
 
 
-def _check_length(lm: LanguageModel, prompt_len: int, max_new_tokens: int) -> int:
-    cache_len = prompt_len + max_new_tokens
-    if cache_len > lm.cfg.max_seq_len:
+def _cache_length(lm: LanguageModel, prompt_len: int, max_new_tokens: int) -> int:
+    """Cache slots for a request; a ConfigError if it would run past the model's positions."""
+    if prompt_len + max_new_tokens > lm.cfg.max_seq_len:
         raise ConfigError(
             f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
             f"model.max_seq_len={lm.cfg.max_seq_len}"
         )
-    return cache_len
+    return cache_length(prompt_len, max_new_tokens, lm.cfg.attention.sliding_window)
 
 
-@partial(jax.jit, static_argnames=("lm", "max_new_tokens", "sampling", "stop_ids", "pad_id"))
-def _generate(lm, params, tokens, positions, segment_ids, key, *, max_new_tokens, sampling, stop_ids, pad_id):
+@partial(jax.jit, static_argnames=("lm", "max_new_tokens", "cache_len", "sampling", "stop_ids", "pad_id"))
+def _generate(lm, params, tokens, positions, segment_ids, key, *, max_new_tokens, cache_len, sampling, stop_ids,
+              pad_id):
     key, sub = jax.random.split(key)
     cache, first, last_pos = prefill(lm, params, tokens, positions, segment_ids, sub,
-                                     cache_len=tokens.shape[1] + max_new_tokens, sampling=sampling)
+                                     cache_len=cache_len, sampling=sampling)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
     out = jnp.full((tokens.shape[0], max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, stops)
@@ -141,9 +143,10 @@ def generate(
 ) -> list[list[int]]:
     """New token ids per prompt (stop token excluded), prefill + `lax.while_loop` decode, one jit."""
     p = _pad_prompts(prompts, pad_id)
-    _check_length(lm, p.tokens.shape[1], max_new_tokens)
+    cache_len = _cache_length(lm, p.tokens.shape[1], max_new_tokens)
     out = _generate(lm, params, p.tokens, p.positions, p.segment_ids, jax.random.key(seed),
-                    max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=tuple(stop_ids), pad_id=pad_id)
+                    max_new_tokens=max_new_tokens, cache_len=cache_len, sampling=sampling,
+                    stop_ids=tuple(stop_ids), pad_id=pad_id)
     return [_trim(row, tuple(stop_ids), max_new_tokens) for row in np.asarray(out)]
 
 
@@ -161,7 +164,7 @@ def stream(
     """Yield the next token of every row [B] as it is decoded (same jitted steps as `generate`);
     stops when every row has produced a stop token or after max_new_tokens."""
     p = _pad_prompts(prompts, pad_id)
-    cache_len = _check_length(lm, p.tokens.shape[1], max_new_tokens)
+    cache_len = _cache_length(lm, p.tokens.shape[1], max_new_tokens)
     key = jax.random.key(seed)
     key, sub = jax.random.split(key)
     cache, token, pos = prefill(lm, params, p.tokens, p.positions, p.segment_ids, sub,

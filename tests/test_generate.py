@@ -20,7 +20,12 @@ def test_kv_cache_decoding_equals_full_recompute(variant):
     params = lm.init(jax.random.key(0))
     p = _pad_prompts([[1, 5, 9, 4, 7], [1, 8, 3]], pad_id=0)
     new = np.random.default_rng(0).integers(0, variant.vocab_size, (2, 8)).astype(np.int32)
-    cache = lm.init_cache(2, p.tokens.shape[1] + new.shape[1])
+    from jaxllm.models.kv_cache import cache_length
+
+    # sliding window 4: a 5-slot ring, so decoding overwrites the oldest slots
+    slots = cache_length(p.tokens.shape[1], new.shape[1], variant.attention.sliding_window)
+    assert slots == (5 if variant.attention.sliding_window else 13)
+    cache = lm.init_cache(2, slots)
     apply_cached = jax.jit(lm.apply_cached)
     logits, cache = apply_cached(params, p.tokens, p.positions, p.segment_ids, cache)
     tokens, positions, segs = p.tokens, p.positions, p.segment_ids

@@ -137,8 +137,8 @@ class Attention(nnx.Module):
         segment_ids_BT: jax.Array,
         cache: LayerCache | None = None,
     ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """[B, T, D] -> [B, T, D]. With a `cache`, this call's keys/values are written at
-        cache.index and the queries attend over the whole cache; returns (out, (k_cache, v_cache))."""
+        """[B, T, D] -> [B, T, D]. With a `cache`, this call's keys/values are written into
+        cache.slots and the queries attend over the whole cache; returns (out, (k_cache, v_cache))."""
         cfg, rules = self.cfg, self.rules
         q_BTNH = constrain(self.q(x_BTD), ("batch", "length", "act_heads", "head_dim"), rules)
         k_BTKH = constrain(self.k(x_BTD), ("batch", "length", "act_kv_heads", "head_dim"), rules)
@@ -151,9 +151,8 @@ class Attention(nnx.Module):
             k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
         kv_positions_BS, kv_segment_ids_BS = positions_BT, segment_ids_BT
         if cache is not None:
-            start = (0, cache.index, 0, 0)
-            k_BTKH = jax.lax.dynamic_update_slice(cache.k, k_BTKH.astype(cache.k.dtype), start)
-            v_BTKH = jax.lax.dynamic_update_slice(cache.v, v_BTKH.astype(cache.v.dtype), start)
+            k_BTKH = cache.k.at[:, cache.slots].set(k_BTKH.astype(cache.k.dtype))
+            v_BTKH = cache.v.at[:, cache.slots].set(v_BTKH.astype(cache.v.dtype))
             kv_positions_BS, kv_segment_ids_BS = cache.positions, cache.segment_ids
         out_BTNH = attend(
             q_BTNH, k_BTKH, v_BTKH,

@@ -14,7 +14,8 @@ class KVCache(NamedTuple):
     """Keys/values of every layer for S slots, and what each slot holds.
 
     k, v: [L, B, S, K, H]; positions, segment_ids: [B, S] (segment 0 = empty or padding, never
-    attended by real tokens); index: int32 scalar, the next slot to write.
+    attended by real tokens); index: int32 scalar, tokens written so far. Token number i lives in
+    slot i % S: a sliding-window model keeps only S >= window slots, overwriting the oldest.
     """
 
     k: jax.Array
@@ -30,20 +31,31 @@ class KVCache(NamedTuple):
         zeros_BS = jnp.zeros((batch, length), jnp.int32)
         return cls(jnp.zeros(shape, dt), jnp.zeros(shape, dt), zeros_BS, zeros_BS, jnp.zeros((), jnp.int32))
 
+    def slots(self, T: int) -> jax.Array:
+        """Slots [T] of the next T tokens (T <= S)."""
+        return (self.index + jnp.arange(T, dtype=jnp.int32)) % self.positions.shape[1]
+
     def record(self, positions_BT: jax.Array, segment_ids_BT: jax.Array) -> KVCache:
-        """Write the positions/segments of the next T tokens at `index` (layers write k/v)."""
-        at = (0, self.index)
+        """Write the positions/segments of the next T tokens (the layers write their k/v)."""
+        slots = self.slots(positions_BT.shape[1])
         return self._replace(
-            positions=jax.lax.dynamic_update_slice(self.positions, positions_BT.astype(jnp.int32), at),
-            segment_ids=jax.lax.dynamic_update_slice(self.segment_ids, segment_ids_BT.astype(jnp.int32), at),
+            positions=self.positions.at[:, slots].set(positions_BT.astype(jnp.int32)),
+            segment_ids=self.segment_ids.at[:, slots].set(segment_ids_BT.astype(jnp.int32)),
         )
 
 
 class LayerCache(NamedTuple):
-    """One layer's view: its k/v [B, S, K, H] plus the shared slot metadata (already recorded)."""
+    """One layer's view: its k/v [B, S, K, H], the shared slot metadata (already recorded) and the
+    slots [T] this call writes."""
 
     k: jax.Array
     v: jax.Array
     positions: jax.Array
     segment_ids: jax.Array
-    index: jax.Array
+    slots: jax.Array
+
+
+def cache_length(prompt_len: int, max_new_tokens: int, sliding_window: int | None) -> int:
+    """Slots needed: everything, or with a window only max(prompt, window) (the prompt is written at once)."""
+    total = prompt_len + max_new_tokens
+    return total if sliding_window is None else min(total, max(prompt_len, sliding_window))

@@ -94,7 +94,7 @@ class Transformer(nnx.Module):
             block = nnx.merge(block_def, xs[0])
             if cache is None:
                 return block(x_BTD, positions_BT, segment_ids_BT), None
-            layer_cache = LayerCache(xs[1], xs[2], cache.positions, cache.segment_ids, cache.index)
+            layer_cache = LayerCache(xs[1], xs[2], cache.positions, cache.segment_ids, cache.slots(T))
             return block(x_BTD, positions_BT, segment_ids_BT, layer_cache)
 
         if cfg.remat != "none" and cache is None:
