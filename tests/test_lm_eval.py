@@ -1,0 +1,76 @@
+"""The lm-eval adapter on a tiny jaxllm model and a tiny local task (copying on the synthetic language)."""
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval adapter needs `lm-eval` ([dev] installs it)")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from jaxllm.config import load_config  # noqa: E402
+from jaxllm.train.trainer import train  # noqa: E402
+
+TASK_DATA = Path(__file__).parent / "data" / "lm_eval_task" / "copy.jsonl"
+TASK_YAML = """
+task: jaxllm_copy
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    from jaxllm.interop.lm_eval_adapter import JaxLLMEvalModel
+
+    run = tmp_path_factory.mktemp("run")
+    train(load_config(["tiny"], [f"checkpoint.run_dir={run}", "train.steps=5", "data.synthetic_docs=300",
+                                 "checkpoint.async_save=false"]))
+    return JaxLLMEvalModel(pretrained=str(run), bucket=16)
+
+
+def _req(kind, *args):
+    return Instance(request_type=kind, doc={}, arguments=args, idx=0)
+
+
+def test_loglikelihood_equals_a_direct_computation(adapter):
+    tok = adapter.tok
+    ctx, cont = "|abcdef", "gh"
+    ids = [tok.bos_id] + tok.encode(ctx + cont)
+    logp = jax.nn.log_softmax(adapter.lm.apply(adapter.params, np.asarray([ids[:-1]])), axis=-1)[0]
+    expected = sum(float(logp[i, ids[i + 1]]) for i in range(len(ids) - 3, len(ids) - 1))
+    (score, _), = adapter.loglikelihood([_req("loglikelihood", ctx, cont)])
+    assert score == pytest.approx(expected, abs=1e-4)
+    greedy = tok.decode([int(np.argmax(logp[len(ids) - 3]))])  # the argmax right after ctx
+    assert adapter.loglikelihood([_req("loglikelihood", ctx, greedy)])[0][1] is True
+    (rolling,) = adapter.loglikelihood_rolling([_req("loglikelihood_rolling", ctx + cont)])
+    full = sum(float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1))
+    assert rolling == pytest.approx(full, abs=1e-4)
+
+
+def test_generate_until_stops_at_the_until_string(adapter):
+    (free,) = adapter.generate_until([_req("generate_until", "|abc", {"max_gen_toks": 12})])
+    assert len(free) == 12
+    stop = free[5]
+    (cut,) = adapter.generate_until([_req("generate_until", "|abc", {"max_gen_toks": 12, "until": [stop]})])
+    assert cut == free[: free.index(stop)]
+
+
+def test_simple_evaluate_on_a_tiny_local_task(adapter, tmp_path):
+    (tmp_path / "copy.yaml").write_text(TASK_YAML.format(path=TASK_DATA))
+    manager = TaskManager(include_path=str(tmp_path))
+    out = lm_eval.simple_evaluate(model=adapter, tasks=["jaxllm_copy"], task_manager=manager, bootstrap_iters=0)
+    acc = out["results"]["jaxllm_copy"]["acc,none"]
+    assert 0.0 <= acc <= 1.0 and out["n-samples"]["jaxllm_copy"]["effective"] == 6
