@@ -85,3 +85,13 @@ def test_too_long_generation_is_a_clear_error():
         generate(lm, params, [[1, 2, 3]], 62)
     with pytest.raises(ValueError, match="at least one token"):
         generate(lm, params, [[]], 4)
+
+
+def test_ring_writes_wrap_around_the_end():
+    from jaxllm.models.kv_cache import write_slots
+
+    buf = jnp.zeros((1, 5), jnp.int32)
+    for index, expected in ((0, [1, 2, 3, 0, 0]), (3, [3, 0, 0, 1, 2]), (4, [2, 3, 0, 0, 1])):
+        slots = (index + jnp.arange(3)) % 5
+        np.testing.assert_array_equal(jax.jit(write_slots)(buf, slots, jnp.array([[1, 2, 3]]))[0], expected)
+    np.testing.assert_array_equal(write_slots(buf, jnp.array([4]), jnp.array([[9]]))[0], [0, 0, 0, 0, 9])

@@ -138,3 +138,23 @@ def test_missing_and_unexpected_tensors_are_listed():
     state["model.extra.weight"] = np.zeros(3)
     with pytest.raises(ConfigError, match=r"missing \['model.layers.1.mlp.up_proj.weight'\], unexpected \['model.extra.weight'\]"):
         params_from_hf(cfg, "llama", state, LanguageModel(cfg).param_shapes)
+
+
+def test_tokenizer_and_chat_template_come_from_the_directory_and_are_exported(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from jaxllm.interop.models import convert, load_model
+
+    _hf_model("llama").save_pretrained(tmp_path / "hf", safe_serialization=True)
+    vocab = {"<s>": 1, "</s>": 2, "<unk>": 0} | {c: i + 3 for i, c in enumerate("abcdefghij")}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    loaded = load_model(tmp_path / "hf")
+    assert loaded.tokenizer.encode("abc") == [3, 4, 5] and loaded.tokenizer.bos_id == 1
+    assert loaded.tokenizer.chat_template == template
+    convert(tmp_path / "hf", tmp_path / "run")  # HF -> jaxllm run -> HF keeps the tokenizer files
+    convert(tmp_path / "run", tmp_path / "back")
+    assert load_model(tmp_path / "back").tokenizer.chat_template == template

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ModelConfig
-from jaxllm.models.kv_cache import LayerCache
+from jaxllm.models.kv_cache import LayerCache, write_slots
 from jaxllm.models.layers import Dense, RMSNorm
 from jaxllm.models.rope import apply_rope, rope_inv_freq
 from jaxllm.sharding import Rules, constrain
@@ -151,8 +151,8 @@ class Attention(nnx.Module):
             k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
         kv_positions_BS, kv_segment_ids_BS = positions_BT, segment_ids_BT
         if cache is not None:
-            k_BTKH = cache.k.at[:, cache.slots].set(k_BTKH.astype(cache.k.dtype))
-            v_BTKH = cache.v.at[:, cache.slots].set(v_BTKH.astype(cache.v.dtype))
+            k_BTKH = write_slots(cache.k, cache.slots, k_BTKH)
+            v_BTKH = write_slots(cache.v, cache.slots, v_BTKH)
             kv_positions_BS, kv_segment_ids_BS = cache.positions, cache.segment_ids
         out_BTNH = attend(
             q_BTNH, k_BTKH, v_BTKH,
