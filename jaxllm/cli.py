@@ -68,8 +68,10 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a model (default: the small preset on the built-in synthetic corpus)."""
+    from jaxllm.distributed import initialize
     from jaxllm.train.trainer import resolve_run_config, train
 
+    initialize(args.coordinator, args.num_processes, args.process_id)
     files = args.config or ["small"]
     result = train(resolve_run_config(files, args.overrides), console=console)
     if result.interrupted:
@@ -147,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(fn=cmd_info)
     p = sub.add_parser("train", help="train a model; resumes when checkpoint.run_dir holds a checkpoint")
     _add_config_args(p)
+    p.add_argument("--coordinator", help="host:port of process 0, for a multi-process run (or JAXLLM_COORDINATOR)")
+    p.add_argument("--num-processes", type=int, help="processes in the run (or JAXLLM_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, help="this process's index (or JAXLLM_PROCESS_ID)")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("bench", help="time the train step of a config (one JSON line)")
     _add_config_args(p)

@@ -138,3 +138,27 @@ def test_eval_split_is_disjoint():
     nats, n = map(sum, zip(*(synthetic.document_entropy(d) for d in c.eval_docs)))
     assert c.floor == pytest.approx(nats / n)  # exact entropy of the held-out documents
     assert c.floor == pytest.approx(synthetic.entropy_floor(), rel=0.05)
+
+
+def test_row_streams_give_the_same_global_batch_for_any_process_count():
+    from jaxllm.data.pipeline import RowStreams, local_rows
+
+    docs = synthetic.generate_documents(200, seed=2)
+    tok = ByteTokenizer()
+    make = lambda rows: RowStreams(docs, tok, seq_len=64, global_batch=4, seed=5, rows=rows, repeat=True)
+    one = make(local_rows(4, 0, 1))
+    two = [make(local_rows(4, p, 2)) for p in range(2)]
+    assert [list(local_rows(4, p, 2)) for p in range(2)] == [[0, 1], [2, 3]]
+    for _ in range(3):
+        a = next(one)
+        b = [next(it) for it in two]
+        for k in a:
+            np.testing.assert_array_equal(a[k], np.concatenate([b[0][k], b[1][k]]))
+    # state saved by two processes (merged) restores in one, and continues identically
+    merged = {**two[0].get_state(), **two[1].get_state()}
+    expected = next(one)
+    fresh = make(local_rows(4, 0, 1))
+    fresh.set_state(merged)
+    np.testing.assert_array_equal(next(fresh)["inputs"], expected["inputs"])
+    with pytest.raises(ValueError, match=r"no entry for rows \[4, 5, 6, 7\]"):
+        RowStreams(docs, tok, seq_len=64, global_batch=8, seed=5, rows=range(8), repeat=True).set_state(merged)

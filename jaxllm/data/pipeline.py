@@ -8,7 +8,7 @@ is checkpointed with the model and a resumed run continues with the exact next b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import grain
 import numpy as np
@@ -101,7 +101,7 @@ def make_batches(
     ds = grain.experimental.FlatMapIterDataset(ds, _Windows(seq_len))
     ds = ds.map(lambda w: {"inputs": w[:-1], "targets": w[1:]})
     ds = grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=batch_size,
+        ds, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=max(4, batch_size),
         seed=seed, shuffle_bins=repeat,
     )
     ds = ds.batch(batch_size, drop_remainder=repeat).map(_finish)
@@ -114,3 +114,62 @@ def _pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
     return {k: np.pad(v, ((0, missing), (0, 0))) for k, v in batch.items()} if missing else batch
 
 
+
+
+def local_rows(global_batch: int, process_index: int, process_count: int) -> range:
+    """The contiguous block of global batch rows a process holds (jax's layout for a batch-sharded
+    global array built by `make_array_from_process_local_data`)."""
+    per = global_batch // process_count
+    return range(process_index * per, (process_index + 1) * per)
+
+
+class RowStreams:
+    """Global batches whose row r always comes from its own packed stream over documents r::B.
+
+    A process iterates only the rows it holds, so the global batch (and the loss) is the same for
+    any number of processes, and the state, one entry per row, restores onto another topology.
+    """
+
+    def __init__(
+        self, docs: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, global_batch: int, seed: int,
+        rows: Sequence[int], repeat: bool,
+    ):
+        self.seq_len = seq_len
+        self._its = {
+            r: iter(make_batches(docs[r::global_batch], tokenizer, seq_len=seq_len, batch_size=1, seed=seed + r,
+                                 repeat=repeat))
+            for r in rows
+        }
+
+    def __iter__(self) -> RowStreams:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch, any_left = self.next_or_empty()
+        if not any_left:
+            raise StopIteration
+        return batch
+
+    def next_or_empty(self) -> tuple[dict[str, np.ndarray], bool]:
+        """The next rows, an exhausted row (only without repeat) given as an empty one; and whether
+        any row still had data."""
+        rows, any_left = [], False
+        for it in self._its.values():
+            row = next(it, None)
+            any_left |= row is not None
+            rows.append(row if row is not None else _pad_rows({k: np.zeros((0, self.seq_len), v) for k, v in _DTYPES.items()}, 1))
+        return {k: np.concatenate([r[k] for r in rows]) for k in _DTYPES}, any_left
+
+    def get_state(self) -> dict[str, Any]:
+        return {str(r): it.get_state() for r, it in self._its.items()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        missing = [r for r in self._its if str(r) not in state]
+        if missing:
+            raise ValueError(f"data iterator state has no entry for rows {missing} (saved with another batch size?)")
+        for r, it in self._its.items():
+            it.set_state(state[str(r)])
+
+
+_DTYPES = {"inputs": np.int32, "targets": np.int32, "positions": np.int32, "segment_ids": np.int32,
+           "loss_mask": np.float32}

@@ -18,7 +18,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from jaxllm.config import Config, ConfigError, load_config, to_yaml, validate
-from jaxllm.data.pipeline import Corpus, load_corpus, make_batches
+from jaxllm.data.pipeline import Corpus, RowStreams, load_corpus, local_rows
+from jaxllm.distributed import all_processes_agree, check_same_config, merged_state
 from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.metrics import MetricsWriter, measured_peak_flops
 from jaxllm.train.setup import setup_step
@@ -79,7 +80,8 @@ def _check_vocab(cfg: Config, corpus: Corpus) -> None:
 def train(cfg: Config, console: Console | None = None) -> TrainResult:
     """Train (or resume) the run in cfg.checkpoint.run_dir; returns what was measured."""
     main = jax.process_index() == 0
-    console = console or Console(quiet=not main)
+    console = console or Console()
+    console.quiet = console.quiet or not main  # logs and progress from process 0 only
     validate(cfg, jax.device_count())
     if not cfg.checkpoint.run_dir:
         raise ConfigError("checkpoint.run_dir is empty; give a directory (resolve_run_config picks runs/<date-time>)")
@@ -89,6 +91,7 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
         console.print(f"[yellow]data:[/] skipped {corpus.report.skipped} bad documents, e.g. {corpus.report.examples[:3]}")
     run_dir = Path(cfg.checkpoint.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_same_config(to_yaml(cfg))
     if main:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
@@ -104,20 +107,22 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
         start, data_state = 0, None
         state = setup.init()
 
-    procs = jax.process_count()
-    local_batch = t.batch_size // procs
-    train_it = iter(make_batches(corpus.train_docs, corpus.tokenizer, seq_len=d.seq_len, batch_size=local_batch,
-                                 seed=d.seed, repeat=True, process_index=jax.process_index(), process_count=procs))
+    rows = local_rows(t.batch_size, jax.process_index(), jax.process_count())
+    train_it = RowStreams(corpus.train_docs, corpus.tokenizer, seq_len=d.seq_len, global_batch=t.batch_size,
+                          seed=d.seed, rows=rows, repeat=True)
     if data_state:  # a converted checkpoint (step 0) carries no iterator state
         train_it.set_state(data_state)
 
     def evaluate(params) -> float | None:
         if not corpus.eval_docs:
             return None
-        it = make_batches(corpus.eval_docs, corpus.tokenizer, seq_len=d.seq_len, batch_size=local_batch, seed=d.seed,
-                          repeat=False, process_index=jax.process_index(), process_count=procs)
+        it = RowStreams(corpus.eval_docs, corpus.tokenizer, seq_len=d.seq_len, global_batch=t.batch_size,
+                        seed=d.seed, rows=rows, repeat=False)
         total, count = 0.0, 0.0
-        for _, batch in zip(range(t.eval_batches) if t.eval_batches else itertools.count(), it):
+        for _ in range(t.eval_batches) if t.eval_batches else itertools.count():
+            batch, any_left = it.next_or_empty()
+            if not all_processes_agree(any_left):  # every process runs the same number of steps
+                break
             s, n = setup.eval_step(params, setup.global_batch(batch))
             total, count = total + float(s), count + float(n)
         return total / count if count else None
@@ -165,7 +170,7 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
                                    prefix="eval/")
             progress.update(task, completed=step)
             if step % cfg.checkpoint.save_every == 0 or step == t.steps or stop.signal:
-                ckpt.save(step, state, train_it.get_state(), force=True)
+                ckpt.save(step, state, merged_state(train_it.get_state()), force=True)
                 last_saved = step
             if stop.signal:
                 console.print(f"[yellow]received signal {stop.signal}: saved step {step}, exiting[/]")
