@@ -71,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from jaxllm.distributed import initialize
     from jaxllm.train.trainer import resolve_run_config, train
 
-    initialize(args.coordinator, args.num_processes, args.process_id)
+    initialize(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
     files = args.config or ["small"]
     result = train(resolve_run_config(files, args.overrides), console=console)
     if result.interrupted:
@@ -152,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--coordinator", help="host:port of process 0, for a multi-process run (or JAXLLM_COORDINATOR)")
     p.add_argument("--num-processes", type=int, help="processes in the run (or JAXLLM_NUM_PROCESSES)")
     p.add_argument("--process-id", type=int, help="this process's index (or JAXLLM_PROCESS_ID)")
+    p.add_argument("--heartbeat-timeout", type=int, default=100,
+                   help="seconds without a peer's heartbeat before the others stop (a peer died)")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("bench", help="time the train step of a config (one JSON line)")
     _add_config_args(p)

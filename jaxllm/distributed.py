@@ -16,9 +16,19 @@ import jax
 import numpy as np
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> None:
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    heartbeat_timeout_s: int = 100,
+) -> None:
     """Join the run's processes. Arguments fall back to JAXLLM_COORDINATOR / JAXLLM_NUM_PROCESSES /
-    JAXLLM_PROCESS_ID; with none at all, JAX auto-detects (TPU pods, SLURM) or this stays one process."""
+    JAXLLM_PROCESS_ID; with none at all, JAX auto-detects (TPU pods, SLURM) or this stays one process.
+
+    When a process dies, JAX's coordination service stops the others once `heartbeat_timeout_s`
+    passes without its heartbeat (they abort with a message naming the missing task), so no
+    survivor hangs in a collective; restart every process to resume from the last checkpoint.
+    """
     coordinator = coordinator or os.environ.get("JAXLLM_COORDINATOR")
     if num_processes is None and "JAXLLM_NUM_PROCESSES" in os.environ:
         num_processes = int(os.environ["JAXLLM_NUM_PROCESSES"])
@@ -31,7 +41,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if explicit and None in (coordinator, num_processes, process_id):
         raise ValueError("multi-process runs need all of --coordinator, --num-processes and --process-id")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only; harmless elsewhere
-    jax.distributed.initialize(coordinator, num_processes, process_id)
+    jax.distributed.initialize(coordinator, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout_s)
 
 
 def all_processes_agree(flag: bool) -> bool:

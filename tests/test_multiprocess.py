@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -84,3 +86,28 @@ def test_checkpoint_of_two_processes_restores_in_one_process_on_another_mesh(run
     with jax.set_mesh(setup.mesh):
         out = jax.jit(setup.lm.apply)(state.params, tokens)
     np.testing.assert_allclose(out, jax.jit(ref_setup.lm.apply)(ref.params, tokens), atol=1e-4)
+
+
+def test_killed_process_stops_the_survivor_and_the_pair_resumes(runs, tmp_path):
+    run, steps, timeout = tmp_path / "killed", "train.steps=60", "--heartbeat-timeout=10"
+    procs = _train(run, steps, timeout, processes=2, devices=4, wait=False)
+    deadline = time.time() + 240
+    while len(_losses(run)) < 10 if (run / "metrics.jsonl").exists() else True:
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, "run ended before the kill"
+        time.sleep(0.01)
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    out, _ = procs[0].communicate(timeout=120)
+    waited = time.time() - killed_at
+    assert len(_losses(run)) < 60, "the kill came after the run finished"
+    # the survivor stops (JAX's coordination service aborts it) within the heartbeat timeout + slack
+    assert procs[0].returncode != 0 and waited < 10 + 30, (procs[0].returncode, waited, out[-3000:])
+    assert "Task 1 heartbeat timeout" in out and "remote task has failed" in out
+
+    _train(run, steps, timeout, processes=2, devices=4)  # restart the pair: resumes from the last checkpoint
+    _train(tmp_path / "straight", steps, processes=2, devices=4)
+    straight, resumed = _losses(tmp_path / "straight"), _losses(run)
+    assert sorted(resumed) == list(range(1, 61))
+    for step, values in resumed.items():  # before the kill, and after the resume
+        for v in values:
+            assert v == pytest.approx(straight[step][0], abs=1e-5), step
