@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -102,7 +103,9 @@ def test_killed_process_stops_the_survivor_and_the_pair_resumes(runs, tmp_path):
     assert len(_losses(run)) < 60, "the kill came after the run finished"
     # the survivor stops (JAX's coordination service aborts it) within the heartbeat timeout + slack
     assert procs[0].returncode != 0 and waited < 10 + 30, (procs[0].returncode, waited, out[-3000:])
-    assert "Task 1 heartbeat timeout" in out and "remote task has failed" in out
+    # JAX's coordination service reports the missing heartbeat, or gloo the broken connection first
+    tail = out[-4000:]
+    assert re.search(r"Task 1 heartbeat timeout|[Cc]onnection (closed|reset)|Connection refused|peer", tail), tail
 
     _train(run, steps, timeout, processes=2, devices=4)  # restart the pair: resumes from the last checkpoint
     _train(tmp_path / "straight", steps, processes=2, devices=4)
