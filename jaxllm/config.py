@@ -125,10 +125,17 @@ class MeshConfig:
     fsdp: int = 1
     expert: int = 1
     tensor: int = 1
+    # Multi-host (hybrid) meshes: how many granules (processes, or TPU slices) the data / fsdp axes
+    # span over the slower network (DCN); the sizes above are then per granule (ICI).
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
     rules: dict[str, list[str]] = field(default_factory=_default_rules)
 
     def axis_sizes(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in MESH_AXES}
+
+    def dcn_sizes(self) -> dict[str, int]:
+        return {name: getattr(self, f"dcn_{name}", 1) for name in MESH_AXES}
 
 
 @dataclass
@@ -344,24 +351,36 @@ def _check_tensor_axis(m: ModelConfig, tensor: int) -> None:
             )
 
 
-def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
-    """Axis sizes with the -1 axis filled; ConfigError if they do not multiply to `num_devices`."""
+def mesh_shape(cfg: MeshConfig, num_devices: int, *, per_granule: bool = False) -> dict[str, int]:
+    """Axis sizes with the -1 axis filled; ConfigError if they do not multiply to `num_devices`.
+
+    With DCN factors (mesh.dcn_*), the per-granule sizes fill num_devices / prod(dcn) devices and the
+    result is their product with the DCN factors (or the per-granule sizes, with `per_granule`).
+    """
+    dcn = cfg.dcn_sizes()
+    granules = math.prod(dcn.values())
+    if granules < 1 or min(dcn.values()) < 1:
+        raise ConfigError(f"mesh.dcn_* must be >= 1; got {dcn}")
+    if num_devices % granules:
+        raise ConfigError(f"mesh.dcn_* multiply to {granules} granules, which does not divide {num_devices} devices")
+    per = num_devices // granules
     sizes = cfg.axis_sizes()
     fixed = math.prod(s for s in sizes.values() if s != -1)
     fill = [a for a, s in sizes.items() if s == -1]
+    where = f"the {per} devices of each of {granules} granules" if granules > 1 else f"the {per} devices"
     if fill:
-        if num_devices % fixed:
+        if per % fixed:
             raise ConfigError(
                 f"mesh axes {({a: s for a, s in sizes.items() if s != -1})} multiply to {fixed}, "
-                f"which does not divide the {num_devices} devices for mesh.{fill[0]}=-1"
+                f"which does not divide {where} for mesh.{fill[0]}=-1"
             )
-        sizes[fill[0]] = num_devices // fixed
-    elif fixed != num_devices:
+        sizes[fill[0]] = per // fixed
+    elif fixed != per:
         raise ConfigError(
-            f"mesh axes {sizes} multiply to {fixed} but there are {num_devices} devices; "
-            "make the product equal the device count or set one axis to -1"
+            f"mesh axes {sizes} multiply to {fixed} but there are {per} devices"
+            f"{' per granule' if granules > 1 else ''}; make the product equal the device count or set one axis to -1"
         )
-    return sizes
+    return sizes if per_granule else {a: sizes[a] * dcn[a] for a in sizes}
 
 
 def validate(cfg: Config, num_devices: int) -> dict[str, int]:

@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxllm.config import ConfigError
+
 
 def initialize(
     coordinator: str | None = None,
@@ -76,5 +78,5 @@ def check_same_config(config_yaml: str) -> None:
     digest = hashlib.sha256(config_yaml.encode()).hexdigest()[:16]
     digests = allgather_json(digest)
     if len(set(digests)) > 1:
-        raise ValueError(f"processes disagree on the config (digests by process: {digests}); start every "
+        raise ConfigError(f"processes disagree on the config (digests by process: {digests}); start every "
                          "process with the same --config files and overrides")

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxllm.config import MESH_AXES, ConfigError, MeshConfig, mesh_shape
@@ -30,9 +31,17 @@ def make_rules(mapping: Mapping[str, Sequence[str]]) -> Rules:
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh over `devices` (default: all) with axes (data, fsdp, expert, tensor), Auto-typed."""
     devices = list(devices if devices is not None else jax.devices())
-    sizes = mesh_shape(cfg, len(devices))
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape), devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    dcn = cfg.dcn_sizes()
+    if max(dcn.values()) == 1:
+        sizes = mesh_shape(cfg, len(devices))
+        return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=axis_types, devices=devices)
+    # hybrid: each axis = (granules over DCN) x (devices within a granule over ICI); a process is a granule
+    ici = mesh_shape(cfg, len(devices), per_granule=True)
+    grid = mesh_utils.create_hybrid_device_mesh(
+        [ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES], devices, process_is_granule=True
+    )
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_to_spec(

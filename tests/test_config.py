@@ -139,3 +139,15 @@ def test_param_dim_not_divisible_by_mesh_axes_names_the_param():
     mesh = make_mesh(cfg.mesh, jax.devices())
     with pytest.raises(ConfigError, match=r"param blocks.mlp.down.kernel dim 1 \(mlp=129\) is not divisible by mesh axes \('tensor',\)"):
         lm.param_shardings(mesh)
+
+
+def test_hybrid_dcn_mesh_sizes():
+    from jaxllm.config import MeshConfig, mesh_shape
+
+    cfg = MeshConfig(data=-1, fsdp=2, dcn_data=2)  # 2 granules (processes) x 4 devices: data 1x2, fsdp 2
+    assert mesh_shape(cfg, 8) == {"data": 4, "fsdp": 2, "expert": 1, "tensor": 1}
+    assert mesh_shape(cfg, 8, per_granule=True) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 1}
+    with pytest.raises(ConfigError, match=r"mesh.dcn_\* multiply to 3 granules, which does not divide 8 devices"):
+        mesh_shape(MeshConfig(dcn_data=3), 8)
+    with pytest.raises(ConfigError, match=r"multiply to 3, which does not divide the 4 devices of each of 2 granules"):
+        mesh_shape(MeshConfig(data=-1, fsdp=3, dcn_data=2), 8)

@@ -69,6 +69,16 @@ def test_two_processes_give_the_loss_sequence_of_one(runs):
         assert two[step][0] == pytest.approx(one[step][0], abs=1e-5), step
 
 
+def test_hybrid_mesh_with_data_over_dcn_gives_the_same_losses(runs, tmp_path):
+    """2 processes as 2 DCN granules: data = 2 (DCN) x 2 (ICI), fsdp = 2 within each process."""
+    _train(tmp_path / "hybrid", "train.steps=12", "mesh.dcn_data=2", "mesh.data=-1", "mesh.fsdp=2",
+           processes=2, devices=4)
+    one, hybrid = _losses(runs / "one"), _losses(tmp_path / "hybrid")
+    assert sorted(hybrid) == list(range(1, 13))
+    for step in one:
+        assert hybrid[step][0] == pytest.approx(one[step][0], abs=1e-5), step
+
+
 def _restore(run_dir, *mesh_overrides):
     cfg = load_config([Path(run_dir) / "config.yaml"], list(mesh_overrides))
     setup = setup_step(cfg)
@@ -114,3 +124,17 @@ def test_killed_process_stops_the_survivor_and_the_pair_resumes(runs, tmp_path):
     for step, values in resumed.items():  # before the kill, and after the resume
         for v in values:
             assert v == pytest.approx(straight[step][0], abs=1e-5), step
+
+
+def test_processes_with_different_configs_stop_with_a_clear_error(tmp_path):
+    port = _port()
+    procs = []
+    for i, lr in enumerate(("1e-3", "2e-3")):
+        cmd = [sys.executable, "-m", "jaxllm.cli", "train", *COMMON, f"checkpoint.run_dir={tmp_path}", "train.steps=3",
+               f"train.learning_rate={lr}", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+               "--process-id", str(i)]
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2]  # the CLI's config-error exit code, no traceback
+    assert all("config error: processes disagree on the config" in out for out in outs), outs[0][-2000:]

@@ -40,6 +40,7 @@ def load_model(path: str | Path) -> LoadedModel:
         from jaxllm.train.setup import setup_step
 
         cfg = load_config([path / "config.yaml"], ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.expert=1",
+                                                   "mesh.dcn_data=1", "mesh.dcn_fsdp=1",
                                                    f"train.batch_size={jax.device_count()}", "train.microbatches=1"])
         setup = setup_step(cfg)
         restored = Checkpointer(path / "checkpoints", cfg.checkpoint).restore_latest(setup.abstract_state)
