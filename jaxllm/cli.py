@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.fn(args)
     except ConfigError as err:
-        console.print(f"[red]config error:[/] {err}")
+        Console(stderr=True, width=console.width).print(f"[red]config error:[/] {err}")  # every process, even quiet ones
         return 2
     return 0
 

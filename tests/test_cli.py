@@ -13,7 +13,7 @@ def test_info_and_config_errors(capsys):
     out = capsys.readouterr().out
     assert "blocks.attn.q.kernel" in out and "'fsdp', 'tensor'" in out
     assert main(["info", "--config", "tiny", "model.num_kv_heads=3"]) == 2
-    assert "model.num_heads=4 is not divisible by model.num_kv_heads=3" in capsys.readouterr().out
+    assert "model.num_heads=4 is not divisible by model.num_kv_heads=3" in capsys.readouterr().err
 
 
 def test_default_train_lowers_the_loss_then_generate_convert_eval(tmp_path, capsys):
@@ -53,4 +53,4 @@ def test_default_train_lowers_the_loss_then_generate_convert_eval(tmp_path, caps
 
 def test_generate_needs_a_model_directory(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
-    assert "neither a Hugging Face directory" in capsys.readouterr().out
+    assert "neither a Hugging Face directory" in capsys.readouterr().err
