@@ -115,7 +115,7 @@ def test_killed_process_stops_the_survivor_and_the_pair_resumes(runs, tmp_path):
     assert procs[0].returncode != 0 and waited < 10 + 30, (procs[0].returncode, waited, out[-3000:])
     # JAX's coordination service reports the missing heartbeat, or gloo the broken connection first
     tail = out[-4000:]
-    assert re.search(r"Task 1 heartbeat timeout|[Cc]onnection (closed|reset)|Connection refused|peer", tail), tail
+    assert re.search(r"heartbeat timeout|[Cc]onnection (closed|reset|refused)|peer|UNAVAILABLE|Barrier failed", tail), tail
 
     _train(run, steps, timeout, processes=2, devices=4)  # restart the pair: resumes from the last checkpoint
     _train(tmp_path / "straight", steps, processes=2, devices=4)
