@@ -122,6 +122,12 @@ def _generate(lm, params, tokens, positions, segment_ids, key, *, max_new_tokens
     return jax.lax.while_loop(cond, body, carry)[5]
 
 
+def _prepare(lm: LanguageModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int):
+    """Left-padded prompts and the cache length for a request (errors before anything compiles)."""
+    p = _pad_prompts(prompts, pad_id)
+    return p, _cache_length(lm, p.tokens.shape[1], max_new_tokens)
+
+
 def _trim(row: Sequence[int], stop_ids: tuple[int, ...], length: int) -> list[int]:
     row = [int(t) for t in row[:length]]
     for i, t in enumerate(row):
@@ -142,8 +148,7 @@ def generate(
     seed: int = 0,
 ) -> list[list[int]]:
     """New token ids per prompt (stop token excluded), prefill + `lax.while_loop` decode, one jit."""
-    p = _pad_prompts(prompts, pad_id)
-    cache_len = _cache_length(lm, p.tokens.shape[1], max_new_tokens)
+    p, cache_len = _prepare(lm, prompts, max_new_tokens, pad_id)
     out = _generate(lm, params, p.tokens, p.positions, p.segment_ids, jax.random.key(seed),
                     max_new_tokens=max_new_tokens, cache_len=cache_len, sampling=sampling,
                     stop_ids=tuple(stop_ids), pad_id=pad_id)
@@ -163,8 +168,7 @@ def stream(
 ) -> Iterator[np.ndarray]:
     """Yield the next token of every row [B] as it is decoded (same jitted steps as `generate`);
     stops when every row has produced a stop token or after max_new_tokens."""
-    p = _pad_prompts(prompts, pad_id)
-    cache_len = _cache_length(lm, p.tokens.shape[1], max_new_tokens)
+    p, cache_len = _prepare(lm, prompts, max_new_tokens, pad_id)
     key = jax.random.key(seed)
     key, sub = jax.random.split(key)
     cache, token, pos = prefill(lm, params, p.tokens, p.positions, p.segment_ids, sub,

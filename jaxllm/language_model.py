@@ -13,12 +13,11 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
 from jaxllm.config import Config, ModelConfig, _default_rules
-from jaxllm.losses import chunked_cross_entropy_sums
+from jaxllm.losses import chunked_cross_entropy_sums, loss_from_sums
 from jaxllm.models.kv_cache import KVCache
 from jaxllm.models.transformer import Transformer
 from jaxllm.sharding import Rules, make_rules, param_shardings
@@ -97,10 +96,7 @@ class LanguageModel:
     def loss(self, params: Params, batch: Batch, *, z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Mean next-token cross entropy of batch['targets'] given batch['inputs'] (both [B, T]),
         plus z_loss * mean logsumexp^2. Returns (loss, {cross_entropy, z_loss, tokens})."""
-        ce_sum, z_sum, tokens = self.loss_sums(params, batch)
-        denom = jnp.maximum(tokens, 1.0)
-        ce, zl = ce_sum / denom, z_sum / denom
-        return ce + z_loss * zl, {"cross_entropy": ce, "z_loss": zl, "tokens": tokens}
+        return loss_from_sums(*self.loss_sums(params, batch), z_loss)
 
     # -------------------------------------------------------------------------------- accounting
     @property

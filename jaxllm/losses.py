@@ -29,11 +29,16 @@ def cross_entropy(
 
     Returns (loss, metrics) with metrics {cross_entropy, z_loss, tokens}; `loss` includes the z-loss.
     """
-    ce_sum, z_sum, tokens = cross_entropy_sums(logits_BTV, targets_BT, loss_mask_BT)
+    return loss_from_sums(*cross_entropy_sums(logits_BTV, targets_BT, loss_mask_BT), z_loss)
+
+
+def loss_from_sums(
+    ce_sum: jax.Array, z_sum: jax.Array, tokens: jax.Array, z_loss: float = 0.0
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(mean cross entropy + z_loss * mean logsumexp^2, {cross_entropy, z_loss, tokens}) from token sums."""
     denom = jnp.maximum(tokens, 1.0)
     ce, zl = ce_sum / denom, z_sum / denom
-    loss = ce + z_loss * zl if z_loss else ce
-    return loss, {"cross_entropy": ce, "z_loss": zl, "tokens": tokens}
+    return ce + z_loss * zl, {"cross_entropy": ce, "z_loss": zl, "tokens": tokens}
 
 
 def chunked_cross_entropy_sums(

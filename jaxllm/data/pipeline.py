@@ -79,12 +79,10 @@ def make_batches(
     batch_size: int,
     seed: int,
     repeat: bool,
-    process_index: int = 0,
-    process_count: int = 1,
 ) -> grain.IterDataset:
     """Packed batches {inputs, targets, positions, segment_ids: int32 [B, T]; loss_mask: f32 [B, T]}.
 
-    Each process reads documents process_index::process_count and yields its batch_size rows.
+    (Multi-process runs use `RowStreams`, which gives each global batch row its own stream.)
     With `repeat` the documents are reshuffled every epoch and the stream never ends; without it
     the documents are read once in order and a final short batch is padded with empty rows.
     """
@@ -94,7 +92,7 @@ def make_batches(
         ids = ([bos] if bos is not None else []) + tokenizer.encode(text) + ([eos] if eos is not None else [])
         return np.asarray(ids, np.int32)
 
-    ds = grain.MapDataset.source(list(docs))[process_index::process_count]
+    ds = grain.MapDataset.source(list(docs))
     if repeat:
         ds = ds.shuffle(seed=seed).repeat()
     ds = ds.map(tokenize).to_iter_dataset()

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxllm.language_model import LanguageModel, Params
+from jaxllm.losses import loss_from_sums
 
 Batch = dict[str, jax.Array]
 
@@ -40,9 +41,6 @@ def make_train_step(
     grad_fn = jax.grad(sums, has_aux=True)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        split = lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:])
-        micro = jax.tree.map(split, batch)
-
         def accumulate(carry, mb):
             g_acc, s_acc = carry
             g, s = grad_fn(state.params, mb)
@@ -51,19 +49,20 @@ def make_train_step(
         if microbatches == 1:
             g_sum, (ce, zl, n) = grad_fn(state.params, batch)
         else:
+            split = lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:])
+            micro = jax.tree.map(split, batch)
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             (g_sum, (ce, zl, n)), _ = jax.lax.scan(accumulate, (zeros, (0.0, 0.0, 0.0)), micro)
-        denom = jnp.maximum(n, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, g_sum)
+        loss, parts = loss_from_sums(ce, zl, n, z_loss)
+        grads = jax.tree.map(lambda g: g / jnp.maximum(n, 1.0), g_sum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
-        loss = ce / denom
         metrics = {
-            "loss": loss + z_loss * zl / denom,
-            "cross_entropy": loss,
-            "perplexity": jnp.exp(loss),
-            "z_loss": zl / denom,
+            "loss": loss,
+            "cross_entropy": parts["cross_entropy"],
+            "perplexity": jnp.exp(parts["cross_entropy"]),
+            "z_loss": parts["z_loss"],
             "grad_norm": optax.tree.norm(grads),
             "update_norm": optax.tree.norm(updates),
             "tokens": n,
