@@ -32,6 +32,10 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 OPTIMIZERS = ("adamw", "lion", "adafactor")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
+DATA_FORMATS = ("text", "sft")
+FINETUNE_METHODS = ("lora", "full")
+LORA_INITS = ("lora", "gaussian", "pissa", "milora", "olora")
+QUANTIZATIONS = ("none", "int8", "nf4")
 
 
 class ConfigError(ValueError):
@@ -143,7 +147,9 @@ class DataConfig:
     source: str = "synthetic"  # "synthetic" (built-in corpus) or a path to local data
     synthetic_docs: int = 20000
     text_field: str = "text"
-    tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
+    tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json (or its directory)
+    format: str = "text"  # text: documents; sft: jsonl of prompt/response or chat `messages`
+    chat_template: str = ""  # sft: a Jinja chat template file; default: the tokenizer's, else a plain one
     seq_len: int = 256
     eval_fraction: float = 0.02
     seed: int = 0
@@ -181,12 +187,36 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters W + scale * A @ B on the linear maps named in `targets`."""
+
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])  # names or regexes
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapter's input
+    rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
+    init: str = "lora"  # lora (B = 0) | gaussian | pissa | milora (top / bottom singular triplets) | olora (QR)
+    dora: bool = False  # weight-decomposed: learned per-output magnitude over the normalised W + sAB
+    lr_ratio: float = 1.0  # LoRA+: B's learning rate / A's (16 in the paper)
+    quantize: str = "none"  # frozen base kernels stored as none | int8 | nf4, dequantised on the fly
+    quant_block: int = 64  # values per quantisation scale (along each kernel's last axis)
+
+
+@dataclass
+class FinetuneConfig:
+    base: str = ""  # the model to adapt: a Hugging Face checkpoint directory or a jaxllm run directory
+    method: str = "lora"  # lora: train adapters only; full: every parameter
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -287,6 +317,19 @@ def check_values(cfg: Config) -> None:
     _choice("model.remat", m.remat, REMAT_POLICIES)
     _choice("train.optimizer", cfg.train.optimizer, OPTIMIZERS)
     _choice("train.schedule", cfg.train.schedule, SCHEDULES)
+    _choice("data.format", cfg.data.format, DATA_FORMATS)
+    lora = cfg.finetune.lora
+    _choice("finetune.method", cfg.finetune.method, FINETUNE_METHODS)
+    _choice("finetune.lora.init", lora.init, LORA_INITS)
+    _choice("finetune.lora.quantize", lora.quantize, QUANTIZATIONS)
+    _positive("finetune.lora.rank", lora.rank)
+    _positive("finetune.lora.alpha", lora.alpha)
+    _positive("finetune.lora.lr_ratio", lora.lr_ratio)
+    _positive("finetune.lora.quant_block", lora.quant_block)
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"finetune.lora.dropout={lora.dropout} must be within [0, 1)")
+    if not lora.targets:
+        raise ConfigError("finetune.lora.targets is empty; name at least one linear map, e.g. [q, v]")
     _positive("train.steps", cfg.train.steps)
     _positive("train.learning_rate", cfg.train.learning_rate)
     if not 0 <= cfg.train.warmup_steps <= cfg.train.steps:

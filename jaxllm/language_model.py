@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 from jaxllm.config import Config, ModelConfig, _default_rules
 from jaxllm.losses import chunked_cross_entropy_sums, loss_from_sums
 from jaxllm.models.kv_cache import KVCache
+from jaxllm.models.layers import Dense
 from jaxllm.models.transformer import Transformer
 from jaxllm.sharding import Rules, make_rules, param_shardings
 
@@ -43,6 +44,10 @@ class LanguageModel:
         self.logical_axes: Params = jax.tree.map(
             tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
         )
+        # Module path of every linear map (its params hold a `kernel`) -> number of input dims.
+        self.linear_layers: dict[tuple[str, ...], int] = {
+            tuple(str(k) for k in path): node.n_in for path, node in nnx.iter_graph(abstract) if isinstance(node, Dense)
+        }
 
     # ------------------------------------------------------------------ pure functions of params
     def init(self, key: jax.Array) -> Params:

@@ -52,10 +52,16 @@ class Dense(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         # As one 2-D matmul [tokens, in] @ [in, out]: XLA:CPU runs the backward of a 3-D
         # dot_general ~1.5x slower than the same work flattened (measured, experiments/README.md).
-        kernel = self.kernel[...].astype(self.dtype)
-        in_shape, out_shape = kernel.shape[: self.n_in], kernel.shape[self.n_in :]
+        # The kernel is an array, or an object with `matmul(x [N, in], dtype) -> [N, out]`: a
+        # frozen kernel with an adapter or a quantised one (jaxllm.peft), in params trees built for it.
+        kernel = self.kernel.get_value()
+        out_shape = tuple(kernel.shape[self.n_in :])
         lead = x.shape[: x.ndim - self.n_in]
-        y = x.astype(self.dtype).reshape(-1, math.prod(in_shape)) @ kernel.reshape(math.prod(in_shape), -1)
+        x_NI = x.astype(self.dtype).reshape(-1, math.prod(x.shape[x.ndim - self.n_in :]))
+        if hasattr(kernel, "matmul"):
+            y = kernel.matmul(x_NI, self.dtype)
+        else:
+            y = x_NI @ kernel.astype(self.dtype).reshape(x_NI.shape[1], -1)
         y = y.reshape(*lead, *out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)

@@ -23,15 +23,15 @@ def bench(cfg: Config, steps: int = 5, warmup: int = 1) -> dict[str, Any]:
     with jax.set_mesh(s.mesh):
         state = s.init()
         t0 = time.perf_counter()
-        compiled = s.train_step.lower(state, batch).compile()
+        compiled = s.train_step.lower(state, batch, s.frozen).compile()
         compile_s = time.perf_counter() - t0
         for _ in range(warmup):
-            state, m = compiled(state, batch)
+            state, m = compiled(state, batch, s.frozen)
         jax.block_until_ready(m)
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()
-            state, m = compiled(state, batch)
+            state, m = compiled(state, batch, s.frozen)
             jax.block_until_ready(m)
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -31,17 +32,31 @@ def make_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def decay_mask(params: Any) -> Any:
-    """True for weights that get weight decay: matrices, not norm scales, biases or embeddings."""
+    """True for weights that get weight decay: matrices (kernels, LoRA factors a/b), not norm scales,
+    biases, DoRA magnitudes or embeddings."""
 
     def wants_decay(path: tuple[Any, ...], _: Any) -> bool:
         name = getattr(path[-1], "key", "")
         owner = getattr(path[-2], "key", "") if len(path) > 1 else ""
-        return name == "kernel" or (name == "embedding" and owner == "embed")
+        return name in ("kernel", "a", "b") or (name == "embedding" and owner == "embed")
 
     return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainConfig, b_lr_ratio: float = 1.0) -> optax.GradientTransformation:
+    """The configured optimizer with global-norm clipping. `b_lr_ratio` != 1 (LoRA+) gives params
+    named `b` (LoRA's B factors) that multiple of the learning rate."""
+    if b_lr_ratio != 1.0:
+        labels = lambda params: jax.tree_util.tree_map_with_path(
+            lambda path, _: "b" if getattr(path[-1], "key", "") == "b" else "rest", params)
+        scaled = dataclasses.replace(cfg, learning_rate=cfg.learning_rate * b_lr_ratio)
+        inner = optax.multi_transform({"rest": _base_optimizer(cfg), "b": _base_optimizer(scaled)}, labels)
+    else:
+        inner = _base_optimizer(cfg)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), inner) if cfg.grad_clip > 0 else inner
+
+
+def _base_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     schedule = make_schedule(cfg)
     if cfg.optimizer == "adamw":
         opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
@@ -49,4 +64,4 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
         opt = optax.lion(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
     else:
         opt = optax.adafactor(schedule, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=decay_mask)
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt) if cfg.grad_clip > 0 else opt
+    return opt

@@ -10,14 +10,16 @@ from functools import partial
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxllm.config import Config, validate
+from jaxllm.config import Config, ConfigError, validate
 from jaxllm.language_model import LanguageModel, build
+from jaxllm.peft.lora import LoraAdapter
 from jaxllm.sharding import logical_to_spec, make_mesh
 from jaxllm.train.optimizer import make_optimizer, make_schedule
-from jaxllm.train.step import TrainState, init_state, make_eval_step, make_train_step
+from jaxllm.train.step import TrainState, _identity, init_state, make_eval_step, make_train_step
 
 
 def state_shardings(abstract: TrainState, param_sh: Any, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
@@ -41,8 +43,10 @@ class StepSetup:
     abstract_state: TrainState  # ShapeDtypeStructs carrying their target shardings
     state_sharding: TrainState
     batch_sharding: NamedSharding
-    train_step: Callable  # jitted (state, batch) -> (state, metrics); donates state
-    eval_step: Callable  # jitted (params, batch) -> (loss sum, token count)
+    train_step: Callable  # jitted (state, batch, frozen) -> (state, metrics); donates state
+    eval_step: Callable  # jitted (params, batch, frozen) -> (loss sum, token count)
+    frozen: Any = None  # fine-tuning: the frozen params the trained ones adapt (else None)
+    adapter: LoraAdapter | None = None  # LoRA fine-tuning: what state.params are adapters of
 
     def global_batch(self, local: dict[str, Any]) -> dict[str, jax.Array]:
         """This process's rows -> global arrays sharded over the batch axes."""
@@ -50,23 +54,58 @@ class StepSetup:
 
 
 def setup_step(cfg: Config) -> StepSetup:
+    """Model, optimizer, mesh and jitted steps of a config. With `finetune.base` set, the params start
+    from that model: all of them train (`finetune.method: full`) or LoRA adapters on it (`lora`)."""
     validate(cfg, jax.device_count())
     t = cfg.train
     lm = build(cfg)
     mesh = make_mesh(cfg.mesh)
-    schedule, tx = make_schedule(t), make_optimizer(t)
-    make_state = partial(init_state, lm, tx, t.seed)
-    abstract = jax.eval_shape(make_state)
-    state_sh = state_shardings(abstract, lm.param_shardings(mesh), tx, mesh)
+    lora_spec = cfg.finetune.lora if cfg.finetune.base and cfg.finetune.method == "lora" else None
+    schedule, tx = make_schedule(t), make_optimizer(t, lora_spec.lr_ratio if lora_spec else 1.0)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    adapter, frozen, to_model = None, None, _identity
+    if not cfg.finetune.base:
+        make_state = partial(init_state, lm, tx, t.seed)
+        abstract = jax.eval_shape(make_state)
+        state_sh = state_shardings(abstract, lm.param_shardings(mesh), tx, mesh)
+        init = jax.jit(make_state, out_shardings=state_sh)
+    else:
+        base = _load_base(cfg, lm, mesh)
+        init_key, rng = jax.random.split(jax.random.key(t.seed))
+        rng = jax.device_put(jax.random.key_data(rng), replicated)
+        if lora_spec is None:
+            params, param_sh = base, lm.param_shardings(mesh)
+        else:
+            adapter = LoraAdapter(lm, lora_spec)
+            param_sh = adapter.shardings(mesh)
+            params, frozen = jax.jit(adapter.init, out_shardings=(param_sh, adapter.frozen_shardings(mesh)))(
+                init_key, base)
+            to_model = adapter.apply
+        abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), rng), params)
+        state_sh = state_shardings(abstract, param_sh, tx, mesh)
+        zero = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+        init = lambda: TrainState(zero, params, jax.jit(tx.init, out_shardings=state_sh.opt_state)(params), rng)
+    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     batch_sh = NamedSharding(mesh, logical_to_spec(("batch", "length"), lm.rules, dict(mesh.shape)))
-    train_step = jax.jit(
-        make_train_step(lm, tx, microbatches=t.microbatches, z_loss=t.z_loss, schedule=schedule),
-        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,),
-    )
+    step = make_train_step(lm, tx, microbatches=t.microbatches, z_loss=t.z_loss, schedule=schedule, to_model=to_model)
+    train_step = jax.jit(step, in_shardings=(state_sh, batch_sh, frozen_sh), out_shardings=(state_sh, None),
+                         donate_argnums=(0,))
     return StepSetup(
-        lm=lm, tx=tx, schedule=schedule, mesh=mesh,
-        init=jax.jit(make_state, out_shardings=state_sh),
+        lm=lm, tx=tx, schedule=schedule, mesh=mesh, init=init,
         abstract_state=jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh),
         state_sharding=state_sh, batch_sharding=batch_sh, train_step=train_step,
-        eval_step=jax.jit(make_eval_step(lm), in_shardings=(state_sh.params, batch_sh)),
+        eval_step=jax.jit(make_eval_step(lm, to_model), in_shardings=(state_sh.params, batch_sh, frozen_sh)),
+        frozen=frozen, adapter=adapter,
     )
+
+
+def _load_base(cfg: Config, lm: LanguageModel, mesh: Mesh) -> Any:
+    """The params of `finetune.base`, placed on the mesh; its architecture must be `cfg.model`'s."""
+    from jaxllm.interop.models import load_model
+
+    loaded = load_model(cfg.finetune.base)
+    if loaded.lm.cfg != cfg.model:
+        diff = {k: (getattr(cfg.model, k), getattr(loaded.lm.cfg, k)) for k in vars(cfg.model)
+                if getattr(cfg.model, k) != getattr(loaded.lm.cfg, k)}
+        raise ConfigError(f"model config differs from finetune.base={cfg.finetune.base!r} (config, base): {diff}")
+    return jax.device_put(loaded.params, lm.param_shardings(mesh))

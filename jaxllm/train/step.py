@@ -12,6 +12,13 @@ from jaxllm.language_model import LanguageModel, Params
 from jaxllm.losses import loss_from_sums
 
 Batch = dict[str, jax.Array]
+# What the model runs on, from the trained params, the frozen params (None when everything trains)
+# and a PRNG key for stochastic layers (None when evaluating). Pretraining: the params themselves.
+ToModel = Callable[[Params, Any, "jax.Array | None"], Params]
+
+
+def _identity(params: Params, frozen: Any, rng: jax.Array | None) -> Params:
+    return params
 
 
 class TrainState(NamedTuple):
@@ -29,35 +36,41 @@ def init_state(lm: LanguageModel, tx: optax.GradientTransformation, seed: int) -
 
 def make_train_step(
     lm: LanguageModel, tx: optax.GradientTransformation, *, microbatches: int = 1, z_loss: float = 0.0,
-    schedule: optax.Schedule | None = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """Build the pure step. The batch ([B, T] arrays) is split into `microbatches` run sequentially
-    with `lax.scan`; token-sum losses make the result equal to one step on the whole batch."""
+    schedule: optax.Schedule | None = None, to_model: ToModel = _identity,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """Build the pure step `(state, batch, frozen=None) -> (state, metrics)`. The batch ([B, T] arrays)
+    is split into `microbatches` run sequentially with `lax.scan`; token-sum losses make the result
+    equal to one step on the whole batch. Only `state.params` is trained; the model runs on
+    `to_model(params, frozen, rng)` (adapters on a frozen base, for fine-tuning)."""
 
-    def sums(params: Params, mb: Batch) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
-        ce, zl, n = lm.loss_sums(params, mb)
+    def sums(params: Params, frozen: Any, rng: jax.Array, mb: Batch):
+        ce, zl, n = lm.loss_sums(to_model(params, frozen, rng), mb)
         return ce + z_loss * zl, (ce, zl, n)
 
     grad_fn = jax.grad(sums, has_aux=True)
 
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        def accumulate(carry, mb):
+    def step(state: TrainState, batch: Batch, frozen: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
+        next_rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+
+        def accumulate(carry, mb_and_key):
             g_acc, s_acc = carry
-            g, s = grad_fn(state.params, mb)
+            mb, key = mb_and_key
+            g, s = grad_fn(state.params, frozen, key, mb)
             return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
 
         if microbatches == 1:
-            g_sum, (ce, zl, n) = grad_fn(state.params, batch)
+            g_sum, (ce, zl, n) = grad_fn(state.params, frozen, step_rng, batch)
         else:
             split = lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:])
             micro = jax.tree.map(split, batch)
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (g_sum, (ce, zl, n)), _ = jax.lax.scan(accumulate, (zeros, (0.0, 0.0, 0.0)), micro)
+            keys = jax.random.split(step_rng, microbatches)
+            (g_sum, (ce, zl, n)), _ = jax.lax.scan(accumulate, (zeros, (0.0, 0.0, 0.0)), (micro, keys))
         loss, parts = loss_from_sums(ce, zl, n, z_loss)
         grads = jax.tree.map(lambda g: g / jnp.maximum(n, 1.0), g_sum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+        rng = jax.random.key_data(next_rng)
         metrics = {
             "loss": loss,
             "cross_entropy": parts["cross_entropy"],
@@ -74,11 +87,11 @@ def make_train_step(
     return step
 
 
-def make_eval_step(lm: LanguageModel) -> Callable[[Params, Batch], tuple[jax.Array, jax.Array]]:
-    """(params, batch) -> (sum of token losses, token count)."""
+def make_eval_step(lm: LanguageModel, to_model: ToModel = _identity) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """(params, batch, frozen=None) -> (sum of token losses, token count)."""
 
-    def eval_step(params: Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        ce, _, n = lm.loss_sums(params, batch)
+    def eval_step(params: Params, batch: Batch, frozen: Any = None) -> tuple[jax.Array, jax.Array]:
+        ce, _, n = lm.loss_sums(to_model(params, frozen, None), batch)
         return ce, n
 
     return eval_step

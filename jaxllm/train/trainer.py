@@ -123,7 +123,7 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
             batch, any_left = it.next_or_empty()
             if not all_processes_agree(any_left):  # every process runs the same number of steps
                 break
-            s, n = setup.eval_step(params, setup.global_batch(batch))
+            s, n = setup.eval_step(params, setup.global_batch(batch), setup.frozen)
             total, count = total + float(s), count + float(n)
         return total / count if count else None
 
@@ -147,7 +147,7 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
     with _StopRequest() as stop, progress, jax.set_mesh(mesh):
         task = progress.add_task("train", total=t.steps, completed=start, info="compiling")
         while step < t.steps:
-            state, metrics = setup.train_step(state, setup.global_batch(next(train_it)))
+            state, metrics = setup.train_step(state, setup.global_batch(next(train_it)), setup.frozen)
             step += 1
             if step % t.log_every == 0 or step == t.steps or stop.signal:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -1,0 +1,155 @@
+"""Hugging Face `peft` LoRA adapters in and out: `adapter_config.json` + `adapter_model.safetensors`.
+
+peft stores, per adapted torch Linear `<module>`, `base_model.model.<module>.lora_A.weight` [r, in],
+`lora_B.weight` [out, r] and for DoRA `lora_magnitude_vector` [out]; ours are `a` [*in, r], `b`
+[r, *out] and `magnitude` [*out] stacked over layers. Module names come from the same table that maps
+the base checkpoint (`hf_mapping`), so every family whose targets map one-to-one is covered.
+
+Adapters initialised from W (PiSSA, MiLoRA, OLoRA) are trained against a residual base; exported,
+they become a plain LoRA of rank 2r on the original base, s (A B - A0 B0) = s' [A, A0] [B; -B0] with
+s' = s (alpha doubled, or times sqrt 2 for rsLoRA) -- what peft's own conversion does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxllm.config import ConfigError, LoraConfig
+from jaxllm.interop.hf_mapping import _entries
+from jaxllm.language_model import LanguageModel, Params
+from jaxllm.peft.lora import LoraAdapter, _get, _merge_into
+
+PREFIX = "base_model.model."
+_RESIDUAL_INITS = ("pissa", "milora", "olora")
+
+
+def module_names(lm: LanguageModel, model_type: str) -> dict[tuple[str, ...], str]:
+    """Our linear-layer path -> HF module name (`{i}` for the layer) for maps that are one HF Linear."""
+    top, layer = _entries(lm.cfg, model_type)
+    names: dict[tuple[str, ...], str] = {}
+    for prefix, entries in (((), top), (("blocks",), layer)):
+        for e in entries:
+            if len(e.paths) == 1 and e.paths[0][-1] == "kernel" and e.hf.endswith(".weight"):
+                names[prefix + e.paths[0][:-1]] = e.hf[: -len(".weight")]
+    return names
+
+
+def _as_plain_lora(adapter: LoraAdapter, lora: Params, initial: Params | None) -> tuple[LoraConfig, Params]:
+    spec = adapter.spec
+    if spec.init not in _RESIDUAL_INITS:
+        return spec, lora
+    if initial is None:
+        raise ValueError(f"a {spec.init} adapter is trained against a residual base; pass `initial` (the adapter "
+                         "as initialised) to export it as a LoRA for the original base")
+    out: Params = {}
+    for t in adapter.targets:
+        now, start = _get(lora, t.path), _get(initial, t.path)
+        leaves = {"a": np.concatenate([np.asarray(now["a"]), np.asarray(start["a"])], axis=t.n_lead + t.n_in),
+                  "b": np.concatenate([np.asarray(now["b"]), -np.asarray(start["b"])], axis=t.n_lead)}
+        if "magnitude" in now:
+            leaves["magnitude"] = np.asarray(now["magnitude"])
+        _merge_into(out, t.path, leaves)
+    factor = math.sqrt(2) if spec.rslora else 2.0
+    return replace(spec, rank=2 * spec.rank, alpha=spec.alpha * factor, init="lora"), out
+
+
+def save_peft_adapter(
+    directory: str | Path, adapter: LoraAdapter, lora: Params, model_type: str, *,
+    initial: Params | None = None, base_model: str | None = None,
+) -> Path:
+    """Write `lora` (an adapter tree of `adapter`) in peft's format; returns the directory."""
+    from safetensors.numpy import save_file
+
+    names = module_names(adapter.lm, model_type)
+    missing = [t.name for t in adapter.targets if t.path not in names]
+    if missing:
+        raise ConfigError(f"{missing} have no single Hugging Face {model_type} Linear to attach a peft adapter to")
+    spec, lora = _as_plain_lora(adapter, lora, initial)
+    tensors: dict[str, np.ndarray] = {}
+    for t in adapter.targets:
+        leaves = {k: np.asarray(v, np.float32) for k, v in _get(lora, t.path).items()}
+        layers = range(t.lead[0]) if t.n_lead else [None]
+        for i in layers:
+            pick = (lambda x: x[i]) if i is not None else (lambda x: x)
+            module = PREFIX + names[t.path].format(i=i)
+            a = pick(leaves["a"]).reshape(math.prod(t.in_shape), spec.rank)
+            b = pick(leaves["b"]).reshape(spec.rank, math.prod(t.out_shape))
+            tensors[f"{module}.lora_A.weight"] = np.ascontiguousarray(a.T)
+            tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(b.T)
+            if "magnitude" in leaves:
+                tensors[f"{module}.lora_magnitude_vector"] = pick(leaves["magnitude"]).reshape(-1)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "use_rslora": spec.rslora,
+        "use_dora": spec.dora, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+        "target_modules": sorted({names[t.path].rsplit(".", 1)[-1] for t in adapter.targets}),
+        "modules_to_save": None, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def load_peft_adapter(directory: str | Path, lm: LanguageModel, model_type: str) -> tuple[LoraAdapter, Params]:
+    """(LoraAdapter, adapter params) from a peft LoRA directory, for `lm` (the same base model)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    d = Path(directory)
+    if not (d / "adapter_config.json").exists():
+        raise ConfigError(f"{d} holds no adapter_config.json (not a peft adapter directory)")
+    if not (d / "adapter_model.safetensors").exists():
+        raise ConfigError(f"{d} holds no adapter_model.safetensors (pickled adapter_model.bin is never loaded)")
+    hf: dict[str, Any] = json.loads((d / "adapter_config.json").read_text())
+    if hf.get("peft_type") != "LORA":
+        raise ConfigError(f"peft_type {hf.get('peft_type')!r} is not supported; supported: LORA")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if hf.get(key):
+            raise ConfigError(f"peft {key} (per-module ranks) is not supported")
+    if hf.get("bias", "none") != "none" or hf.get("modules_to_save"):
+        raise ConfigError("peft adapters with trained biases or modules_to_save are not supported")
+    try:
+        tensors = load_file(str(d / "adapter_model.safetensors"))
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"{d / 'adapter_model.safetensors'} is not a readable safetensors file: {err}") from err
+
+    names = module_names(lm, model_type)
+    by_short = {name.rsplit(".", 1)[-1]: path for path, name in names.items()}
+    targets = hf["target_modules"] if isinstance(hf["target_modules"], list) else [hf["target_modules"]]
+    unknown = [t for t in targets if t not in by_short]
+    if unknown:
+        raise ConfigError(f"peft target_modules {unknown} are not {model_type} linear layers; known: {sorted(by_short)}")
+    spec = LoraConfig(targets=[".".join(by_short[t]) for t in targets], rank=int(hf["r"]),
+                      alpha=float(hf["lora_alpha"]), dropout=float(hf.get("lora_dropout") or 0.0),
+                      rslora=bool(hf.get("use_rslora")), dora=bool(hf.get("use_dora")))
+    adapter = LoraAdapter(lm, spec)
+    lora: Params = {}
+    used: set[str] = set()
+    for t in adapter.targets:
+        per_layer: dict[str, list[np.ndarray]] = {}
+        for i in range(t.lead[0]) if t.n_lead else [None]:
+            module = PREFIX + names[t.path].format(i=i)
+            keys = {"a": f"{module}.lora_A.weight", "b": f"{module}.lora_B.weight"}
+            if spec.dora:
+                keys["magnitude"] = f"{module}.lora_magnitude_vector"
+            absent = [k for k in keys.values() if k not in tensors]
+            if absent:
+                raise ConfigError(f"peft adapter in {d} lacks {absent[:4]}")
+            used.update(keys.values())
+            per_layer.setdefault("a", []).append(tensors[keys["a"]].T.reshape(*t.in_shape, spec.rank))
+            per_layer.setdefault("b", []).append(tensors[keys["b"]].T.reshape(spec.rank, *t.out_shape))
+            if spec.dora:
+                per_layer.setdefault("magnitude", []).append(tensors[keys["magnitude"]].reshape(t.out_shape))
+        _merge_into(lora, t.path, {k: np.stack(v) if t.n_lead else v[0] for k, v in per_layer.items()})
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise ConfigError(f"peft adapter in {d} has tensors jaxllm does not map: {extra[:4]}")
+    return adapter, lora

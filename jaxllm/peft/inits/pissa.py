@@ -1,0 +1,30 @@
+"""PiSSA (Meng et al., 2024) and MiLoRA (Wang et al., 2024): the adapter starts as the principal
+(PiSSA) or minor (MiLoRA) rank-r part of W's SVD; the frozen residual holds the rest."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.peft.inits import register
+
+
+def _singular_part(w_IO: jax.Array, rank: int, scale: float, minor: bool):
+    if rank > min(w_IO.shape):
+        raise ValueError(f"rank {rank} exceeds the smaller side of a {w_IO.shape} matrix")
+    u, s, vt = jnp.linalg.svd(w_IO.astype(jnp.float32), full_matrices=False)
+    pick = slice(len(s) - rank, None) if minor else slice(0, rank)
+    root = jnp.sqrt(s[pick] / scale)  # s * A @ B == U_r S_r V_r^T
+    a = u[:, pick] * root
+    b = root[:, None] * vt[pick]
+    return a, b, w_IO - scale * (a @ b)
+
+
+@register("pissa")
+def pissa(key: jax.Array, w_IO: jax.Array, rank: int, scale: float):
+    return _singular_part(w_IO, rank, scale, minor=False)
+
+
+@register("milora")
+def milora(key: jax.Array, w_IO: jax.Array, rank: int, scale: float):
+    return _singular_part(w_IO, rank, scale, minor=True)

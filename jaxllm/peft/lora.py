@@ -1,0 +1,247 @@
+"""LoRA and its variants as pure transforms of the params tree.
+
+    adapter = LoraAdapter(lm, cfg.finetune.lora)
+    lora, frozen = adapter.init(key, base_params)       # trainable adapter tree, frozen base tree
+    logits = lm.apply(adapter.apply(frozen, lora), tokens)
+    grads = jax.grad(lambda p: lm.loss(adapter.apply(frozen, p, rng), batch)[0])(lora)
+    merged = adapter.merge(frozen, lora)               # plain dense params again
+
+The adapter tree mirrors the module paths of its targets: {"blocks": {"attn": {"q": {"a", "b"}}}}
+with `a` [*lead, *in, r], `b` [*lead, r, *out] (and DoRA's `magnitude` [*lead, *out]), where lead is
+the stacked `layers` axis of block params. Several adapters on one base are several such trees;
+pick one per call. `frozen` is the base with PiSSA-style residuals and, for QLoRA, quantised kernels.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jaxllm.config import ConfigError, LoraConfig
+from jaxllm.language_model import LanguageModel, Params
+from jaxllm.peft.inits import INITS
+from jaxllm.peft.lora_kernel import LoraKernel, column_norm
+from jaxllm.peft.quantized_kernel import QuantizedKernel, quantize, quantized_logical_axes
+from jaxllm.sharding import param_shardings
+
+
+@dataclass(frozen=True)
+class Target:
+    """One adapted linear map: its module path and how its kernel's axes split."""
+
+    path: tuple[str, ...]
+    n_lead: int  # stacked-layer axes in front (1 for block params, 0 otherwise)
+    n_in: int
+    shape: tuple[int, ...]  # the kernel's full shape
+    axes: tuple[str | None, ...]  # the kernel's logical axes
+
+    @property
+    def name(self) -> str:
+        return ".".join(self.path)
+
+    @property
+    def lead(self) -> tuple[int, ...]:
+        return self.shape[: self.n_lead]
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return self.shape[self.n_lead : self.n_lead + self.n_in]
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.shape[self.n_lead + self.n_in :]
+
+
+def lora_scale(spec: LoraConfig) -> float:
+    return spec.alpha / math.sqrt(spec.rank) if spec.rslora else spec.alpha / spec.rank
+
+
+def _get(tree: Params, path: tuple[str, ...]) -> Any:
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _replace(tree: Params, path: tuple[str, ...], value: Any) -> Params:
+    """A copy of the nested dict `tree` with `path` set to `value` (other subtrees shared)."""
+    if not path:
+        return value
+    out = dict(tree)
+    out[path[0]] = _replace(tree[path[0]], path[1:], value)
+    return out
+
+
+class LoraAdapter:
+    """The adapters a `LoraConfig` puts on a model; every method is pure in its tree arguments."""
+
+    def __init__(self, lm: LanguageModel, spec: LoraConfig):
+        self.lm, self.spec, self.scale = lm, spec, lora_scale(spec)
+        patterns = [re.compile(t) for t in spec.targets]
+        self.targets: list[Target] = []
+        for path, n_in in sorted(lm.linear_layers.items()):
+            name = ".".join(path)
+            if any(p.fullmatch(path[-1]) or p.fullmatch(name) for p in patterns):
+                shape = _get(lm.param_shapes, path + ("kernel",)).shape
+                axes = _get(lm.logical_axes, path + ("kernel",))
+                self.targets.append(Target(path, int(axes[0] == "layers"), n_in, tuple(shape), axes))
+        if not self.targets:
+            names = sorted({p[-1] for p in lm.linear_layers} | {".".join(p) for p in lm.linear_layers})
+            raise ConfigError(f"finetune.lora.targets={list(spec.targets)} match no linear layer; names: {names}")
+        for t in self.targets:
+            if spec.rank > min(math.prod(t.in_shape), math.prod(t.out_shape)):
+                raise ConfigError(f"finetune.lora.rank={spec.rank} exceeds the smaller side of {t.name} "
+                                  f"({math.prod(t.in_shape)} x {math.prod(t.out_shape)})")
+        if spec.init not in INITS:
+            raise ConfigError(f"finetune.lora.init={spec.init!r}; registered: {sorted(INITS)}")
+
+    # ----------------------------------------------------------------------------- structure
+    def _leaf_specs(self, t: Target) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]:
+        """name -> (shape, logical axes) of one target's adapter leaves."""
+        lead_axes, in_axes, out_axes = t.axes[: t.n_lead], t.axes[t.n_lead : t.n_lead + t.n_in], t.axes[t.n_lead + t.n_in :]
+        r = self.spec.rank
+        leaves = {"a": ((*t.lead, *t.in_shape, r), (*lead_axes, *in_axes, None)),
+                  "b": ((*t.lead, r, *t.out_shape), (*lead_axes, None, *out_axes))}
+        if self.spec.dora:
+            leaves["magnitude"] = ((*t.lead, *t.out_shape), (*lead_axes, *out_axes))
+        return leaves
+
+    def _tree(self, leaf) -> Params:
+        tree: Params = {}
+        for t in self.targets:
+            tree = _merge_into(tree, t.path, {k: leaf(*v) for k, v in self._leaf_specs(t).items()})
+        return tree
+
+    @property
+    def param_shapes(self) -> Params:
+        return self._tree(lambda shape, axes: jax.ShapeDtypeStruct(shape, jnp.float32))
+
+    @property
+    def logical_axes(self) -> Params:
+        return self._tree(lambda shape, axes: axes)
+
+    @property
+    def num_params(self) -> int:
+        return sum(math.prod(s.shape) for s in jax.tree.leaves(self.param_shapes))
+
+    def shardings(self, mesh: Mesh) -> Params:
+        return param_shardings(self.logical_axes, self.param_shapes, mesh, self.lm.rules)
+
+    def quantized_paths(self) -> list[tuple[str, ...]]:
+        """Kernels stored quantised in the frozen tree: every stacked block linear map (QLoRA)."""
+        if self.spec.quantize == "none":
+            return []
+        return [p + ("kernel",) for p in sorted(self.lm.linear_layers) if p[0] == "blocks"]
+
+    def frozen_logical_axes(self) -> Params:
+        axes = self.lm.logical_axes
+        for path in self.quantized_paths():
+            axes = _replace(axes, path, quantized_logical_axes(_get(axes, path), self.spec.quantize))
+        return axes
+
+    def frozen_shardings(self, mesh: Mesh) -> Params:
+        shapes = jax.eval_shape(lambda: self.frozen_of(self.lm.init(jax.random.key(0))))
+        return param_shardings(self.frozen_logical_axes(), shapes, mesh, self.lm.rules)
+
+    # ------------------------------------------------------------------------ pure transforms
+    def init(self, key: jax.Array, base: Params) -> tuple[Params, Params]:
+        """(adapter, frozen): fresh adapter params and the frozen tree they are trained against.
+
+        For every init, apply(frozen, adapter) computes the base model (up to quantisation).
+        """
+        init_fn, adapter, frozen = INITS[self.spec.init], {}, base
+        for i, t in enumerate(self.targets):
+            w = jnp.asarray(_get(base, t.path + ("kernel",)), jnp.float32)
+            w_LIO = w.reshape(-1, math.prod(t.in_shape), math.prod(t.out_shape))
+            keys = jax.random.split(jax.random.fold_in(key, i), w_LIO.shape[0])
+            a, b, residual = jax.vmap(lambda k, m: init_fn(k, m, self.spec.rank, self.scale))(keys, w_LIO)
+            leaves = {"a": a.reshape(*t.lead, *t.in_shape, -1), "b": b.reshape(*t.lead, -1, *t.out_shape)}
+            if self.spec.dora:
+                leaves["magnitude"] = column_norm_stacked(w_LIO).reshape(*t.lead, *t.out_shape)
+            adapter = _merge_into(adapter, t.path, leaves)
+            if self.spec.init not in ("lora", "gaussian"):  # the adapter took part of W: keep the rest
+                frozen = _replace(frozen, t.path + ("kernel",), residual.reshape(t.shape).astype(w.dtype))
+        return adapter, self.frozen_of(frozen)
+
+    def frozen_of(self, base: Params) -> Params:
+        """The base with its block kernels quantised when the spec asks for it."""
+        for path in self.quantized_paths():
+            base = _replace(base, path, quantize(_get(base, path), self.spec.quantize, self.spec.quant_block))
+        return base
+
+    def apply(self, frozen: Params, adapter: Params, rng: jax.Array | None = None) -> Params:
+        """Params for `lm.apply`/`lm.loss`: each target kernel becomes a LoraKernel. Pass `rng`
+        (a PRNG key) to train with dropout; without it dropout is off (evaluation)."""
+        params = frozen
+        use_dropout = rng is not None and self.spec.dropout > 0
+        for i, t in enumerate(self.targets):
+            leaves = _get(adapter, t.path)
+            key = None
+            if use_dropout:
+                key = jax.random.fold_in(rng, i)
+                key = jax.random.split(key, t.lead) if t.n_lead else key
+            kernel = LoraKernel(
+                base=_get(frozen, t.path + ("kernel",)), a=leaves["a"], b=leaves["b"], magnitude=leaves.get("magnitude"),
+                dropout_key=key, scale=self.scale, dropout=self.spec.dropout if use_dropout else 0.0,
+            )
+            params = _replace(params, t.path + ("kernel",), kernel)
+        return params
+
+    def merge(self, frozen: Params, adapter: Params) -> Params:
+        """Dense params with every adapter folded into its kernel (quantised kernels dequantised)."""
+        params = self.dequantized(frozen)
+        for t in self.targets:
+            w_LIO, delta_LIO, leaves = self._matrices(params, adapter, t)
+            merged = w_LIO + delta_LIO
+            if "magnitude" in leaves:
+                m_LO = leaves["magnitude"].reshape(w_LIO.shape[0], -1)
+                merged = merged * (m_LO / column_norm_stacked(merged))[:, None, :]
+            kernel = _get(params, t.path + ("kernel",))
+            params = _replace(params, t.path + ("kernel",), merged.reshape(t.shape).astype(kernel.dtype))
+        return params
+
+    def unmerge(self, merged: Params, adapter: Params) -> Params:
+        """The inverse of `merge` for plain LoRA: merged kernels minus scale * A @ B."""
+        if self.spec.dora:
+            raise ValueError("a merged DoRA kernel cannot be unmerged: its column norms are gone; keep the base")
+        params = merged
+        for t in self.targets:
+            w_LIO, delta_LIO, _ = self._matrices(params, adapter, t)
+            kernel = _get(params, t.path + ("kernel",))
+            params = _replace(params, t.path + ("kernel",), (w_LIO - delta_LIO).reshape(t.shape).astype(kernel.dtype))
+        return params
+
+    def dequantized(self, frozen: Params) -> Params:
+        dtype = jnp.dtype(self.lm.cfg.param_dtype)
+        for path in self.quantized_paths():
+            q = _get(frozen, path)
+            if isinstance(q, QuantizedKernel):
+                frozen = _replace(frozen, path, q.dequantize(dtype))
+        return frozen
+
+    def _matrices(self, params: Params, adapter: Params, t: Target):
+        """(W [L, I, O], scale * A @ B [L, I, O], adapter leaves) in f32; L = 1 for unstacked kernels."""
+        leaves = _get(adapter, t.path)
+        w = jnp.asarray(_get(params, t.path + ("kernel",)), jnp.float32)
+        w_LIO = w.reshape(-1, math.prod(t.in_shape), math.prod(t.out_shape))
+        a_LIR = jnp.asarray(leaves["a"], jnp.float32).reshape(w_LIO.shape[0], w_LIO.shape[1], -1)
+        b_LRO = jnp.asarray(leaves["b"], jnp.float32).reshape(w_LIO.shape[0], -1, w_LIO.shape[2])
+        return w_LIO, self.scale * jnp.einsum("lir,lro->lio", a_LIR, b_LRO), leaves
+
+
+def column_norm_stacked(w_LIO: jax.Array) -> jax.Array:
+    """Per-layer column norms: [L, I, O] -> [L, O]."""
+    return jax.vmap(column_norm)(w_LIO)
+
+
+def _merge_into(tree: Params, path: tuple[str, ...], leaves: dict[str, Any]) -> Params:
+    node = tree
+    for k in path:
+        node = node.setdefault(k, {})
+    node.update(leaves)
+    return tree

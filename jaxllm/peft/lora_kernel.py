@@ -1,0 +1,71 @@
+"""A frozen kernel with a low-rank adapter, standing in for the kernel array in a params tree.
+
+`Dense` multiplies by any kernel object with a `matmul(x [N, in], dtype) -> [N, out]` method, so
+`LanguageModel.apply` runs adapted params unchanged: y = x W + scale * (x A) B, never forming W + sAB
+(DoRA forms it once per call for its column norms, as the method requires).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.peft.quantized_kernel import QuantizedKernel
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraKernel:
+    """base [*in, *out] (an array or QuantizedKernel), a [*in, r], b [r, *out]; DoRA's magnitude [*out].
+
+    Leaves may carry extra leading (stacked-layer) axes; `matmul` runs on one layer's slice.
+    """
+
+    base: Any
+    a: jax.Array
+    b: jax.Array
+    magnitude: jax.Array | None = None
+    dropout_key: jax.Array | None = None  # typed PRNG key; None: no dropout (evaluation)
+    scale: float = dataclasses.field(metadata=dict(static=True), default=1.0)
+    dropout: float = dataclasses.field(metadata=dict(static=True), default=0.0)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.shape)
+
+    def base_matrix(self, dtype: jnp.dtype) -> jax.Array:
+        """The frozen kernel as a matrix [in, out] in `dtype`."""
+        w = self.base.dequantize(dtype) if isinstance(self.base, QuantizedKernel) else self.base.astype(dtype)
+        return w.reshape(self.a.size // self.a.shape[-1], -1)
+
+    def delta_matrix(self, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+        """scale * A @ B as a matrix [in, out]."""
+        a = self.a.reshape(-1, self.a.shape[-1]).astype(dtype)
+        return self.scale * (a @ self.b.reshape(self.b.shape[0], -1).astype(dtype))
+
+    def matmul(self, x_NI: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        w_IO = self.base_matrix(dtype)
+        a_IR = self.a.reshape(w_IO.shape[0], -1).astype(dtype)
+        b_RO = self.b.reshape(a_IR.shape[1], -1).astype(dtype)
+        y_NO = x_NI @ w_IO
+        xd_NI = x_NI
+        if self.dropout > 0 and self.dropout_key is not None:
+            keep = jax.random.bernoulli(self.dropout_key, 1 - self.dropout, x_NI.shape)
+            xd_NI = jnp.where(keep, x_NI / (1 - self.dropout), 0).astype(dtype)
+        lora_NO = self.scale * ((xd_NI @ a_IR) @ b_RO)
+        if self.magnitude is None:
+            return y_NO + lora_NO
+        # DoRA: magnitude * (W + sAB) / ||W + sAB||_col, the norm held constant in the backward
+        # pass (DoRA section 4.3, as peft does). With dropout only the adapter's input is dropped.
+        norm_O = jax.lax.stop_gradient(column_norm(w_IO.astype(jnp.float32) + self.delta_matrix(jnp.float32)))
+        g_O = (self.magnitude.reshape(-1).astype(jnp.float32) / norm_O).astype(dtype)
+        base_d_NO = y_NO if xd_NI is x_NI else xd_NI @ w_IO
+        return y_NO + (g_O - 1) * base_d_NO + g_O * lora_NO
+
+
+def column_norm(w_IO: jax.Array) -> jax.Array:
+    """L2 norm of each output column of a [in, out] matrix: [out]."""
+    return jnp.sqrt(jnp.sum(jnp.square(w_IO), axis=0))

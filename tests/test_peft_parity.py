@@ -1,0 +1,141 @@
+"""LoRA / PiSSA / DoRA against Hugging Face `peft` (torch, CPU) on a tiny random Llama: the same adapter
+weights give the same logits in both, in both directions of the adapter export/import."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="peft parity needs the [hf] extra")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from jaxllm.config import ConfigError, LoraConfig  # noqa: E402
+from jaxllm.interop.hf_checkpoint import load_hf_checkpoint  # noqa: E402
+from jaxllm.interop.peft_adapter import load_peft_adapter, save_peft_adapter  # noqa: E402
+from jaxllm.peft import LoraAdapter  # noqa: E402
+
+TOL = 1e-4  # max abs logit difference, f32
+TARGETS_HF = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = {  # name -> (peft LoraConfig kwargs, jaxllm LoraConfig kwargs)
+    "lora": (dict(), dict()),
+    "rslora": (dict(use_rslora=True), dict(rslora=True)),
+    "pissa": (dict(init_lora_weights="pissa"), dict(init="pissa")),
+    "dora": (dict(use_dora=True), dict(dora=True)),
+}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg._attn_implementation = "eager"
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("base")
+    model.save_pretrained(path, safe_serialization=True)
+    lm, params, model_type = load_hf_checkpoint(path)
+    return path, lm, params, model_type
+
+
+def _tokens():
+    return np.random.default_rng(0).integers(0, 97, size=(2, 10))
+
+
+def _torch_base(path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    return model
+
+
+def _peft_logits(model, tokens):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(tokens)).logits.numpy()
+
+
+def _perturbed(tree, seed):
+    """Adapter weights as after some training: every leaf moved (B no longer zero)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return treedef.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_jaxllm_adapter_exported_to_peft(method, base, tmp_path):
+    path, lm, params, model_type = base
+    spec = LoraConfig(rank=4, alpha=8.0, **METHODS[method][1])
+    adapter = LoraAdapter(lm, spec)
+    initial, frozen = adapter.init(jax.random.key(1), params)
+    trained = _perturbed(initial, 2)
+    ours = np.asarray(lm.apply(adapter.apply(frozen, trained), _tokens()))
+
+    save_peft_adapter(tmp_path / "adapter", adapter, trained, model_type, initial=initial)
+    model = peft.PeftModel.from_pretrained(_torch_base(path), tmp_path / "adapter").eval()
+    theirs = _peft_logits(model, _tokens())
+    np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
+    assert np.abs(ours - np.asarray(lm.apply(params, _tokens()))).max() > 1e-2  # the adapter matters
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_peft_adapter_imported_into_jaxllm(method, base, tmp_path):
+    path, lm, params, model_type = base
+    torch.manual_seed(3)
+    peft_cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS_HF, **METHODS[method][0])
+    model = peft.get_peft_model(_torch_base(path), peft_cfg)
+    if method == "pissa":  # keep the initial adapter: peft converts PiSSA to LoRA on the original base
+        model.save_pretrained(tmp_path / "initial")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    theirs = _peft_logits(model, _tokens())
+    if method == "pissa":
+        model.save_pretrained(tmp_path / "adapter", path_initial_model_for_weight_conversion=tmp_path / "initial")
+    else:
+        model.save_pretrained(tmp_path / "adapter")
+
+    adapter, lora = load_peft_adapter(tmp_path / "adapter", lm, model_type)
+    assert adapter.spec.rank == (8 if method == "pissa" else 4)
+    ours = np.asarray(lm.apply(adapter.apply(params, jax.tree.map(jnp.asarray, lora)), _tokens()))
+    np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
+
+
+def test_pissa_init_matches_peft(base):
+    """Our PiSSA init takes the same principal part of W as peft's (compared sign-free: s A B and the residual)."""
+    path, lm, params, _ = base
+    model = peft.get_peft_model(_torch_base(path), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                                   init_lora_weights="pissa"))
+    layer = model.base_model.model.model.layers[1].self_attn.q_proj
+    theirs_delta = (2.0 * layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach().numpy().T
+    theirs_residual = layer.base_layer.weight.detach().numpy().T
+
+    adapter = LoraAdapter(lm, LoraConfig(targets=["q"], rank=4, alpha=8.0, init="pissa"))
+    lora, frozen = adapter.init(jax.random.key(0), params)
+    a, b = np.asarray(lora["blocks"]["attn"]["q"]["a"][1]), np.asarray(lora["blocks"]["attn"]["q"]["b"][1])
+    ours_delta = 2.0 * a.reshape(32, 4) @ b.reshape(4, 32)
+    np.testing.assert_allclose(ours_delta, theirs_delta, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(frozen["blocks"]["attn"]["q"]["kernel"][1]).reshape(32, 32),
+                               theirs_residual, atol=1e-5)
+
+
+def test_malformed_peft_adapters_are_clear_errors(base, tmp_path):
+    path, lm, params, model_type = base
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no adapter_config.json"):
+        load_peft_adapter(tmp_path / "empty", lm, model_type)
+
+    model = peft.get_peft_model(_torch_base(path), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "ok")
+    (tmp_path / "ok" / "adapter_model.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ConfigError, match="not a readable safetensors"):
+        load_peft_adapter(tmp_path / "ok", lm, model_type)
+
+    model = peft.get_peft_model(_torch_base(path), peft.LoraConfig(r=2, target_modules=["q_proj"], bias="lora_only"))
+    model.save_pretrained(tmp_path / "bias")
+    with pytest.raises(ConfigError, match="trained biases"):
+        load_peft_adapter(tmp_path / "bias", lm, model_type)
+
+    adapter = LoraAdapter(lm, LoraConfig(rank=2, init="pissa"))
+    lora, _ = adapter.init(jax.random.key(0), params)
+    with pytest.raises(ValueError, match="pass `initial`"):
+        save_peft_adapter(tmp_path / "x", adapter, lora, model_type)
