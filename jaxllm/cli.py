@@ -23,6 +23,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=4 train.steps=100")
 
 
+def _add_process_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", help="host:port of process 0, for a multi-process run (or JAXLLM_COORDINATOR)")
+    p.add_argument("--num-processes", type=int, help="processes in the run (or JAXLLM_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, help="this process's index (or JAXLLM_PROCESS_ID)")
+    p.add_argument("--heartbeat-timeout", type=int, default=100,
+                   help="seconds without a peer's heartbeat before the others stop (a peer died)")
+
+
 def _load(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
@@ -74,6 +82,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     initialize(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
     files = args.config or ["small"]
     result = train(resolve_run_config(files, args.overrides), console=console)
+    if result.interrupted:
+        raise SystemExit(130)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    """Fine-tune a Hugging Face or jaxllm model: LoRA adapters (default) or every parameter."""
+    from jaxllm.distributed import initialize
+    from jaxllm.train.trainer import resolve_finetune_config, train
+
+    initialize(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
+    result = train(resolve_finetune_config(args.base, args.config, args.overrides), console=console)
     if result.interrupted:
         raise SystemExit(130)
 
@@ -149,12 +168,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(fn=cmd_info)
     p = sub.add_parser("train", help="train a model; resumes when checkpoint.run_dir holds a checkpoint")
     _add_config_args(p)
-    p.add_argument("--coordinator", help="host:port of process 0, for a multi-process run (or JAXLLM_COORDINATOR)")
-    p.add_argument("--num-processes", type=int, help="processes in the run (or JAXLLM_NUM_PROCESSES)")
-    p.add_argument("--process-id", type=int, help="this process's index (or JAXLLM_PROCESS_ID)")
-    p.add_argument("--heartbeat-timeout", type=int, default=100,
-                   help="seconds without a peer's heartbeat before the others stop (a peer died)")
+    _add_process_args(p)
     p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("finetune", help="fine-tune a HF or jaxllm model (LoRA by default); resumes like train")
+    p.add_argument("--base", required=True, help="Hugging Face directory or jaxllm run directory to adapt")
+    _add_config_args(p)
+    _add_process_args(p)
+    p.set_defaults(fn=cmd_finetune)
     p = sub.add_parser("bench", help="time the train step of a config (one JSON line)")
     _add_config_args(p)
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")

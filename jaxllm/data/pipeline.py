@@ -1,14 +1,15 @@
 """The grain pipeline: documents -> tokens -> windows of seq_len+1 -> packed rows -> batches.
 
 Rows hold several documents, told apart by `segment_ids` (0 = padding) with `positions` restarting at
-each document; `loss_mask` is 1 on real targets. Iterators are grain's, so their state (a small dict)
+each document; `loss_mask` is 1 on real targets (times the document's per-token loss weights: SFT
+examples weigh only response tokens). Iterators are grain's, so their state (a small dict)
 is checkpointed with the model and a resumed run continues with the exact next batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
@@ -19,19 +20,43 @@ from jaxllm.data.synthetic import document_entropy, generate_documents
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer
 
 
+# document -> (token ids [n] int32, loss weight of each token as a target [n] f32)
+Encoder = Callable[[Any], tuple[np.ndarray, np.ndarray]]
+
+
+def text_encoder(tokenizer: Tokenizer) -> Encoder:
+    """Plain documents: BOS + tokens + EOS, every token a target."""
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+
+    def encode(text: str) -> tuple[np.ndarray, np.ndarray]:
+        ids = ([bos] if bos is not None else []) + tokenizer.encode(text) + ([eos] if eos is not None else [])
+        return np.asarray(ids, np.int32), np.ones(len(ids), np.float32)
+
+    return encode
+
+
 @dataclass
 class Corpus:
-    train_docs: list[str]
-    eval_docs: list[str]
+    train_docs: list[Any]  # strings, or conversations for data.format=sft
+    eval_docs: list[Any]
     tokenizer: Tokenizer
     report: ReadReport
     floor: float | None  # synthetic corpus, byte tokens: exact entropy (nats/token) of the eval docs
+    encode: Encoder | None = None  # None: plain text (text_encoder)
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
     """Read (or generate) documents and split off every k-th one for evaluation."""
     tokenizer = load_tokenizer(cfg.tokenizer)
-    if cfg.source == "synthetic":
+    encode = None
+    if cfg.format == "sft":
+        from jaxllm.data.sft import ChatEncoder, load_template, read_conversations
+
+        if cfg.source == "synthetic":
+            raise ConfigError("data.format=sft needs data.source to be a .jsonl file of prompt/response or messages")
+        docs, report = read_conversations(cfg.source)
+        encode = ChatEncoder(tokenizer, load_template(cfg.chat_template, tokenizer), max_tokens=cfg.seq_len + 1)
+    elif cfg.source == "synthetic":
         docs = generate_documents(cfg.synthetic_docs, seed=cfg.seed)
         report = ReadReport(documents=len(docs))
     else:
@@ -45,20 +70,26 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         floor = nats / targets
     if not train_docs:
         raise ConfigError(f"data.source={cfg.source!r}: no training documents left after the eval split")
-    return Corpus(train_docs, eval_docs, tokenizer, report, floor)
+    return Corpus(train_docs, eval_docs, tokenizer, report, floor, encode)
 
 
 class _Windows(grain.experimental.FlatMapTransform):
-    """Split a token array into windows of seq_len + 1 tokens overlapping by one (inputs + targets)."""
+    """Split (ids, weights) into windows of seq_len + 1 tokens overlapping by one: inputs, targets and
+    the targets' loss weights."""
 
     max_fan_out = 4096
 
     def __init__(self, seq_len: int):
         self.seq_len = seq_len
 
-    def flat_map(self, ids: np.ndarray) -> Sequence[np.ndarray]:
-        starts = range(0, max(len(ids) - 1, 1), self.seq_len)
-        return [ids[s : s + self.seq_len + 1] for s in starts if len(ids[s : s + self.seq_len + 1]) > 1]
+    def flat_map(self, doc: tuple[np.ndarray, np.ndarray]) -> Sequence[dict[str, np.ndarray]]:
+        ids, weights = doc
+        out = []
+        for s in range(0, max(len(ids) - 1, 1), self.seq_len):
+            w = ids[s : s + self.seq_len + 1]
+            if len(w) > 1:
+                out.append({"inputs": w[:-1], "targets": w[1:], "weights": weights[s + 1 : s + len(w)]})
+        return out
 
 
 def _finish(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -67,39 +98,34 @@ def _finish(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "targets": row["targets"],
         "positions": row["inputs_positions"],
         "segment_ids": row["inputs_segment_ids"],
-        "loss_mask": (row["targets_segment_ids"] != 0).astype(np.float32),
+        "loss_mask": (row["targets_segment_ids"] != 0).astype(np.float32) * row["weights"],
     }
 
 
 def make_batches(
-    docs: Sequence[str],
+    docs: Sequence[Any],
     tokenizer: Tokenizer,
     *,
     seq_len: int,
     batch_size: int,
     seed: int,
     repeat: bool,
+    encode: Encoder | None = None,
 ) -> grain.IterDataset:
     """Packed batches {inputs, targets, positions, segment_ids: int32 [B, T]; loss_mask: f32 [B, T]}.
 
     (Multi-process runs use `RowStreams`, which gives each global batch row its own stream.)
     With `repeat` the documents are reshuffled every epoch and the stream never ends; without it
     the documents are read once in order and a final short batch is padded with empty rows.
+    `encode` turns a document into tokens and loss weights (default: plain text with `tokenizer`).
     """
-    bos, eos = tokenizer.bos_id, tokenizer.eos_id
-
-    def tokenize(text: str) -> np.ndarray:
-        ids = ([bos] if bos is not None else []) + tokenizer.encode(text) + ([eos] if eos is not None else [])
-        return np.asarray(ids, np.int32)
-
     ds = grain.MapDataset.source(list(docs))
     if repeat:
         ds = ds.shuffle(seed=seed).repeat()
-    ds = ds.map(tokenize).to_iter_dataset()
+    ds = ds.map(encode or text_encoder(tokenizer)).to_iter_dataset()
     ds = grain.experimental.FlatMapIterDataset(ds, _Windows(seq_len))
-    ds = ds.map(lambda w: {"inputs": w[:-1], "targets": w[1:]})
     ds = grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=max(4, batch_size),
+        ds, length_struct={"inputs": seq_len, "targets": seq_len, "weights": seq_len}, num_packing_bins=max(4, batch_size),
         seed=seed, shuffle_bins=repeat,
     )
     ds = ds.batch(batch_size, drop_remainder=repeat).map(_finish)
@@ -129,13 +155,13 @@ class RowStreams:
     """
 
     def __init__(
-        self, docs: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, global_batch: int, seed: int,
-        rows: Sequence[int], repeat: bool,
+        self, docs: Sequence[Any], tokenizer: Tokenizer, *, seq_len: int, global_batch: int, seed: int,
+        rows: Sequence[int], repeat: bool, encode: Encoder | None = None,
     ):
         self.seq_len = seq_len
         self._its = {
             r: iter(make_batches(docs[r::global_batch], tokenizer, seq_len=seq_len, batch_size=1, seed=seed + r,
-                                 repeat=repeat))
+                                 repeat=repeat, encode=encode))
             for r in rows
         }
 

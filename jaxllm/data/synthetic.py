@@ -98,3 +98,16 @@ def entropy_floor() -> float:
         entropy += reach * (h_end + (1 - q) * math.log(2))
     targets = float(np.sum(p_n * (ns * (SEGMENT_LEN + 1) + 1)))
     return entropy / targets
+
+
+def generate_instructions(num: int, seed: int = 0, min_len: int = 3, max_len: int = 12) -> list[dict[str, str]]:
+    """A synthetic instruction task for fine-tuning: {"prompt": "reverse: abc", "response": "cba"}.
+
+    Deterministic given the response's length, so a perfectly adapted model has zero loss on it.
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(num):
+        word = "".join(rng.choice(list(ALPHABET[:26]), size=int(rng.integers(min_len, max_len + 1))))
+        out.append({"prompt": f"reverse: {word}", "response": word[::-1]})
+    return out

@@ -54,6 +54,9 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in np.asarray(ids)])
 

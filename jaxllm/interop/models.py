@@ -13,7 +13,8 @@ import jax
 
 from jaxllm.config import Config, ConfigError, load_config, to_yaml
 from jaxllm.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
-from jaxllm.interop.hf_checkpoint import load_hf_checkpoint, save_hf_checkpoint
+from jaxllm.interop.hf_checkpoint import load_hf_checkpoint, read_hf_config, save_hf_checkpoint
+from jaxllm.interop.hf_mapping import config_from_hf
 from jaxllm.language_model import LanguageModel, Params
 
 
@@ -46,9 +47,31 @@ def load_model(path: str | Path) -> LoadedModel:
         restored = Checkpointer(path / "checkpoints", cfg.checkpoint).restore_latest(setup.abstract_state)
         if restored is None:
             raise ConfigError(f"{path}: the run directory holds no complete checkpoint")
-        return LoadedModel(setup.lm, restored[1].params, load_tokenizer(cfg.data.tokenizer), cfg)
+        params = restored[1].params
+        if setup.adapter is not None:  # a LoRA fine-tuning run: its adapters merged into its base
+            params = jax.jit(setup.adapter.merge)(setup.frozen, params)
+        return LoadedModel(setup.lm, params, load_tokenizer(cfg.data.tokenizer), cfg)
     raise ConfigError(f"{path}: neither a Hugging Face directory (config.json) nor a jaxllm run directory "
                       "(config.yaml + checkpoints/)")
+
+
+def base_config(path: str | Path) -> Config:
+    """Defaults for fine-tuning the model in `path`: its model config, tokenizer and sequence length."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        lm_cfg = config_from_hf(read_hf_config(path))
+        cfg = Config(model=lm_cfg)
+        if (path / "tokenizer.json").exists():
+            cfg.data.tokenizer = str(path / "tokenizer.json")
+        cfg.data.seq_len = min(cfg.data.seq_len, lm_cfg.max_seq_len)
+        return cfg
+    if is_run_dir(path):
+        saved = load_config([path / "config.yaml"])
+        cfg = Config(model=saved.model)
+        cfg.data.tokenizer, cfg.data.seq_len = saved.data.tokenizer, saved.data.seq_len
+        return cfg
+    raise ConfigError(f"finetune base {str(path)!r}: neither a Hugging Face directory (config.json) nor a jaxllm "
+                      "run directory (config.yaml + checkpoints/)")
 
 
 def convert(src: str | Path, dst: str | Path) -> str:

@@ -47,6 +47,7 @@ class StepSetup:
     eval_step: Callable  # jitted (params, batch, frozen) -> (loss sum, token count)
     frozen: Any = None  # fine-tuning: the frozen params the trained ones adapt (else None)
     adapter: LoraAdapter | None = None  # LoRA fine-tuning: what state.params are adapters of
+    initial_adapter: Any = None  # ... and the adapter as initialised (PiSSA-style exports need it)
 
     def global_batch(self, local: dict[str, Any]) -> dict[str, jax.Array]:
         """This process's rows -> global arrays sharded over the batch axes."""
@@ -63,7 +64,7 @@ def setup_step(cfg: Config) -> StepSetup:
     lora_spec = cfg.finetune.lora if cfg.finetune.base and cfg.finetune.method == "lora" else None
     schedule, tx = make_schedule(t), make_optimizer(t, lora_spec.lr_ratio if lora_spec else 1.0)
     replicated = NamedSharding(mesh, PartitionSpec())
-    adapter, frozen, to_model = None, None, _identity
+    adapter, frozen, to_model, initial = None, None, _identity, None
     if not cfg.finetune.base:
         make_state = partial(init_state, lm, tx, t.seed)
         abstract = jax.eval_shape(make_state)
@@ -80,7 +81,8 @@ def setup_step(cfg: Config) -> StepSetup:
             param_sh = adapter.shardings(mesh)
             params, frozen = jax.jit(adapter.init, out_shardings=(param_sh, adapter.frozen_shardings(mesh)))(
                 init_key, base)
-            to_model = adapter.apply
+            to_model = lambda trained, base, rng: adapter.apply(base, trained, rng)
+            initial = jax.tree.map(jnp.copy, params)  # not donated with the state
         abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), rng), params)
         state_sh = state_shardings(abstract, param_sh, tx, mesh)
         zero = jax.device_put(jnp.zeros((), jnp.int32), replicated)
@@ -95,7 +97,7 @@ def setup_step(cfg: Config) -> StepSetup:
         abstract_state=jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh),
         state_sharding=state_sh, batch_sharding=batch_sh, train_step=train_step,
         eval_step=jax.jit(make_eval_step(lm, to_model), in_shardings=(state_sh.params, batch_sh, frozen_sh)),
-        frozen=frozen, adapter=adapter,
+        frozen=frozen, adapter=adapter, initial_adapter=initial,
     )
 
 

@@ -36,16 +36,42 @@ class TrainResult:
     tokens_per_second: float = 0.0
     mfu: float = 0.0
     interrupted: bool = False
+    adapter_dir: Path | None = None  # LoRA fine-tuning: the adapter in peft's format
 
 
-def resolve_run_config(files: list[str], overrides: list[str]) -> Config:
-    """Config for `jaxllm train`: a run directory's saved config.yaml (if any) under files/overrides."""
-    cfg = load_config(files, overrides)
+def _export_adapter(setup, adapter_params, run_dir: Path, base: str, console: Console) -> Path | None:
+    """Write the trained adapter as a peft directory (`run_dir/adapter`) when the base is a HF family."""
+    from jaxllm.interop.hf_mapping import model_type_of
+    from jaxllm.interop.peft_adapter import save_peft_adapter
+
+    try:
+        model_type = model_type_of(setup.lm.cfg)
+        out = save_peft_adapter(run_dir / "adapter", setup.adapter, jax.device_get(adapter_params), model_type,
+                                initial=jax.device_get(setup.initial_adapter), base_model=base)
+    except ConfigError as err:
+        console.print(f"[yellow]adapter not exported in peft format: {err}[/]")
+        return None
+    console.print(f"adapter ({setup.adapter.num_params:,} params) in peft format: {out}")
+    return out
+
+
+def resolve_run_config(files: list[str], overrides: list[str], base: Config | None = None) -> Config:
+    """Config for `jaxllm train`: a run directory's saved config.yaml (if any) under files/overrides.
+    `base` replaces the defaults (fine-tuning: the base model's config)."""
+    cfg = load_config(files, overrides, base=base)
     if not cfg.checkpoint.run_dir:
         cfg.checkpoint.run_dir = time.strftime("runs/%Y%m%d-%H%M%S")
         return cfg
     saved = Path(cfg.checkpoint.run_dir) / "config.yaml"
     return load_config([saved, *files], overrides) if saved.exists() else cfg
+
+
+def resolve_finetune_config(base_dir: str, files: list[str], overrides: list[str]) -> Config:
+    """Config for `jaxllm finetune --base DIR`: the base model's architecture and tokenizer, then files
+    and overrides (fine-tuning hyperparameters, data), with finetune.base set."""
+    from jaxllm.interop.models import base_config
+
+    return resolve_run_config(files, [*overrides, f"finetune.base={base_dir}"], base=base_config(base_dir))
 
 
 class _StopRequest:
@@ -109,7 +135,7 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
 
     rows = local_rows(t.batch_size, jax.process_index(), jax.process_count())
     train_it = RowStreams(corpus.train_docs, corpus.tokenizer, seq_len=d.seq_len, global_batch=t.batch_size,
-                          seed=d.seed, rows=rows, repeat=True)
+                          seed=d.seed, rows=rows, repeat=True, encode=corpus.encode)
     if data_state:  # a converted checkpoint (step 0) carries no iterator state
         train_it.set_state(data_state)
 
@@ -117,7 +143,7 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
         if not corpus.eval_docs:
             return None
         it = RowStreams(corpus.eval_docs, corpus.tokenizer, seq_len=d.seq_len, global_batch=t.batch_size,
-                        seed=d.seed, rows=rows, repeat=False)
+                        seed=d.seed, rows=rows, repeat=False, encode=corpus.encode)
         total, count = 0.0, 0.0
         for _ in range(t.eval_batches) if t.eval_batches else itertools.count():
             batch, any_left = it.next_or_empty()
@@ -133,8 +159,13 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
     flops_per_step = lm.flops_per_token(d.seq_len) * tokens_per_step
     peak = measured_peak_flops(cfg.model.dtype if cfg.model.dtype != "float16" else "float32") * jax.device_count()
     result = TrainResult(run_dir=run_dir, start_step=start, end_step=start, floor=corpus.floor)
+    size = f"{lm.num_params:,} params"
+    if setup.adapter is not None:
+        a = setup.adapter
+        size = (f"{a.num_params:,} trainable LoRA params ({100 * a.num_params / lm.num_params:.2f}%) on "
+                f"{len(a.targets)} linear maps of a frozen {lm.num_params:,}-param base")
     console.print(
-        f"run dir [bold]{run_dir}[/]: {lm.num_params:,} params, mesh {dict(mesh.shape)}, "
+        f"run dir [bold]{run_dir}[/]: {size}, mesh {dict(mesh.shape)}, "
         f"{len(corpus.train_docs):,} train / {len(corpus.eval_docs):,} eval docs, steps {start}->{t.steps}"
     )
 
@@ -179,6 +210,8 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
     ckpt.wait()
     ckpt.close()
     result.end_step = step
+    if setup.adapter is not None and main and not result.interrupted:
+        result.adapter_dir = _export_adapter(setup, state.params, run_dir, cfg.finetune.base, console)
     if not result.interrupted and result.eval_loss is None:
         with jax.set_mesh(mesh):
             result.eval_loss = evaluate(state.params)
