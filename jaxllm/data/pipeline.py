@@ -56,6 +56,10 @@ def load_corpus(cfg: DataConfig) -> Corpus:
             raise ConfigError("data.format=sft needs data.source to be a .jsonl file of prompt/response or messages")
         docs, report = read_conversations(cfg.source)
         encode = ChatEncoder(tokenizer, load_template(cfg.chat_template, tokenizer), max_tokens=cfg.seq_len + 1)
+        kept = [d for d in docs if encode(d)[1].any()]  # responses entirely past seq_len teach nothing
+        for _ in range(len(docs) - len(kept)):
+            report.skip(f"data.seq_len={cfg.seq_len}", "no response token within the first seq_len + 1 tokens")
+        report.documents, docs = len(kept), kept
     elif cfg.source == "synthetic":
         docs = generate_documents(cfg.synthetic_docs, seed=cfg.seed)
         report = ReadReport(documents=len(docs))

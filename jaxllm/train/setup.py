@@ -86,7 +86,11 @@ def setup_step(cfg: Config) -> StepSetup:
         abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), rng), params)
         state_sh = state_shardings(abstract, param_sh, tx, mesh)
         zero = jax.device_put(jnp.zeros((), jnp.int32), replicated)
-        init = lambda: TrainState(zero, params, jax.jit(tx.init, out_shardings=state_sh.opt_state)(params), rng)
+        opt_init = jax.jit(tx.init, out_shardings=state_sh.opt_state)
+        copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=state_sh.params)
+
+        def init() -> TrainState:  # fresh buffers each call: the train step donates them
+            return TrainState(zero, copy(params), opt_init(params), rng)
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     batch_sh = NamedSharding(mesh, logical_to_spec(("batch", "length"), lm.rules, dict(mesh.shape)))
     step = make_train_step(lm, tx, microbatches=t.microbatches, z_loss=t.z_loss, schedule=schedule, to_model=to_model)

@@ -113,6 +113,9 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
         raise ConfigError("checkpoint.run_dir is empty; give a directory (resolve_run_config picks runs/<date-time>)")
     corpus = load_corpus(cfg.data)
     _check_vocab(cfg, corpus)
+    if corpus.encode is not None and getattr(corpus.encode, "truncated", 0):
+        console.print(f"[yellow]data:[/] {corpus.encode.truncated} SFT examples are longer than data.seq_len + 1 "
+                      f"= {cfg.data.seq_len + 1} tokens and are truncated")
     if corpus.report.skipped:
         console.print(f"[yellow]data:[/] skipped {corpus.report.skipped} bad documents, e.g. {corpus.report.examples[:3]}")
     run_dir = Path(cfg.checkpoint.run_dir)

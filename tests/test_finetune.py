@@ -1,0 +1,170 @@
+"""`jaxllm finetune` and its data: only adapter params train (base unchanged bitwise, optimizer state the
+adapter's size), response-only loss, sharded == single device, SFT rendering, CLI end to end with resume."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.cli import main
+from jaxllm.config import ConfigError, load_config
+from jaxllm.data.pipeline import load_corpus, make_batches
+from jaxllm.data.sft import ChatEncoder, DEFAULT_TEMPLATE, read_conversations
+from jaxllm.data.synthetic import generate_instructions
+from jaxllm.data.tokenizer import ByteTokenizer
+from jaxllm.interop.models import load_model
+from jaxllm.peft import LoraAdapter
+from jaxllm.train.setup import setup_step
+from jaxllm.train.step import make_train_step
+from jaxllm.train.trainer import resolve_finetune_config, train
+
+
+@pytest.fixture(scope="module")
+def base_and_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    train(load_config(["tiny"], [f"checkpoint.run_dir={root / 'base'}", "train.steps=2", "train.eval_every=0"]))
+    data = root / "reverse.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in generate_instructions(64, seed=0)))
+    return root / "base", data
+
+
+def _finetune_cfg(base, data, *overrides):
+    return resolve_finetune_config(str(base), ["finetune/lora"], [
+        f"data.source={data}", "data.seq_len=64", "train.batch_size=8", "train.steps=4", "train.warmup_steps=0",
+        *overrides])
+
+
+def _batches(setup, cfg, n):
+    corpus = load_corpus(cfg.data)
+    it = iter(make_batches(corpus.train_docs, corpus.tokenizer, seq_len=cfg.data.seq_len,
+                           batch_size=cfg.train.batch_size, seed=0, repeat=True, encode=corpus.encode))
+    return [next(it) for _ in range(n)]
+
+
+def test_only_adapter_params_train(base_and_data):
+    base, data = base_and_data
+    cfg = _finetune_cfg(base, data, "finetune.lora.rank=4", "finetune.lora.dropout=0.1")
+    setup = setup_step(cfg)
+    base_params = jax.tree.map(np.array, load_model(base).params)
+    chex.assert_trees_all_equal(jax.tree.map(np.array, setup.frozen), base_params)
+    state = setup.init()
+    start = jax.tree.map(np.array, state.params)
+    with jax.set_mesh(setup.mesh):
+        for batch in _batches(setup, cfg, 3):
+            state, metrics = setup.train_step(state, setup.global_batch(batch), setup.frozen)
+    chex.assert_trees_all_equal(jax.tree.map(np.array, setup.frozen), base_params)  # base unchanged, bitwise
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.params, start)
+    assert min(jax.tree.leaves(moved)) > 0  # every adapter leaf trained
+    # optimizer state: AdamW's two moments, each exactly the adapter's shapes -- nothing base-sized
+    adapter_shapes = sorted(x.shape for x in jax.tree.leaves(state.params))
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
+    assert sorted(x.shape for x in moments) == sorted(adapter_shapes * 2)
+    assert sum(x.size for x in moments) == 2 * setup.adapter.num_params < setup.lm.num_params
+
+
+def test_prompt_targets_do_not_change_the_loss(base_and_data):
+    base, data = base_and_data
+    cfg = _finetune_cfg(base, data)
+    setup = setup_step(cfg)
+    batch = _batches(setup, cfg, 1)[0]
+    mask = batch["loss_mask"]
+    assert 0 < mask.sum() < 0.5 * mask.size  # responses are a minority of the tokens
+    loss = lambda b: float(setup.eval_step(setup.init().params, setup.global_batch(b), setup.frozen)[0])
+    changed = dict(batch, targets=np.where(mask == 0, (batch["targets"] + 7) % 259, batch["targets"]))
+    assert loss(changed) == loss(batch)
+    response_changed = dict(batch, targets=np.where(mask > 0, (batch["targets"] + 7) % 259, batch["targets"]))
+    assert loss(response_changed) != loss(batch)
+
+
+def test_sharded_finetuning_matches_single_device(base_and_data):
+    base, data = base_and_data
+    cfg = _finetune_cfg(base, data, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "finetune.lora.dora=true")
+    setup = setup_step(cfg)
+    batches = _batches(setup, cfg, 3)
+    state = setup.init()
+    assert setup.frozen["blocks"]["mlp"]["up"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert state.params["blocks"]["mlp"]["up"]["b"].sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
+    # the reference: the same step, jitted without shardings, on one device
+    one = jax.devices()[0]
+    ref_state = jax.device_put(jax.tree.map(np.array, state), one)
+    frozen = jax.device_put(jax.tree.map(np.array, setup.frozen), one)
+    adapter = LoraAdapter(setup.lm, cfg.finetune.lora)
+    ref_step = jax.jit(make_train_step(setup.lm, setup.tx, to_model=lambda p, f, r: adapter.apply(f, p, r)))
+    losses, ref_losses = [], []
+    with jax.set_mesh(setup.mesh):
+        for b in batches:
+            state, m = setup.train_step(state, setup.global_batch(b), setup.frozen)
+            losses.append(float(m["loss"]))
+    for b in batches:
+        ref_state, rm = ref_step(ref_state, jax.device_put(b, one), frozen)
+        ref_losses.append(float(rm["loss"]))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    chex.assert_trees_all_close(jax.tree.map(np.array, state.params), jax.tree.map(np.array, ref_state.params),
+                                atol=1e-5, rtol=1e-4)
+
+
+def test_sft_rendering_weights_only_responses(tmp_path):
+    tok = ByteTokenizer()
+    enc = ChatEncoder(tok, DEFAULT_TEMPLATE, max_tokens=1000)
+    conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"}, {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "ok"}]
+    ids, weights = enc(conv)
+    assert ids[0] == tok.bos_id and ids.tolist().count(tok.eos_id) == 2
+    trained = [(int(i), float(w)) for i, w in zip(ids, weights) if w > 0]
+    assert bytes(i for i, _ in trained if i < 256) == b"yook" and sum(i == tok.eos_id for i, _ in trained) == 2
+    # a Hugging Face-style (ChatML) template from a file, special tokens as text
+    template = tmp_path / "chatml.jinja"
+    template.write_text("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|eos|>\\n' }}"
+                        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    enc = ChatEncoder(tok, template.read_text(), max_tokens=1000)
+    ids, weights = enc([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    assert bytes(int(i) for i, w in zip(ids, weights) if w > 0 and i < 256) == b"b\n"
+    # templates that do not extend their prefixes cannot locate responses: a clear error
+    bad = ChatEncoder(tok, "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}", 1000)
+    with pytest.raises(ConfigError, match="extension of its prefixes"):
+        bad([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    # truncation to max_tokens is counted
+    short = ChatEncoder(tok, DEFAULT_TEMPLATE, max_tokens=8)
+    assert len(short(conv)[0]) == 8 and short.truncated == 1
+
+
+def test_sft_bad_records_are_skipped_and_reported(tmp_path):
+    f = tmp_path / "mixed.jsonl"
+    f.write_text("\n".join([
+        json.dumps({"prompt": "p", "response": "r"}),
+        "{not json",
+        json.dumps({"messages": [{"role": "user", "content": "only a question"}]}),
+        json.dumps({"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}),
+        json.dumps({"text": "pretraining-style"}),
+        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}),
+    ]))
+    convs, report = read_conversations(f)
+    assert len(convs) == 2 and report.skipped == 4
+    assert any("no assistant message" in e for e in report.examples)
+    assert any("role in" in e for e in report.examples)
+    with pytest.raises(ConfigError, match="needs data.source to be a .jsonl"):
+        load_corpus(load_config([], ["data.format=sft"]).data)
+
+
+def test_finetune_cli_end_to_end_with_resume(base_and_data, tmp_path, capsys):
+    base, data = base_and_data
+    run = tmp_path / "run"
+    args = ["finetune", "--base", str(base), "--config", "finetune/lora", f"data.source={data}", "data.seq_len=64",
+            "train.batch_size=8", "train.eval_every=0", "train.log_every=2", "train.warmup_steps=1", f"checkpoint.run_dir={run}"]
+    assert main(args + ["train.steps=4"]) == 0
+    out = capsys.readouterr().out
+    assert "trainable LoRA params" in out and "in peft format" in out
+    adapter_bytes = (run / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert adapter_bytes < 0.2 * 4 * load_model(base).lm.num_params  # adapters alone: small
+    assert main(args + ["train.steps=6"]) == 0
+    assert "resuming from step 4" in capsys.readouterr().out
+    merged = load_model(run)  # a finetune run loads as its merged model (generate, convert, eval)
+    setup = setup_step(load_config([run / "config.yaml"]))
+    assert jax.tree.structure(merged.params) == jax.tree.structure(load_model(base).params)
+    assert setup.adapter is not None
+    assert main(["finetune", "--base", str(tmp_path / "nothing"), f"data.source={data}"]) == 2
+    assert "neither a Hugging Face directory" in capsys.readouterr().err
