@@ -15,7 +15,9 @@ from jaxllm.data.pipeline import load_corpus, make_batches
 from jaxllm.data.sft import ChatEncoder, DEFAULT_TEMPLATE, read_conversations
 from jaxllm.data.synthetic import generate_instructions
 from jaxllm.data.tokenizer import ByteTokenizer
+from jaxllm.interop.hf_checkpoint import load_hf_checkpoint
 from jaxllm.interop.models import load_model
+from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.peft import LoraAdapter
 from jaxllm.train.setup import setup_step
 from jaxllm.train.step import make_train_step
@@ -35,6 +37,10 @@ def _finetune_cfg(base, data, *overrides):
     return resolve_finetune_config(str(base), ["finetune/lora"], [
         f"data.source={data}", "data.seq_len=64", "train.batch_size=8", "train.steps=4", "train.warmup_steps=0",
         *overrides])
+
+
+def setup_cfg_checkpoint(run):
+    return load_config([run / "config.yaml"]).checkpoint
 
 
 def _batches(setup, cfg, n):
@@ -79,14 +85,21 @@ def test_prompt_targets_do_not_change_the_loss(base_and_data):
     assert loss(response_changed) != loss(batch)
 
 
-def test_sharded_finetuning_matches_single_device(base_and_data):
+@pytest.mark.parametrize("variant", ["dora", "nf4"])
+def test_sharded_finetuning_matches_single_device(base_and_data, variant):
     base, data = base_and_data
-    cfg = _finetune_cfg(base, data, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "finetune.lora.dora=true")
+    extra = "finetune.lora.dora=true" if variant == "dora" else "finetune.lora.quantize=nf4"
+    cfg = _finetune_cfg(base, data, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", extra)
     setup = setup_step(cfg)
     batches = _batches(setup, cfg, 3)
     state = setup.init()
-    assert setup.frozen["blocks"]["mlp"]["up"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-    assert state.params["blocks"]["mlp"]["up"]["b"].sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
+    up = setup.frozen["blocks"]["mlp"]["up"]["kernel"]
+    P = jax.sharding.PartitionSpec
+    if variant == "nf4":  # quantised codes [L, D, F / block, block / 2] shard like the kernel they replace
+        assert tuple(up.codes.sharding.spec[:2]) == (None, "fsdp") and tuple(up.scales.sharding.spec[:2]) == (None, "fsdp")
+    else:
+        assert up.sharding.spec == P(None, "fsdp", "tensor")
+    assert state.params["blocks"]["mlp"]["up"]["b"].sharding.spec == P(None, None, "tensor")
     # the reference: the same step, jitted without shardings, on one device
     one = jax.devices()[0]
     ref_state = jax.device_put(jax.tree.map(np.array, state), one)
@@ -163,8 +176,29 @@ def test_finetune_cli_end_to_end_with_resume(base_and_data, tmp_path, capsys):
     assert main(args + ["train.steps=6"]) == 0
     assert "resuming from step 4" in capsys.readouterr().out
     merged = load_model(run)  # a finetune run loads as its merged model (generate, convert, eval)
-    setup = setup_step(load_config([run / "config.yaml"]))
     assert jax.tree.structure(merged.params) == jax.tree.structure(load_model(base).params)
-    assert setup.adapter is not None
+    setup = setup_step(load_config([run / "config.yaml"]))
+    restored = Checkpointer(run / "checkpoints", setup_cfg_checkpoint(run)).restore_latest(setup.abstract_state)
+    tokens = np.arange(20).reshape(2, 10)
+    adapted = setup.lm.apply(setup.adapter.apply(setup.frozen, restored[1].params), tokens)
+    np.testing.assert_allclose(merged.lm.apply(merged.params, tokens), adapted, atol=1e-5)
+    assert main(["convert", str(run), str(tmp_path / "hf")]) == 0  # the merged model as a HF checkpoint
+    lm, params, _ = load_hf_checkpoint(tmp_path / "hf")
+    np.testing.assert_allclose(lm.apply(params, tokens), adapted, atol=1e-5)
     assert main(["finetune", "--base", str(tmp_path / "nothing"), f"data.source={data}"]) == 2
     assert "neither a Hugging Face directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("finetune.method=qlora", "finetune.method='qlora' is not allowed; choose one of ['lora', 'full']"),
+    ("finetune.lora.init=svd", "finetune.lora.init='svd' is not allowed"),
+    ("finetune.lora.quantize=int4", "finetune.lora.quantize='int4' is not allowed; choose one of ['none', 'int8', 'nf4']"),
+    ("finetune.lora.dropout=1.0", "finetune.lora.dropout=1.0 must be within [0, 1)"),
+    ("finetune.lora.rank=0", "finetune.lora.rank=0 must be > 0"),
+    ("finetune.lora.targets=[]", "finetune.lora.targets is empty"),
+    ("data.format=chat", "data.format='chat' is not allowed; choose one of ['text', 'sft']"),
+])
+def test_finetune_config_errors(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(["finetune/lora"], [override])
+    assert message in str(err.value)

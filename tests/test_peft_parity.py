@@ -139,3 +139,29 @@ def test_malformed_peft_adapters_are_clear_errors(base, tmp_path):
     lora, _ = adapter.init(jax.random.key(0), params)
     with pytest.raises(ValueError, match="pass `initial`"):
         save_peft_adapter(tmp_path / "x", adapter, lora, model_type)
+
+
+def test_finetune_a_hf_checkpoint_and_load_the_adapter_in_peft(tmp_path):
+    """`jaxllm finetune --base HF_DIR` end to end: the adapter it writes, loaded by peft onto the same HF
+    checkpoint, gives the logits of jaxllm's merged fine-tuned model."""
+    import json
+
+    from jaxllm.cli import main
+    from jaxllm.data.synthetic import generate_instructions
+    from jaxllm.interop.models import load_model
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf", safe_serialization=True)
+    data = tmp_path / "chain.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in generate_instructions(32)))
+    run = tmp_path / "run"
+    assert main(["finetune", "--base", str(tmp_path / "hf"), "--config", "finetune/lora", f"data.source={data}",
+                 "data.seq_len=64", "train.steps=3", "train.warmup_steps=1", "train.eval_every=0",
+                 "finetune.lora.init=pissa", "finetune.lora.dora=true", f"checkpoint.run_dir={run}"]) == 0
+    merged = load_model(run)
+    model = peft.PeftModel.from_pretrained(_torch_base(tmp_path / "hf"), run / "adapter").eval()
+    tokens = _tokens()
+    np.testing.assert_allclose(np.asarray(merged.lm.apply(merged.params, tokens)), _peft_logits(model, tokens),
+                               atol=TOL, rtol=0)

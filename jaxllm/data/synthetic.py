@@ -100,14 +100,34 @@ def entropy_floor() -> float:
     return entropy / targets
 
 
-def generate_instructions(num: int, seed: int = 0, min_len: int = 3, max_len: int = 12) -> list[dict[str, str]]:
-    """A synthetic instruction task for fine-tuning: {"prompt": "reverse: abc", "response": "cba"}.
+INSTRUCTION_TASKS = ("chain", "reverse", "shift", "repeat")
 
-    Deterministic given the response's length, so a perfectly adapted model has zero loss on it.
+
+def generate_instructions(
+    num: int, seed: int = 0, task: str = "chain", min_len: int = 3, max_len: int = 8, grammar_seed: int = 1234
+) -> list[dict[str, str]]:
+    """Synthetic instruction data for fine-tuning: the response is a function of the prompt, so a
+    perfectly adapted model has zero loss on it.
+
+    chain:   "chain: a" -> `max_len` letters, each the *first* allowed successor of the one before: a new
+             deterministic rule over the pretraining grammar (where each of 4 successors was equally likely);
+    reverse: "reverse: abc" -> "cba";  shift: "shift: abc" -> "bcd" (Caesar +1);  repeat: "repeat: abc" -> "abc"
+             (random letters of a-z, `min_len`..`max_len` of them: these need content-based copying).
     """
+    if task not in INSTRUCTION_TASKS:
+        raise ValueError(f"task {task!r}; choose one of {list(INSTRUCTION_TASKS)}")
     rng = np.random.default_rng(seed)
+    first_successor = transition_table(grammar_seed)[:, 0]
     out = []
     for _ in range(num):
+        if task == "chain":
+            letters = [int(rng.integers(len(ALPHABET)))]
+            for _ in range(max_len):
+                letters.append(int(first_successor[letters[-1]]))
+            out.append({"prompt": f"chain: {ALPHABET[letters[0]]}", "response": "".join(ALPHABET[j] for j in letters[1:])})
+            continue
         word = "".join(rng.choice(list(ALPHABET[:26]), size=int(rng.integers(min_len, max_len + 1))))
-        out.append({"prompt": f"reverse: {word}", "response": word[::-1]})
+        response = {"reverse": word[::-1], "shift": "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in word),
+                    "repeat": word}[task]
+        out.append({"prompt": f"{task}: {word}", "response": response})
     return out

@@ -14,6 +14,7 @@ pick one per call. `frozen` is the base with PiSSA-style residuals and, for QLoR
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -138,15 +139,23 @@ class LoraAdapter:
             return []
         return [p + ("kernel",) for p in sorted(self.lm.linear_layers) if p[0] == "blocks"]
 
-    def frozen_logical_axes(self) -> Params:
+    def frozen_logical_axes(self, shard_blocks: bool = True) -> Params:
+        """Logical axes of the frozen tree; a quantised kernel's block-count axis keeps the name of the
+        kernel's last axis when `shard_blocks`, else is replicated."""
         axes = self.lm.logical_axes
         for path in self.quantized_paths():
-            axes = _replace(axes, path, quantized_logical_axes(_get(axes, path), self.spec.quantize))
+            q_axes = quantized_logical_axes(_get(axes, path), self.spec.quantize)
+            if not shard_blocks:
+                q_axes = dataclasses.replace(q_axes, codes=(*q_axes.codes[:-2], None, None), scales=(*q_axes.scales[:-1], None))
+            axes = _replace(axes, path, q_axes)
         return axes
 
     def frozen_shardings(self, mesh: Mesh) -> Params:
         shapes = jax.eval_shape(lambda: self.frozen_of(self.lm.init(jax.random.key(0))))
-        return param_shardings(self.frozen_logical_axes(), shapes, mesh, self.lm.rules)
+        try:
+            return param_shardings(self.frozen_logical_axes(), shapes, mesh, self.lm.rules)
+        except ConfigError:  # too few quantisation blocks to split: replicate that axis
+            return param_shardings(self.frozen_logical_axes(shard_blocks=False), shapes, mesh, self.lm.rules)
 
     # ------------------------------------------------------------------------ pure transforms
     def init(self, key: jax.Array, base: Params) -> tuple[Params, Params]:
