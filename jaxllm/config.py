@@ -26,7 +26,7 @@ POSITIONS = ("rope", "learned", "none")
 ROPE_SCALINGS = ("none", "llama3")
 BIASES = ("none", "qkv", "all")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
-ATTENTION_IMPLS = ("xla",)
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -55,7 +55,7 @@ class RopeScalingConfig:
 
 @dataclass
 class AttentionConfig:
-    impl: str = "xla"
+    impl: str = "xla"  # xla | pallas (flash attention kernel) | cudnn (GPU) | auto: pallas on GPU/TPU, else xla
     sliding_window: Optional[int] = None  # tokens a query may look back, itself included (Mistral)
     qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3/OLMo2)
     logit_softcap: Optional[float] = None  # cap * tanh(scores / cap) (Gemma-2)

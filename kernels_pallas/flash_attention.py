@@ -293,3 +293,39 @@ def flash_attention(
     kseg = pad(kv_segment_ids.astype(jnp.int32), Sp, 1, _KV_PAD)
     out = _flash(q, k, v, qpos, kpos, qseg, kseg, m, bq, bk, interpret)
     return out.transpose(0, 2, 1, 3)[:, :T]
+
+
+def flash_attention_sharded(
+    q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, batch_axes: tuple[str, ...],
+    head_axes: tuple[str, ...], **kwargs,
+) -> jax.Array:
+    """`flash_attention` under the current mesh (`jax.set_mesh`): a `shard_map` over the batch and head
+    mesh axes (a Pallas call cannot be partitioned automatically), each device running the kernel on its
+    shard. Axes that do not divide the batch or the kv heads are left out (replicated). Without a mesh,
+    `flash_attention` itself."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return flash_attention(q_BTNH, k_BSKH, v_BSKH, **kwargs)
+
+    def fitting(axes: tuple[str, ...], size: int) -> tuple[str, ...]:
+        kept: list[str] = []
+        for a in axes:
+            n = mesh.shape[a]
+            if n > 1 and size % (math.prod(mesh.shape[b] for b in kept) * n) == 0:
+                kept.append(a)
+        return tuple(kept)
+
+    b_axes = fitting(batch_axes, q_BTNH.shape[0])
+    h_axes = fitting(tuple(a for a in head_axes if a not in b_axes), k_BSKH.shape[2])
+    if not b_axes and not h_axes:
+        return flash_attention(q_BTNH, k_BSKH, v_BSKH, **kwargs)
+    P = jax.sharding.PartitionSpec
+    heads, rows = P(b_axes or None, None, h_axes or None, None), P(b_axes or None, None)
+    names = ("q_positions", "kv_positions", "q_segment_ids", "kv_segment_ids")
+    ints = [kwargs.pop(n) for n in names]
+
+    def local(q, k, v, *ids):
+        return flash_attention(q, k, v, **dict(zip(names, ids)), **kwargs)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(heads, heads, heads, rows, rows, rows, rows), out_specs=heads,
+                         check_vma=False)(q_BTNH, k_BSKH, v_BSKH, *ints)

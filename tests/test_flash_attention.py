@@ -1,6 +1,9 @@
 """Flash attention (Pallas, interpret mode on CPU) against its pure-JAX reference: values and gradients over
 awkward shapes -- odd lengths, GQA ratios 1/4/8, many short documents per row, windows, soft-cap on/off."""
 
+import dataclasses
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,3 +103,78 @@ def test_cross_attention_lengths():
 @pytest.mark.parametrize("T, window, softcap, ratio", [(129, None, None, 4), (200, 64, 30.0, 8), (96, 7, None, 1)])
 def test_larger_sweep(T, window, softcap, ratio):
     _check(B=2, T=T, N=8, K=8 // ratio, H=64, docs=4, window=window, softcap=softcap, block_q=32, block_k=32)
+
+
+def test_tpu_interpret_mode():
+    """The same kernels under Pallas' TPU interpret mode (Mosaic memory semantics, on CPU)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    q, k, v, pos, seg = _inputs(1, 32, 4, 2, 128, 2, jnp.float32)
+    kw = dict(q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg, logit_softcap=10.0)
+    run = lambda q, k, v: flash_attention(q, k, v, block_q=16, block_k=8, interpret=pltpu.InterpretParams(), **kw)
+    np.testing.assert_allclose(run(q, k, v), attention_reference(q, k, v, **kw), atol=2e-5)
+    g = jax.grad(lambda *a: run(*a).sum(), argnums=(0, 1, 2))(q, k, v)
+    r = jax.grad(lambda *a: attention_reference(*a, **kw).sum(), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g, r):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ in the model
+
+from conftest import VARIANTS  # noqa: E402
+
+from jaxllm.config import AttentionConfig  # noqa: E402
+from jaxllm.language_model import LanguageModel  # noqa: E402
+from jaxllm.models.attention import attend, resolve_impl  # noqa: E402
+
+
+def _packed_batch(T=37):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 97, (2, T))
+    seg = np.ones((2, T), np.int32)
+    seg[0, 11:] = 2
+    seg[0, 30:] = 3
+    pos = np.concatenate([np.arange(11), np.arange(19), np.arange(T - 30)])[None].repeat(2, 0)
+    pos[1] = np.arange(T)
+    return {"inputs": tokens, "targets": np.roll(tokens, -1, 1), "positions": pos, "segment_ids": seg}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_model_with_pallas_attention_equals_xla(name):
+    cfg = VARIANTS[name]
+    xla = LanguageModel(cfg)
+    pallas = LanguageModel(dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, impl="pallas")))
+    params = xla.init(jax.random.key(0))
+    batch = _packed_batch()
+    args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    np.testing.assert_allclose(pallas.apply(params, *args), xla.apply(params, *args), atol=2e-5, rtol=0)
+    g_pallas = jax.grad(lambda p: pallas.loss(p, batch)[0])(params)
+    g_xla = jax.grad(lambda p: xla.loss(p, batch)[0])(params)
+    chex.assert_trees_all_close(g_pallas, g_xla, atol=2e-6, rtol=1e-4)
+
+
+def test_sharded_model_with_pallas_attention_equals_single_device():
+    from jaxllm.config import load_config
+    from jaxllm.language_model import build
+    from jaxllm.sharding import make_mesh
+
+    cfg = load_config(["tiny", "mesh/fsdp_tp"], ["model.attention.impl=pallas"])
+    lm, ref = build(cfg), LanguageModel(dataclasses.replace(cfg.model, attention=AttentionConfig()))
+    params = ref.init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(0, 320, (8, 40)), "targets": rng.integers(0, 320, (8, 40))}
+    want_loss, want_grads = jax.value_and_grad(lambda p: ref.loss(p, batch)[0])(params)
+    mesh = make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh):
+        sharded = jax.device_put(params, lm.param_shardings(mesh))
+        loss, grads = jax.jit(jax.value_and_grad(lambda p: lm.loss(p, batch)[0]))(sharded)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    chex.assert_trees_all_close(jax.device_get(grads), want_grads, atol=2e-6, rtol=1e-4)
+
+
+def test_impl_dispatch_on_cpu():
+    assert resolve_impl("auto") == "xla" and resolve_impl("pallas") == "pallas"
+    q, k, v, pos, seg = _inputs(1, 8, 2, 1, 16, 1, jnp.float32)
+    kw = dict(q_positions_BT=pos, kv_positions_BS=pos, q_segment_ids_BT=seg, kv_segment_ids_BS=seg)
+    with pytest.raises(ValueError, match="attention.impl=cudnn needs a CUDA GPU"):
+        attend(q, k, v, impl="cudnn", **kw)

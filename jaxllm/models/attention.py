@@ -1,6 +1,6 @@
 """Multi-head attention (MHA/GQA/MQA) with RoPE, QK-norm, sliding window, soft-cap and packing.
 
-All attention math goes through `attend`, which dispatches on `impl`; Pallas kernels plug in there.
+All attention math goes through `attend`, which dispatches on `impl` (xla, pallas flash attention, cudnn).
 Masking is by positions and segment ids: query i sees key j iff they share a segment id,
 pos_j <= pos_i and (with a window W) pos_i - pos_j < W. Segment id 0 is conventionally padding.
 """
@@ -92,16 +92,32 @@ def attend(
     logit_softcap: float | None = None,
     scale: float | None = None,
     impl: str = "xla",
+    rules: Rules = (),
 ) -> jax.Array:
     """softmax(q k^T * scale [soft-capped, masked]) v -> [B, T, N, H]. N must be a multiple of K.
+
+    `impl`: xla (einsums, below), pallas (the flash attention kernel of kernels_pallas, sharded over the
+    current mesh's batch/head axes by `rules`; interpret mode on CPU), cudnn (jax.nn.dot_product_attention
+    on a CUDA GPU), auto (pallas on GPU/TPU, xla on CPU).
 
     With `causal` and T == S (self-attention), key index j > query index i is never attended, so
     positions must not decrease within a segment (true of packed rows and left padding with
     clipped positions alike, up to the outputs at padding, which carry no loss).
     """
     scale = 1.0 / math.sqrt(q_BTNH.shape[-1]) if scale is None else scale
-    if impl != "xla":
-        raise ValueError(f"unknown attention impl {impl!r}")
+    impl = resolve_impl(impl)
+    kw = dict(q_positions=q_positions_BT, kv_positions=kv_positions_BS, q_segment_ids=q_segment_ids_BT,
+              kv_segment_ids=kv_segment_ids_BS, causal=causal, sliding_window=sliding_window,
+              logit_softcap=logit_softcap, scale=scale)
+    self_attention = q_BTNH.shape[1] == k_BSKH.shape[1]
+    if impl == "pallas" and self_attention:  # training / full forward; decoding against a cache stays xla
+        from kernels_pallas.flash_attention import flash_attention_sharded
+
+        table = dict(rules)
+        return flash_attention_sharded(q_BTNH, k_BSKH, v_BSKH, batch_axes=table.get("batch", ()),
+                                       head_axes=table.get("act_kv_heads", ()), **kw)
+    if impl == "cudnn":
+        return _attend_cudnn(q_BTNH, k_BSKH, v_BSKH, **kw)
     outs = []
     for q0, q1, k0, k1 in _causal_blocks(q_BTNH.shape[1], k_BSKH.shape[1], causal, sliding_window):
         mask_BTS = attention_mask(
@@ -111,6 +127,25 @@ def attend(
         outs.append(attend_xla(q_BTNH[:, q0:q1], k_BSKH[:, k0:k1], v_BSKH[:, k0:k1], mask_BTS,
                                scale=scale, logit_softcap=logit_softcap))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def resolve_impl(impl: str) -> str:
+    """`auto` -> pallas on GPU/TPU, xla on CPU; other values as given."""
+    if impl != "auto":
+        return impl
+    return "pallas" if jax.devices()[0].platform in ("gpu", "cuda", "rocm", "tpu") else "xla"
+
+
+def _attend_cudnn(q_BTNH, k_BSKH, v_BSKH, *, q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal,
+                  sliding_window, logit_softcap, scale) -> jax.Array:
+    """cuDNN's fused attention through `jax.nn.dot_product_attention`, with jaxllm's mask as a boolean mask."""
+    if jax.devices()[0].platform not in ("gpu", "cuda"):
+        raise ValueError("attention.impl=cudnn needs a CUDA GPU; use xla, pallas or auto here")
+    if logit_softcap is not None:
+        raise ValueError("attention.impl=cudnn has no logit soft-cap; use pallas or xla")
+    mask_B1TS = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal=causal,
+                               sliding_window=sliding_window)[:, None]
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, scale=scale, implementation="cudnn")
 
 
 class Attention(nnx.Module):
@@ -159,7 +194,7 @@ class Attention(nnx.Module):
             q_positions_BT=positions_BT, kv_positions_BS=kv_positions_BS,
             q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=kv_segment_ids_BS,
             sliding_window=cfg.attention.sliding_window, logit_softcap=cfg.attention.logit_softcap,
-            impl=cfg.attention.impl,
+            impl=cfg.attention.impl, rules=rules,
         )
         out_BTNH = constrain(out_BTNH, ("batch", "length", "act_heads", "head_dim"), rules)
         out_BTD = self.o(out_BTNH)
