@@ -144,7 +144,7 @@ def test_target_and_rank_errors(model):
     assert adapter.num_params == sum(x.size for x in jax.tree.leaves(adapter.param_shapes))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(lead=st.lists(st.integers(1, 3), max_size=2), last=st.sampled_from([2, 6, 16, 48, 64, 96]),
        block=st.sampled_from([8, 32, 64]), kind=st.sampled_from(["int8", "nf4"]), seed=st.integers(0, 2**16))
 def test_quantized_kernels_round_trip_within_their_bound(lead, last, block, kind, seed):

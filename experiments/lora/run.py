@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from jaxllm.config import load_config
 from jaxllm.data.synthetic import INSTRUCTION_TASKS, generate_instructions

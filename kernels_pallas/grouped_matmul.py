@@ -1,0 +1,162 @@
+"""Grouped matmuls for mixture-of-experts over rows sorted by group (megablox-style `gmm` / `tgmm`).
+
+    out_MN = gmm(lhs_MK, rhs_GKN, group_sizes_G)     # rows of group g times rhs[g]
+    d_GKN = tgmm(lhs_MK, dout_MN, group_sizes_G)     # per group: lhs[rows of g]^T @ dout[rows of g]
+
+Groups are consecutive row ranges; zero-size groups are fine; rows past sum(group_sizes) give zeros.
+`gmm` runs a program per (row tile, column tile) over the groups that tile overlaps (ranges computed
+outside the kernel); `tgmm` a program per (group, K tile, N tile) over that group's rows. `gmm` is
+differentiable: d lhs = gmm(dout, rhs^T), d rhs = tgmm(lhs, dout). `jax.lax.ragged_dot` is the
+reference and the CPU path (`impl="xla"`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+
+def _group_bounds(group_sizes: jax.Array) -> tuple[jax.Array, jax.Array]:
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    return ends - group_sizes.astype(jnp.int32), ends
+
+
+def _gmm_kernel(first_ref, last_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref, *, bm: int):
+    m = pl.program_id(0)
+    rows = m * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+    x = lhs_ref[...]
+
+    def body(g, acc):
+        inside = (rows >= starts_ref[g]) & (rows < ends_ref[g])
+        w = rhs_ref[g]
+        return acc + jnp.where(inside, jnp.dot(x, w, preferred_element_type=jnp.float32), 0.0)
+
+    acc = lax.fori_loop(first_ref[m], last_ref[m], body, jnp.zeros(out_ref.shape, jnp.float32))
+    out_ref[...] = acc.astype(out_ref.dtype)
+
+
+def _gmm_call(lhs, rhs, group_sizes, bm: int, bn: int, interpret):
+    M, K = lhs.shape
+    G, _, N = rhs.shape
+    starts, ends = _group_bounds(group_sizes)
+    tile_start = jnp.arange(M // bm, dtype=jnp.int32) * bm
+    first = jnp.searchsorted(ends, tile_start, side="right").astype(jnp.int32)  # first group ending after the tile start
+    last = jnp.searchsorted(starts, tile_start + bm, side="left").astype(jnp.int32)  # groups starting before its end
+    whole = lambda arr: pl.BlockSpec(arr.shape, lambda m, n: (0,) * arr.ndim)
+    return pl.pallas_call(
+        functools.partial(_gmm_kernel, bm=bm), grid=(M // bm, N // bn),
+        in_specs=[whole(first), whole(last), whole(starts), whole(ends), pl.BlockSpec((bm, K), lambda m, n: (m, 0)),
+                  pl.BlockSpec((G, K, bn), lambda m, n: (0, 0, n))],
+        out_specs=pl.BlockSpec((bm, bn), lambda m, n: (m, n)),
+        out_shape=jax.ShapeDtypeStruct((M, N), lhs.dtype), interpret=interpret, name="gmm",
+    )(first, last, starts, ends, lhs, rhs)
+
+
+def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, dout_ref, out_ref, *, bm: int):
+    g = pl.program_id(0)
+    start, end = starts_ref[g], ends_ref[g]
+
+    def body(t, acc):
+        r0 = start + t * bm
+        inside = (r0 + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < end
+        x = jnp.where(inside, lhs_ref[pl.ds(r0, bm), :], 0)
+        d = dout_ref[pl.ds(r0, bm), :]
+        return acc + lax.dot_general(x, d, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, lax.div(end - start + bm - 1, bm), body, jnp.zeros(out_ref.shape, jnp.float32))
+    out_ref[...] = acc.astype(out_ref.dtype)
+
+
+def _tgmm_call(lhs, dout, group_sizes, bm: int, bk: int, bn: int, interpret):
+    M, K = lhs.shape
+    N = dout.shape[1]
+    G = group_sizes.shape[0]
+    starts, ends = _group_bounds(group_sizes)
+    lhs = jnp.pad(lhs, ((0, bm), (0, 0)))  # a group's last tile may read past M: zeros, masked anyway
+    dout = jnp.pad(dout, ((0, bm), (0, 0)))
+    whole = lambda arr: pl.BlockSpec(arr.shape, lambda g, k, n: (0,) * arr.ndim)
+    return pl.pallas_call(
+        functools.partial(_tgmm_kernel, bm=bm), grid=(G, K // bk, N // bn),
+        in_specs=[whole(starts), whole(ends), pl.BlockSpec((M + bm, bk), lambda g, k, n: (0, k)),
+                  pl.BlockSpec((M + bm, bn), lambda g, k, n: (0, n))],
+        out_specs=pl.BlockSpec((pl.Squeezed(), bk, bn), lambda g, k, n: (g, k, n)),
+        out_shape=jax.ShapeDtypeStruct((G, K, N), lhs.dtype), interpret=interpret, name="tgmm",
+    )(starts, ends, lhs, dout)
+
+
+def _tile(n: int, preferred: int) -> int:
+    """The largest tile <= preferred dividing n (n itself when small)."""
+    for t in range(min(preferred, n), 0, -1):
+        if n % t == 0:
+            return t
+    return n
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gmm(lhs, rhs, group_sizes, tiles, interpret):
+    bm, bk, bn = tiles
+    return _gmm_call(lhs, rhs, group_sizes, bm, bn, interpret)
+
+
+def _gmm_fwd(lhs, rhs, group_sizes, tiles, interpret):
+    return _gmm(lhs, rhs, group_sizes, tiles, interpret), (lhs, rhs, group_sizes)
+
+
+def _gmm_bwd(tiles, interpret, res, dout):
+    lhs, rhs, group_sizes = res
+    bm, bk, bn = tiles
+    dlhs = _gmm_call(dout.astype(lhs.dtype), rhs.transpose(0, 2, 1), group_sizes, bm, bk, interpret)
+    drhs = _tgmm_call(lhs, dout.astype(lhs.dtype), group_sizes, bm, bk, bn, interpret)
+    return dlhs, drhs.astype(rhs.dtype), None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def _resolve(impl: str, interpret: bool | None) -> tuple[str, bool]:
+    platform = jax.devices()[0].platform
+    if impl == "auto":
+        impl = "xla" if platform == "cpu" else "pallas"
+    if impl not in ("xla", "pallas"):
+        raise ValueError(f"grouped matmul impl {impl!r}; choose xla, pallas or auto")
+    return impl, platform == "cpu" if interpret is None else interpret
+
+
+def _padded_rows(x: jax.Array, bm: int) -> jax.Array:
+    return jnp.pad(x, ((0, -x.shape[0] % bm), (0, 0)))
+
+
+def gmm(
+    lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, *, tiles: tuple[int, int, int] = (64, 128, 128),
+    impl: str = "auto", interpret: bool | None = None,
+) -> jax.Array:
+    """[M, K] rows sorted by group x [G, K, N] -> [M, N]; `tiles` = preferred (rows, K, N) tile sizes."""
+    impl, interpret = _resolve(impl, interpret)
+    M, K = lhs_MK.shape
+    if rhs_GKN.shape[1] != K or rhs_GKN.shape[0] != group_sizes_G.shape[0]:
+        raise ValueError(f"gmm: lhs {lhs_MK.shape}, rhs {rhs_GKN.shape} and group_sizes {group_sizes_G.shape} disagree")
+    if impl == "xla":
+        return lax.ragged_dot(lhs_MK, rhs_GKN, group_sizes_G.astype(jnp.int32))
+    bm = min(tiles[0], max(8, -(-M // 8) * 8))
+    t = (bm, _tile(K, tiles[1]), _tile(rhs_GKN.shape[2], tiles[2]))
+    out = _gmm(_padded_rows(lhs_MK, bm), rhs_GKN.astype(lhs_MK.dtype), group_sizes_G.astype(jnp.int32), t, interpret)
+    return out[:M]
+
+
+def tgmm(
+    lhs_MK: jax.Array, dout_MN: jax.Array, group_sizes_G: jax.Array, *, tiles: tuple[int, int, int] = (64, 128, 128),
+    impl: str = "auto", interpret: bool | None = None,
+) -> jax.Array:
+    """Per group g: lhs[rows of g]^T @ dout[rows of g] -> [G, K, N] (zeros for empty groups)."""
+    impl, interpret = _resolve(impl, interpret)
+    K, N, G = lhs_MK.shape[1], dout_MN.shape[1], group_sizes_G.shape[0]
+    if impl == "xla":
+        zeros = jnp.zeros((G, K, N), lhs_MK.dtype)
+        return jax.grad(lambda w: jnp.sum(lax.ragged_dot(lhs_MK, w, group_sizes_G.astype(jnp.int32)) * dout_MN))(zeros)
+    bm = min(tiles[0], max(8, -(-lhs_MK.shape[0] // 8) * 8))
+    return _tgmm_call(lhs_MK, dout_MN.astype(lhs_MK.dtype), group_sizes_G.astype(jnp.int32), bm, _tile(K, tiles[1]),
+                      _tile(N, tiles[2]), interpret)
