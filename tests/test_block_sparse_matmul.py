@@ -65,3 +65,18 @@ def test_bad_layouts_and_shapes():
     layout = BlockLayout.block_diagonal(2, 8, 8)
     with pytest.raises(ValueError, match="do not fit"):
         block_sparse_matmul(jnp.ones((4, 15)), jnp.ones((2, 8, 8)), layout)
+
+
+def test_tpu_interpret_mode():
+    from jax.experimental.pallas import tpu as pltpu
+
+    layout = BlockLayout.from_mask(np.array([[1, 0, 1], [0, 1, 1]], bool), 8, 128)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((16, 16)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((4, 8, 128)), jnp.float32)
+    run = lambda x, b: block_sparse_matmul(x, b, layout, impl="pallas", interpret=pltpu.InterpretParams())
+    np.testing.assert_allclose(run(x, b), block_sparse_reference(x, b, layout), atol=1e-4)
+    g = jax.grad(lambda x, b: run(x, b).sum(), argnums=(0, 1))(x, b)
+    r = jax.grad(lambda x, b: block_sparse_reference(x, b, layout).sum(), argnums=(0, 1))(x, b)
+    for a, c in zip(g, r):
+        np.testing.assert_allclose(a, c, atol=1e-4)

@@ -62,3 +62,16 @@ def test_xla_path_and_errors():
         gmm(lhs, jnp.ones((3, 8, 4)), gs)
     with pytest.raises(ValueError, match="impl 'triton'"):
         gmm(lhs, rhs, gs, impl="triton")
+
+
+def test_tpu_interpret_mode():
+    from jax.experimental.pallas import tpu as pltpu
+
+    rng = np.random.default_rng(0)
+    lhs = jnp.asarray(rng.standard_normal((32, 128)), jnp.float32)
+    rhs = jnp.asarray(rng.standard_normal((3, 128, 128)), jnp.float32)
+    dout = jnp.asarray(rng.standard_normal((32, 128)), jnp.float32)
+    gs = jnp.asarray([10, 0, 22], jnp.int32)
+    kw = dict(tiles=(8, 128, 128), impl="pallas", interpret=pltpu.InterpretParams())
+    np.testing.assert_allclose(gmm(lhs, rhs, gs, **kw), jax.lax.ragged_dot(lhs, rhs, gs), atol=1e-4)
+    np.testing.assert_allclose(tgmm(lhs, dout, gs, **kw), _reference_tgmm(lhs, dout, gs), atol=1e-4)
