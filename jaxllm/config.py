@@ -33,6 +33,8 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 OPTIMIZERS = ("adamw", "lion", "adafactor")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 DATA_FORMATS = ("text", "sft")
+MLP_STRUCTURES = ("dense", "lowrank", "blockdense", "blockshuffle")
+MATMUL_IMPLS = ("xla", "pallas", "auto")
 FINETUNE_METHODS = ("lora", "full")
 LORA_INITS = ("lora", "gaussian", "pissa", "milora", "olora")
 QUANTIZATIONS = ("none", "int8", "nf4")
@@ -66,6 +68,14 @@ class MlpConfig:
     d_ff: int = 1408
     activation: str = "silu"
     gated: bool = True  # act(x W_gate) * (x W_up): SwiGLU with silu, GeGLU with gelu
+    # Structured FFN maps (Wei et al., 2024): dense | lowrank U(Vx) | blockdense U_r(V_b x) |
+    # blockshuffle P^-1(U_b P(V_b x)). Sizes from rank/blocks, else from param_fraction of the dense map.
+    structure: str = "dense"
+    rank: Optional[int] = None  # lowrank / blockdense inner width
+    blocks: Optional[int] = None  # blockdense (default 4) / blockshuffle block count
+    param_fraction: float = 0.5  # target params / dense params, for the sizes not given
+    impl: str = "auto"  # block-diagonal products: xla (batched einsum) | pallas (block-sparse kernel) | auto
+    merge_below_tokens: int = 0  # generation: use the merged dense maps when <= this many tokens are in flight
 
 
 @dataclass
@@ -112,6 +122,7 @@ def _default_rules() -> dict[str, list[str]]:
         "embed": ["fsdp"],
         "vocab": ["tensor"],
         "mlp": ["tensor"],
+        "mlp_blocks": ["tensor"],  # the block axis of block-diagonal FFN factors
         "heads": ["tensor"],
         "kv_heads": ["tensor"],
         "head_dim": [],
@@ -337,6 +348,17 @@ def check_values(cfg: Config) -> None:
     for key in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "max_seq_len"):
         _positive(f"model.{key}", getattr(m, key))
     _positive("model.mlp.d_ff", m.mlp.d_ff)
+    _choice("model.mlp.structure", m.mlp.structure, MLP_STRUCTURES)
+    _choice("model.mlp.impl", m.mlp.impl, MATMUL_IMPLS)
+    _positive("model.mlp.rank", m.mlp.rank, allow_none=True)
+    _positive("model.mlp.blocks", m.mlp.blocks, allow_none=True)
+    if not 0 < m.mlp.param_fraction <= 1:
+        raise ConfigError(f"model.mlp.param_fraction={m.mlp.param_fraction} must be within (0, 1]")
+    if m.mlp.structure != "dense":
+        from jaxllm.models.structured import structure_sizes
+
+        for i, o in ((m.d_model, m.mlp.d_ff), (m.mlp.d_ff, m.d_model)):
+            structure_sizes(m.mlp, i, o)  # raises ConfigError naming the size that does not fit
     _positive("model.loss_chunk", m.loss_chunk)
     _positive("model.head_dim", m.head_dim, allow_none=True)
     _positive("model.attention.sliding_window", m.attention.sliding_window, allow_none=True)

@@ -101,7 +101,9 @@ def _cache_length(lm: LanguageModel, prompt_len: int, max_new_tokens: int) -> in
 def _generate(lm, params, tokens, positions, segment_ids, key, *, max_new_tokens, cache_len, sampling, stop_ids,
               pad_id):
     key, sub = jax.random.split(key)
-    cache, first, last_pos = prefill(lm, params, tokens, positions, segment_ids, sub,
+    (pre_lm, pre_params), (dec_lm, dec_params) = (
+        _factored_or_merged(lm, params, n) for n in (tokens.size, tokens.shape[0]))
+    cache, first, last_pos = prefill(pre_lm, pre_params, tokens, positions, segment_ids, sub,
                                      cache_len=cache_len, sampling=sampling)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
     out = jnp.full((tokens.shape[0], max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
@@ -114,12 +116,20 @@ def _generate(lm, params, tokens, positions, segment_ids, key, *, max_new_tokens
     def body(carry):
         i, cache, token, pos, done, out, key = carry
         key, sub = jax.random.split(key)
-        cache, nxt = decode_step(lm, params, cache, token, pos + 1, sub, sampling=sampling)
+        cache, nxt = decode_step(dec_lm, dec_params, cache, token, pos + 1, sub, sampling=sampling)
         nxt = jnp.where(done, pad_id, nxt)
         return i + 1, cache, nxt, pos + 1, done | jnp.isin(nxt, stops), out.at[:, i].set(nxt), key
 
     carry = (jnp.int32(1), cache, first, last_pos, done, out, key)
     return jax.lax.while_loop(cond, body, carry)[5]
+
+
+def _factored_or_merged(lm: LanguageModel, params: Params, tokens_in_flight: int) -> tuple[LanguageModel, Params]:
+    """Structured FFNs have no nonlinearity between their factors: with few tokens in flight (decoding)
+    one merged dense matmul beats several small ones; the switch is `mlp.merge_below_tokens`."""
+    if lm.cfg.mlp.structure == "dense" or tokens_in_flight > lm.cfg.mlp.merge_below_tokens:
+        return lm, params
+    return lm.merged_model, lm.merge_params(params)
 
 
 def _prepare(lm: LanguageModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int):
@@ -171,7 +181,9 @@ def stream(
     p, cache_len = _prepare(lm, prompts, max_new_tokens, pad_id)
     key = jax.random.key(seed)
     key, sub = jax.random.split(key)
-    cache, token, pos = prefill(lm, params, p.tokens, p.positions, p.segment_ids, sub,
+    (pre_lm, pre_params), (dec_lm, dec_params) = (
+        _factored_or_merged(lm, params, n) for n in (p.tokens.size, p.tokens.shape[0]))
+    cache, token, pos = prefill(pre_lm, pre_params, p.tokens, p.positions, p.segment_ids, sub,
                                 cache_len=cache_len, sampling=sampling)
     done = np.zeros(len(prompts), bool)
     for i in range(max_new_tokens):
@@ -182,4 +194,4 @@ def stream(
             return
         key, sub = jax.random.split(key)
         pos = pos + 1
-        cache, token = decode_step(lm, params, cache, jnp.asarray(tok), pos, sub, sampling=sampling)
+        cache, token = decode_step(dec_lm, dec_params, cache, jnp.asarray(tok), pos, sub, sampling=sampling)

@@ -10,6 +10,8 @@ Everything is a plain function of pytrees: jit, grad and vmap them without knowi
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -102,6 +104,23 @@ class LanguageModel:
         """Mean next-token cross entropy of batch['targets'] given batch['inputs'] (both [B, T]),
         plus z_loss * mean logsumexp^2. Returns (loss, {cross_entropy, z_loss, tokens})."""
         return loss_from_sums(*self.loss_sums(params, batch), z_loss)
+
+    # ------------------------------------------------------------------------ structured FFN maps
+    @functools.cached_property
+    def merged_model(self) -> LanguageModel:
+        """The same model with dense FFN maps (for `merge_params`); itself when already dense."""
+        if self.cfg.mlp.structure == "dense":
+            return self
+        mlp = dataclasses.replace(self.cfg.mlp, structure="dense")
+        return LanguageModel(dataclasses.replace(self.cfg, mlp=mlp), self.rules)
+
+    def merge_params(self, params: Params) -> Params:
+        """Params for `merged_model`: structured FFN factors multiplied out (no nonlinearity between them)."""
+        if self.cfg.mlp.structure == "dense":
+            return params
+        from jaxllm.models.structured import merge_structured
+
+        return merge_structured(self.cfg, params)
 
     # -------------------------------------------------------------------------------- accounting
     @property

@@ -1,4 +1,4 @@
-"""Dense feed-forward block: gated (SwiGLU/GeGLU) or plain (GPT-2) MLP."""
+"""Feed-forward block: gated (SwiGLU/GeGLU) or plain (GPT-2) MLP, its maps dense or structured."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxllm.config import ModelConfig
+from jaxllm.config import ConfigError, ModelConfig
 from jaxllm.models.layers import Dense
+from jaxllm.models.structured import StructuredLinear
 from jaxllm.sharding import Rules, constrain
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -30,9 +31,18 @@ class Mlp(nnx.Module):
         kw = dict(
             use_bias=cfg.bias == "all", dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs
         )
-        self.gate = Dense((D,), (F,), ("embed", "mlp"), std=cfg.init_std, **kw) if cfg.mlp.gated else None
-        self.up = Dense((D,), (F,), ("embed", "mlp"), std=cfg.init_std, **kw)
-        self.down = Dense((F,), (D,), ("mlp", "embed"), std=cfg.init_std / math.sqrt(2 * cfg.num_layers), **kw)
+        down_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        if cfg.mlp.structure == "dense":
+            self.gate = Dense((D,), (F,), ("embed", "mlp"), std=cfg.init_std, **kw) if cfg.mlp.gated else None
+            self.up = Dense((D,), (F,), ("embed", "mlp"), std=cfg.init_std, **kw)
+            self.down = Dense((F,), (D,), ("mlp", "embed"), std=down_std, **kw)
+        else:  # structured maps (no biases): jaxllm.models.structured
+            if cfg.bias == "all":
+                raise ConfigError("model.mlp.structure needs model.bias none or qkv (structured maps have no bias)")
+            make = lambda i, o, axes, std: StructuredLinear(cfg, i, o, axes, std=std, rngs=rngs)
+            self.gate = make(D, F, ("embed", "mlp"), cfg.init_std) if cfg.mlp.gated else None
+            self.up = make(D, F, ("embed", "mlp"), cfg.init_std)
+            self.down = make(F, D, ("mlp", "embed"), down_std)
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         act = ACTIVATIONS[self.activation]

@@ -32,13 +32,14 @@ def make_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def decay_mask(params: Any) -> Any:
-    """True for weights that get weight decay: matrices (kernels, LoRA factors a/b), not norm scales,
+    """True for weights that get weight decay: matrices (kernels, LoRA factors a/b, structured factors
+    u/v), not norm scales,
     biases, DoRA magnitudes or embeddings."""
 
     def wants_decay(path: tuple[Any, ...], _: Any) -> bool:
         name = getattr(path[-1], "key", "")
         owner = getattr(path[-2], "key", "") if len(path) > 1 else ""
-        return name in ("kernel", "a", "b") or (name == "embedding" and owner == "embed")
+        return name in ("kernel", "a", "b", "u", "v") or (name == "embedding" and owner == "embed")
 
     return jax.tree_util.tree_map_with_path(wants_decay, params)
 

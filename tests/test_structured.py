@@ -1,0 +1,119 @@
+"""Structured FFN maps: each equals its materialised dense matrix, the block-sparse kernel path has the
+einsum path's gradients, sizes hit their param fractions, sharded == single device, pre-merged decoding
+gives the factored tokens, and the whole model accounts params/FLOPs exactly."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxllm.config import ConfigError, MlpConfig, load_config
+from jaxllm.generate import generate
+from jaxllm.language_model import LanguageModel, build
+from jaxllm.models.structured import StructuredLinear, structure_sizes, structured_params
+from jaxllm.sharding import make_mesh
+
+from conftest import tiny_model
+
+STRUCTURES = ["lowrank", "blockdense", "blockshuffle"]
+TOL = 1e-5  # f32
+
+
+def _map(structure, i, o, impl="xla", **sizes):
+    cfg = tiny_model(mlp=MlpConfig(d_ff=64, structure=structure, impl=impl, **sizes))
+    return StructuredLinear(cfg, i, o, ("embed", "mlp"), std=0.02, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("i, o", [(32, 64), (64, 32)])
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_each_structure_equals_its_dense_matrix(structure, i, o):
+    layer = _map(structure, i, o)
+    x = jax.random.normal(jax.random.key(1), (3, 5, i))
+    w = layer.dense_kernel()
+    np.testing.assert_allclose(layer(x), x @ w, atol=TOL, rtol=0)
+    # the init keeps the dense init's scale (std 0.02) within sampling error
+    assert 0.012 < float(jnp.std(w)) < 0.03
+    assert layer.num_params == sum(p.size for p in jax.tree.leaves(nnx.state(layer, nnx.Param)))
+
+
+@pytest.mark.parametrize("structure", ["blockdense", "blockshuffle"])
+def test_kernel_path_gradients_equal_the_einsum_path(structure):
+    x = jax.random.normal(jax.random.key(1), (20, 32))
+    dy = jax.random.normal(jax.random.key(2), (20, 64))
+    outs = {}
+    for impl in ("pallas", "xla"):
+        layer = _map(structure, 32, 64, impl=impl)
+        graph, params = nnx.split(layer)
+        loss = lambda p, x: jnp.sum(nnx.merge(graph, p)(x) * dy)
+        outs[impl] = (nnx.merge(graph, params)(x), jax.grad(loss, argnums=(0, 1))(params, x))
+    np.testing.assert_allclose(outs["pallas"][0], outs["xla"][0], atol=TOL)
+    chex.assert_trees_all_close(outs["pallas"][1], outs["xla"][1], atol=TOL)
+
+
+@pytest.mark.parametrize("fraction", [0.63, 0.32])
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_param_fraction_sizing(structure, fraction):
+    mlp = MlpConfig(d_ff=1536, structure=structure, param_fraction=fraction)
+    for i, o in ((512, 1536), (1536, 512)):
+        sizes = structure_sizes(mlp, i, o)
+        got = structured_params(structure, sizes, i, o) / (i * o)
+        assert abs(got - fraction) < 0.12, (structure, sizes, got)
+
+
+def test_sizes_set_directly_and_their_errors():
+    assert structure_sizes(MlpConfig(structure="lowrank", rank=7), 32, 64).rank == 7
+    assert structure_sizes(MlpConfig(structure="blockdense", rank=16, blocks=8), 32, 64) == structure_sizes(
+        MlpConfig(structure="blockdense", rank=16, blocks=8), 32, 64)
+    with pytest.raises(ConfigError, match="rank=40 exceeds min"):
+        structure_sizes(MlpConfig(structure="lowrank", rank=40), 32, 64)
+    with pytest.raises(ConfigError, match="blocks=3 must divide"):
+        load_config(["tiny"], ["model.mlp.structure=blockshuffle", "model.mlp.blocks=3"])
+    with pytest.raises(ConfigError, match="model.mlp.structure='monarch' is not allowed"):
+        load_config(["tiny"], ["model.mlp.structure=monarch"])
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_model_accounting_and_merged_model(structure):
+    cfg = tiny_model(mlp=MlpConfig(d_ff=64, structure=structure))
+    lm = LanguageModel(cfg)
+    dense = LanguageModel(dataclasses.replace(cfg, mlp=MlpConfig(d_ff=64)))
+    D, F = cfg.d_model, cfg.mlp.d_ff
+    ffn = sum(structured_params(structure, structure_sizes(cfg.mlp, i, o), i, o) for i, o in ((D, F), (D, F), (F, D)))
+    assert lm.num_params == dense.num_params - cfg.num_layers * 3 * D * F + cfg.num_layers * ffn
+    assert lm.flops_per_token(16) == pytest.approx(dense.flops_per_token(16) - 3 * 2 * cfg.num_layers * (3 * D * F - ffn))
+    params = lm.init(jax.random.key(0))
+    tokens = np.random.default_rng(0).integers(0, 97, (2, 11))
+    merged = lm.merge_params(params)
+    np.testing.assert_allclose(lm.merged_model.apply(merged, tokens), lm.apply(params, tokens), atol=TOL)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_premerged_decoding_gives_the_factored_tokens(structure):
+    cfg = tiny_model(mlp=MlpConfig(d_ff=64, structure=structure))
+    params = LanguageModel(cfg).init(jax.random.key(0))
+    prompts = [[1, 5, 9, 12], [3, 4]]
+    factored = generate(LanguageModel(cfg), params, prompts, 12)
+    merged_cfg = dataclasses.replace(cfg, mlp=dataclasses.replace(cfg.mlp, merge_below_tokens=8))  # decode merged
+    assert generate(LanguageModel(merged_cfg), params, prompts, 12) == factored
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_sharded_equals_single_device(structure):
+    cfg = load_config(["tiny", "mesh/fsdp_tp"], [f"model.mlp.structure={structure}", "model.mlp.blocks=2"])
+    lm = build(cfg)
+    params = lm.init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(0, 320, (8, 24)), "targets": rng.integers(0, 320, (8, 24))}
+    want_loss, want_grads = jax.value_and_grad(lambda p: lm.loss(p, batch)[0])(params)
+    mesh = make_mesh(cfg.mesh)
+    shardings = lm.param_shardings(mesh)
+    if structure != "lowrank":  # block-diagonal factors split their block axis over `tensor`
+        assert shardings["blocks"]["mlp"]["up"]["v"].spec[1] == "tensor"
+    with jax.set_mesh(mesh):
+        loss, grads = jax.jit(jax.value_and_grad(lambda p: lm.loss(p, batch)[0]))(jax.device_put(params, shardings))
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    chex.assert_trees_all_close(jax.device_get(grads), want_grads, atol=2e-6, rtol=1e-4)
