@@ -76,6 +76,12 @@ class MlpConfig:
     param_fraction: float = 0.5  # target params / dense params, for the sizes not given
     impl: str = "auto"  # block-diagonal products: xla (batched einsum) | pallas (block-sparse kernel) | auto
     merge_below_tokens: int = 0  # generation: use the merged dense maps when <= this many tokens are in flight
+    # Self-guided training: each structured map outputs a * x W + (1 - a) * structured(x), W a dense guide
+    # initialised as the factors' product, a decaying 1 -> 0 over this share of train.steps; then W is
+    # dropped from params and optimizer state. 0: off.
+    guide_fraction: float = 0.0
+    guide_schedule: str = "cosine"  # cosine | linear
+    guide_sampled: bool = False  # compute the dense path only with probability a (saves its FLOPs)
 
 
 @dataclass
@@ -354,6 +360,11 @@ def check_values(cfg: Config) -> None:
     _positive("model.mlp.blocks", m.mlp.blocks, allow_none=True)
     if not 0 < m.mlp.param_fraction <= 1:
         raise ConfigError(f"model.mlp.param_fraction={m.mlp.param_fraction} must be within (0, 1]")
+    _choice("model.mlp.guide_schedule", m.mlp.guide_schedule, ("cosine", "linear"))
+    if not 0 <= m.mlp.guide_fraction <= 1:
+        raise ConfigError(f"model.mlp.guide_fraction={m.mlp.guide_fraction} must be within [0, 1]")
+    if m.mlp.guide_fraction and m.mlp.structure == "dense":
+        raise ConfigError("model.mlp.guide_fraction > 0 (self-guided training) needs a structured model.mlp.structure")
     if m.mlp.structure != "dense":
         from jaxllm.models.structured import structure_sizes
 

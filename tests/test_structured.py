@@ -117,3 +117,59 @@ def test_sharded_equals_single_device(structure):
         loss, grads = jax.jit(jax.value_and_grad(lambda p: lm.loss(p, batch)[0]))(jax.device_put(params, shardings))
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     chex.assert_trees_all_close(jax.device_get(grads), want_grads, atol=2e-6, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------ self-guided training
+
+from jaxllm.models.structured import GuidedKernel, guide_alpha, with_guide  # noqa: E402
+
+
+def test_guided_layer_is_the_guide_at_1_and_the_structure_at_0():
+    cfg = tiny_model(mlp=MlpConfig(d_ff=64, structure="blockdense", guide_fraction=0.5))
+    layer = StructuredLinear(cfg, 32, 64, ("embed", "mlp"), std=0.02, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(layer.guide[...], layer.dense_kernel(), atol=1e-6)  # starts as the product
+    layer.guide.value = layer.guide[...] + 0.1 * jax.random.normal(jax.random.key(5), (32, 64))  # as if trained apart
+    x = jax.random.normal(jax.random.key(1), (7, 32))
+    structured = x @ layer.dense_kernel()
+    run = lambda a, key=None, sampled=False: layer._guided(x, structured, GuidedKernel(layer.guide[...], jnp.float32(a), key, sampled))
+    np.testing.assert_allclose(run(1.0), x @ layer.guide[...], atol=TOL)
+    np.testing.assert_allclose(run(0.0), structured, atol=TOL)
+    np.testing.assert_allclose(run(0.3), 0.3 * (x @ layer.guide[...]) + 0.7 * structured, atol=TOL)
+    # sampled: the mixture with probability a, else the structured path alone (dense matmul skipped)
+    outs = [run(0.5, jax.random.key(k), True) for k in range(40)]
+    mixed = [bool(np.allclose(o, run(0.5), atol=TOL)) for o in outs]
+    alone = [bool(np.allclose(o, structured, atol=TOL)) for o in outs]
+    assert all(m or a for m, a in zip(mixed, alone)) and 8 < sum(mixed) < 32
+
+
+def test_guide_schedules():
+    assert [guide_alpha(s, 10, "linear") for s in (0, 5, 10, 20)] == [1.0, 0.5, 0.0, 0.0]
+    np.testing.assert_allclose([guide_alpha(s, 10, "cosine") for s in (0, 5, 10)], [1.0, 0.5, 0.0], atol=1e-12)
+
+
+def test_self_guided_run_drops_guides_and_resumes_on_both_sides_of_the_switch(tmp_path):
+    import shutil
+
+    from jaxllm.train.checkpoint import Checkpointer
+    from jaxllm.train.setup import setup_step, without_guides
+    from jaxllm.train.trainer import train
+
+    overrides = ["model.mlp.structure=lowrank", "model.mlp.guide_fraction=0.5", "train.steps=12", "train.log_every=1",
+                 "train.eval_every=0", "checkpoint.save_every=3", "checkpoint.keep_last=10", "checkpoint.async_save=false",
+                 "train.warmup_steps=1"]
+    full = train(load_config(["tiny"], overrides + [f"checkpoint.run_dir={tmp_path / 'full'}"]))
+    cfg = load_config(["tiny"], overrides + [f"checkpoint.run_dir={tmp_path / 'full'}"])
+    after = setup_step(without_guides(cfg))
+    restored = Checkpointer(tmp_path / "full" / "checkpoints", cfg.checkpoint).restore_latest(after.abstract_state)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(restored[1])[0]]
+    assert restored[0] == 12 and paths and not any("guide" in p for p in paths)  # params and optimizer state
+    for resume_at in (3, 9):  # before the switch (step 6) and after it
+        run = tmp_path / f"from{resume_at}"
+        shutil.copytree(tmp_path / "full", run)
+        for d in (run / "checkpoints").iterdir():
+            if d.name.isdigit() and int(d.name) > resume_at:
+                shutil.rmtree(d)
+        resumed = train(load_config(["tiny"], overrides + [f"checkpoint.run_dir={run}"]))
+        assert resumed.start_step == resume_at
+        for step, loss in resumed.losses.items():
+            np.testing.assert_allclose(loss, full.losses[step], rtol=1e-6, err_msg=f"step {step}")

@@ -12,6 +12,7 @@ one dense matrix (`dense_kernel`), which decoding can use instead. Sizes come fr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -107,6 +108,49 @@ def merge_structured(cfg: ModelConfig, params: dict) -> dict:
     return {**params, "blocks": {**params["blocks"], "mlp": mlp}}
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GuidedKernel:
+    """A dense guide [*lead, i, o] with its mixing weight a [*lead] (and a PRNG key [*lead] when sampled)."""
+
+    kernel: jax.Array
+    alpha: jax.Array
+    key: jax.Array | None = None
+    sampled: bool = dataclasses.field(metadata=dict(static=True), default=False)
+
+
+def guide_alpha(step: int, decay_steps: int, schedule: str) -> float:
+    """The guide's weight a at `step`: 1 -> 0 over `decay_steps` (cosine or linear), then 0."""
+    t = min(1.0, step / decay_steps) if decay_steps > 0 else 1.0
+    return 0.5 * (1 + math.cos(math.pi * t)) if schedule == "cosine" else 1.0 - t
+
+
+def with_guide(params: dict, alpha: jax.Array | float, key: jax.Array | None = None, sampled: bool = False) -> dict:
+    """Params whose dense guides carry mixing weight `alpha` (and, with `sampled`, a key per layer to
+    draw whether the dense path runs). Without this wrapper a guide acts with a = 1."""
+    mlp = dict(params["blocks"]["mlp"])
+    for i, name in enumerate(sorted(mlp)):
+        if "guide" not in mlp[name]:
+            continue
+        g = mlp[name]["guide"]
+        layers = g.shape[0]
+        keys = jax.random.split(jax.random.fold_in(key, i), layers) if sampled and key is not None else None
+        kernel = GuidedKernel(g, jnp.full((layers,), alpha, jnp.float32), keys, sampled and key is not None)
+        mlp[name] = {**mlp[name], "guide": kernel}
+    return {**params, "blocks": {**params["blocks"], "mlp": mlp}}
+
+
+def drop_guides(tree):
+    """`tree` (params, or any tree holding them, e.g. optimizer state) without the `guide` entries."""
+    if isinstance(tree, dict):
+        return {k: drop_guides(v) for k, v in tree.items() if k != "guide"}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(drop_guides(v) for v in tree))
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(drop_guides(v) for v in tree)
+    return tree
+
+
 class StructuredLinear(nnx.Module):
     """A structured stand-in for `Dense((i,), (o,), (in_axis, out_axis))` without bias: [..., i] -> [..., o].
 
@@ -134,6 +178,10 @@ class StructuredLinear(nnx.Module):
             self.u = make_param(rngs, normal(std * math.sqrt(i / b / paths)), (b, m // b, o // b),
                                 ("mlp_blocks", None, None), pdt)
 
+        # self-guided training: a dense guide starting at the factors' product
+        self.guide = (nnx.Param(self.dense_kernel().astype(pdt), out_sharding=tuple(axes), eager_sharding=False)
+                      if m.guide_fraction > 0 else None)
+
     @property
     def num_params(self) -> int:
         return structured_params(self.structure, Sizes(self.rank, self.blocks), self.i, self.o)
@@ -145,7 +193,19 @@ class StructuredLinear(nnx.Module):
         lead = x.shape[:-1]
         x_NI = x.astype(self.dtype).reshape(-1, self.i)
         y = self._apply(x_NI, self.v[...].astype(self.dtype), self.u[...].astype(self.dtype))
+        if self.guide is not None:
+            y = self._guided(x_NI, y, self.guide.get_value())
         return y.reshape(*lead, self.o)
+
+    def _guided(self, x_NI: jax.Array, y_NO: jax.Array, guide) -> jax.Array:
+        """a * x W + (1 - a) * y; sampled: the dense term only with probability a, else y alone."""
+        if not isinstance(guide, GuidedKernel):
+            return x_NI @ guide.astype(self.dtype)
+        a = guide.alpha.astype(self.dtype)
+        mixed = lambda: a * (x_NI @ guide.kernel.astype(self.dtype)) + (1 - a) * y_NO
+        if not guide.sampled:
+            return mixed()
+        return jax.lax.cond(jax.random.bernoulli(guide.key, guide.alpha), mixed, lambda: y_NO)
 
     def dense_kernel(self) -> jax.Array:
         """The equal dense matrix [i, o] (f32): the map applied to the identity."""

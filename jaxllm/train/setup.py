@@ -5,6 +5,8 @@ Shared by the trainer and `jaxllm bench`, so both time and run the very same com
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
@@ -16,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm.config import Config, ConfigError, validate
 from jaxllm.language_model import LanguageModel, build
+from jaxllm.models.structured import drop_guides, guide_alpha, with_guide
 from jaxllm.peft.lora import LoraAdapter
 from jaxllm.sharding import logical_to_spec, make_mesh
 from jaxllm.train.optimizer import make_optimizer, make_schedule
@@ -48,6 +51,15 @@ class StepSetup:
     frozen: Any = None  # fine-tuning: the frozen params the trained ones adapt (else None)
     adapter: LoraAdapter | None = None  # LoRA fine-tuning: what state.params are adapters of
     initial_adapter: Any = None  # ... and the adapter as initialised (PiSSA-style exports need it)
+    guide_alpha: Callable[[int], float] | None = None  # self-guided phase: the guide's weight at a step
+
+    @property
+    def guided(self) -> bool:
+        return self.guide_alpha is not None
+
+    def frozen_at(self, step: int) -> Any:
+        """The step's non-trained input: the frozen params, or in the self-guided phase the guide weight a."""
+        return jnp.float32(self.guide_alpha(step)) if self.guide_alpha is not None else self.frozen
 
     def global_batch(self, local: dict[str, Any]) -> dict[str, jax.Array]:
         """This process's rows -> global arrays sharded over the batch axes."""
@@ -64,7 +76,14 @@ def setup_step(cfg: Config) -> StepSetup:
     lora_spec = cfg.finetune.lora if cfg.finetune.base and cfg.finetune.method == "lora" else None
     schedule, tx = make_schedule(t), make_optimizer(t, lora_spec.lr_ratio if lora_spec else 1.0)
     replicated = NamedSharding(mesh, PartitionSpec())
-    adapter, frozen, to_model, initial = None, None, _identity, None
+    adapter, frozen, to_model, initial, alpha = None, None, _identity, None, None
+    mlp = cfg.model.mlp
+    if mlp.guide_fraction > 0:  # self-guided phase: `frozen` is the guide weight a of the step
+        decay = guide_decay_steps(cfg)
+        alpha = functools.partial(guide_alpha, decay_steps=decay, schedule=mlp.guide_schedule)
+        to_model = lambda params, a, rng: with_guide(params, a, rng, mlp.guide_sampled)
+        if cfg.finetune.base:
+            raise ConfigError("model.mlp.guide_fraction (self-guided training) is for training from scratch")
     if not cfg.finetune.base:
         make_state = partial(init_state, lm, tx, t.seed)
         abstract = jax.eval_shape(make_state)
@@ -91,7 +110,7 @@ def setup_step(cfg: Config) -> StepSetup:
 
         def init() -> TrainState:  # fresh buffers each call: the train step donates them
             return TrainState(zero, copy(params), opt_init(params), rng)
-    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen) if alpha is None else NamedSharding(mesh, PartitionSpec())
     batch_sh = NamedSharding(mesh, logical_to_spec(("batch", "length"), lm.rules, dict(mesh.shape)))
     step = make_train_step(lm, tx, microbatches=t.microbatches, z_loss=t.z_loss, schedule=schedule, to_model=to_model)
     train_step = jax.jit(step, in_shardings=(state_sh, batch_sh, frozen_sh), out_shardings=(state_sh, None),
@@ -101,8 +120,25 @@ def setup_step(cfg: Config) -> StepSetup:
         abstract_state=jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh),
         state_sharding=state_sh, batch_sharding=batch_sh, train_step=train_step,
         eval_step=jax.jit(make_eval_step(lm, to_model), in_shardings=(state_sh.params, batch_sh, frozen_sh)),
-        frozen=frozen, adapter=adapter, initial_adapter=initial,
+        frozen=frozen, adapter=adapter, initial_adapter=initial, guide_alpha=alpha,
     )
+
+
+def guide_decay_steps(cfg: Config) -> int:
+    """Steps over which the self-guided weight a decays to 0 (then the guides are dropped)."""
+    return max(1, round(cfg.model.mlp.guide_fraction * cfg.train.steps))
+
+
+def without_guides(cfg: Config) -> Config:
+    """The config of the run after its self-guided phase: the same model without dense guides."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, mlp=dataclasses.replace(cfg.model.mlp, guide_fraction=0.0)))
+
+
+def drop_guide_state(state: TrainState, after: StepSetup) -> TrainState:
+    """A self-guided TrainState without its guides (params and optimizer statistics), placed for `after`."""
+    pruned = TrainState(state.step, drop_guides(state.params), drop_guides(state.opt_state), state.rng)
+    return jax.device_put(pruned, after.state_sharding)
 
 
 def _load_base(cfg: Config, lm: LanguageModel, mesh: Mesh) -> Any:

@@ -22,7 +22,7 @@ from jaxllm.data.pipeline import Corpus, RowStreams, load_corpus, local_rows
 from jaxllm.distributed import all_processes_agree, check_same_config, merged_state
 from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.metrics import MetricsWriter, measured_peak_flops
-from jaxllm.train.setup import setup_step
+from jaxllm.train.setup import drop_guide_state, guide_decay_steps, setup_step, without_guides
 
 
 @dataclass
@@ -125,9 +125,11 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
     t, d = cfg.train, cfg.data
-    setup = setup_step(cfg)
-    lm, mesh = setup.lm, setup.mesh
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, warn=lambda m: console.print(f"[yellow]{m}[/]"))
+    switch = guide_decay_steps(cfg) if cfg.model.mlp.guide_fraction > 0 else None  # self-guided phase ends
+    latest = ckpt.latest_step()
+    setup = setup_step(without_guides(cfg) if switch is not None and latest is not None and latest >= switch else cfg)
+    lm, mesh = setup.lm, setup.mesh
     restored = ckpt.restore_latest(setup.abstract_state)
     if restored is not None:
         start, state, data_state = restored
@@ -152,7 +154,7 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
             batch, any_left = it.next_or_empty()
             if not all_processes_agree(any_left):  # every process runs the same number of steps
                 break
-            s, n = setup.eval_step(params, setup.global_batch(batch), setup.frozen)
+            s, n = setup.eval_step(params, setup.global_batch(batch), setup.frozen_at(step))
             total, count = total + float(s), count + float(n)
         return total / count if count else None
 
@@ -176,13 +178,24 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
         TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, disable=not main,
     )
+    after_guides = setup_step(without_guides(cfg)) if setup.guided else None  # built outside the mesh context
     step, last_saved, last_log_step = start, start, start
     last_log_time = time.perf_counter()
     with _StopRequest() as stop, progress, jax.set_mesh(mesh):
         task = progress.add_task("train", total=t.steps, completed=start, info="compiling")
         while step < t.steps:
-            state, metrics = setup.train_step(state, setup.global_batch(next(train_it)), setup.frozen)
+            state, metrics = setup.train_step(state, setup.global_batch(next(train_it)), setup.frozen_at(step))
+            if setup.guided:
+                metrics = {**metrics, "guide_alpha": setup.guide_alpha(step)}
             step += 1
+            if setup.guided and step >= switch:  # a reached 0: drop the dense guides, continue without them
+                before = setup.lm.num_params
+                setup = after_guides
+                state = drop_guide_state(state, setup)
+                lm = setup.lm
+                flops_per_step = lm.flops_per_token(d.seq_len) * tokens_per_step
+                console.print(f"step {step}: self-guided phase over, dense guides dropped "
+                              f"({before:,} -> {setup.lm.num_params:,} params)")
             if step % t.log_every == 0 or step == t.steps or stop.signal:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
