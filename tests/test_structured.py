@@ -121,7 +121,7 @@ def test_sharded_equals_single_device(structure):
 
 # ------------------------------------------------------------------------------ self-guided training
 
-from jaxllm.models.structured import GuidedKernel, guide_alpha, with_guide  # noqa: E402
+from jaxllm.models.structured import GuidedKernel, guide_alpha  # noqa: E402
 
 
 def test_guided_layer_is_the_guide_at_1_and_the_structure_at_0():
