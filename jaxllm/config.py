@@ -85,6 +85,22 @@ class MlpConfig:
 
 
 @dataclass
+class MoeConfig:
+    """Sparse mixture-of-experts FFN (jaxllm/models/moe.py); num_experts 0 keeps the dense FFN."""
+
+    num_experts: int = 0
+    top_k: int = 2  # experts per token, weights renormalised over the chosen ones (Mixtral)
+    d_ff: Optional[int] = None  # per-expert width; default mlp.d_ff
+    shared_experts: int = 0  # always-on experts (DeepSeekMoE / Qwen-MoE), one FFN of shared * d_ff
+    null_experts: int = 0  # AdaMoE: zero-compute experts, so tokens use a variable number of real ones
+    dispatch: str = "dropless"  # dropless (sorted tokens, grouped matmul) | capacity (fixed slots per expert)
+    capacity_factor: float = 1.25  # capacity: slots per expert = factor * tokens * top_k / experts
+    load_balance_loss: float = 0.01  # Switch-style E * sum_e f_e P_e
+    router_z_loss: float = 0.001  # mean logsumexp(router logits)^2
+    impl: str = "auto"  # grouped matmul: xla (ragged_dot) | pallas (gmm/tgmm) | auto
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 32000
     d_model: int = 512
@@ -101,6 +117,7 @@ class ModelConfig:
     bias: str = "none"  # which projections carry a bias: none (Llama), qkv (Qwen2), all (GPT-2)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     mlp: MlpConfig = field(default_factory=MlpConfig)
+    moe: MoeConfig = field(default_factory=MoeConfig)
     tie_embeddings: bool = False
     final_logit_softcap: Optional[float] = None
     dtype: str = "float32"  # compute dtype
@@ -360,6 +377,14 @@ def check_values(cfg: Config) -> None:
     _positive("model.mlp.blocks", m.mlp.blocks, allow_none=True)
     if not 0 < m.mlp.param_fraction <= 1:
         raise ConfigError(f"model.mlp.param_fraction={m.mlp.param_fraction} must be within (0, 1]")
+    _choice("model.moe.dispatch", m.moe.dispatch, ("dropless", "capacity"))
+    _choice("model.moe.impl", m.moe.impl, MATMUL_IMPLS)
+    if m.moe.num_experts < 0 or m.moe.null_experts < 0 or m.moe.shared_experts < 0:
+        raise ConfigError("model.moe.num_experts, null_experts and shared_experts must be >= 0")
+    if m.moe.num_experts and not 1 <= m.moe.top_k <= m.moe.num_experts + m.moe.null_experts:
+        raise ConfigError(f"model.moe.top_k={m.moe.top_k} must be within [1, num_experts + null_experts = "
+                          f"{m.moe.num_experts + m.moe.null_experts}]")
+    _positive("model.moe.capacity_factor", m.moe.capacity_factor)
     _choice("model.mlp.guide_schedule", m.mlp.guide_schedule, ("cosine", "linear"))
     if not 0 <= m.mlp.guide_fraction <= 1:
         raise ConfigError(f"model.mlp.guide_fraction={m.mlp.guide_fraction} must be within [0, 1]")

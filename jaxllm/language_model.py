@@ -15,12 +15,14 @@ import functools
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
 from jaxllm.config import Config, ModelConfig, _default_rules
 from jaxllm.losses import chunked_cross_entropy_sums, loss_from_sums
 from jaxllm.models.kv_cache import KVCache
+from jaxllm.models.moe import MoeStats
 from jaxllm.models.layers import Dense
 from jaxllm.models.transformer import Transformer
 from jaxllm.sharding import Rules, make_rules, param_shardings
@@ -94,11 +96,23 @@ class LanguageModel:
 
         The output head and loss run `cfg.loss_chunk` positions at a time (never the full logits).
         """
+        return self.loss_terms(params, batch)[:3]
+
+    def loss_terms(self, params: Params, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, MoeStats | None]:
+        """`loss_sums` and the per-layer MoE statistics [L, ...] of the same forward (None without MoE)."""
         model: Transformer = nnx.merge(self.graphdef, params)
-        hidden_BTD = model.hidden(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
-        return chunked_cross_entropy_sums(
+        hidden_BTD, _, stats = model.run(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+        sums = chunked_cross_entropy_sums(
             hidden_BTD, model.logits, batch["targets"], batch.get("loss_mask"), self.cfg.loss_chunk
         )
+        return (*sums, stats)
+
+    def moe_aux_loss(self, stats: MoeStats | None) -> jax.Array:
+        """Weighted router losses, averaged over layers: load_balance_loss * LB + router_z_loss * Z."""
+        if stats is None:
+            return jnp.zeros((), jnp.float32)
+        m = self.cfg.moe
+        return m.load_balance_loss * jnp.mean(stats.load_balance_loss) + m.router_z_loss * jnp.mean(stats.router_z_loss)
 
     def loss(self, params: Params, batch: Batch, *, z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Mean next-token cross entropy of batch['targets'] given batch['inputs'] (both [B, T]),
@@ -145,6 +159,9 @@ class LanguageModel:
         if c.tie_embeddings:  # the shared table is also the output head's matmul
             matmul_params += c.vocab_size * c.d_model
         matmul_params -= _bias_and_norm_params(self.param_shapes)
+        if c.moe.num_experts:  # a token runs top_k of the experts (at most: null experts run none)
+            per_expert = 3 * c.d_model * (c.moe.d_ff or c.mlp.d_ff)
+            matmul_params -= c.num_layers * (c.moe.num_experts - min(c.moe.top_k, c.moe.num_experts)) * per_expert
         window = c.attention.sliding_window or seq_len
         mean_keys = sum(min(i + 1, window) for i in range(seq_len)) / seq_len
         forward = 2 * matmul_params + 4 * c.num_layers * c.num_heads * c.resolved_head_dim * mean_keys

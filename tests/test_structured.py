@@ -124,8 +124,9 @@ def test_sharded_equals_single_device(structure):
 from jaxllm.models.structured import GuidedKernel, guide_alpha  # noqa: E402
 
 
-def test_guided_layer_is_the_guide_at_1_and_the_structure_at_0():
-    cfg = tiny_model(mlp=MlpConfig(d_ff=64, structure="blockdense", guide_fraction=0.5))
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_guided_layer_is_the_guide_at_1_and_the_structure_at_0(structure):
+    cfg = tiny_model(mlp=MlpConfig(d_ff=64, structure=structure, guide_fraction=0.5))
     layer = StructuredLinear(cfg, 32, 64, ("embed", "mlp"), std=0.02, rngs=nnx.Rngs(0))
     np.testing.assert_allclose(layer.guide[...], layer.dense_kernel(), atol=1e-6)  # starts as the product
     layer.guide.value = layer.guide[...] + 0.1 * jax.random.normal(jax.random.key(5), (32, 64))  # as if trained apart
@@ -169,6 +170,13 @@ def test_self_guided_run_drops_guides_and_resumes_on_both_sides_of_the_switch(tm
         for d in (run / "checkpoints").iterdir():
             if d.name.isdigit() and int(d.name) > resume_at:
                 shutil.rmtree(d)
+        from jaxllm.interop.models import load_model
+
+        loaded = load_model(run)  # either side of the switch loads (for generate / eval)
+        guide = loaded.params["blocks"]["mlp"]["up"].get("guide")
+        assert (guide is not None) == (resume_at < 6)
+        if guide is not None:
+            np.testing.assert_allclose(guide.alpha, guide_alpha(resume_at, 6, "cosine"))
         resumed = train(load_config(["tiny"], overrides + [f"checkpoint.run_dir={run}"]))
         assert resumed.start_step == resume_at
         for step, loss in resumed.losses.items():

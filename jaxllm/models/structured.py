@@ -172,10 +172,10 @@ class StructuredLinear(nnx.Module):
             self.v = make_param(rngs, normal(math.sqrt(b / i)), (b, i // b, r // b), ("mlp_blocks", None, None), pdt)
             self.u = make_param(rngs, normal(std * math.sqrt(i / r)), (r, o), (None, out_axis), pdt)
         else:
-            m = min(i, o)
-            paths = max(1, m // (b * b))  # intermediates linking one input to one output
-            self.v = make_param(rngs, normal(math.sqrt(b / i)), (b, i // b, m // b), ("mlp_blocks", None, None), pdt)
-            self.u = make_param(rngs, normal(std * math.sqrt(i / b / paths)), (b, m // b, o // b),
+            mid = min(i, o)
+            paths = max(1, mid // (b * b))  # intermediates linking one input to one output
+            self.v = make_param(rngs, normal(math.sqrt(b / i)), (b, i // b, mid // b), ("mlp_blocks", None, None), pdt)
+            self.u = make_param(rngs, normal(std * math.sqrt(i / b / paths)), (b, mid // b, o // b),
                                 ("mlp_blocks", None, None), pdt)
 
         # self-guided training: a dense guide starting at the factors' product

@@ -15,6 +15,7 @@ from jaxllm.models.attention import Attention
 from jaxllm.models.kv_cache import KVCache, LayerCache
 from jaxllm.models.layers import Dense, Embed, make_norm
 from jaxllm.models.mlp import Mlp
+from jaxllm.models.moe import MoeFfn, MoeStats
 from jaxllm.sharding import Rules, constrain
 
 REMAT_POLICIES = {
@@ -32,16 +33,17 @@ class Block(nnx.Module):
         self.attn_norm = make_norm(cfg, cfg.d_model, rngs)
         self.attn = Attention(cfg, rules, rngs=rngs)
         self.mlp_norm = make_norm(cfg, cfg.d_model, rngs)
-        self.mlp = Mlp(cfg, rules, rngs=rngs)
+        self.mlp = MoeFfn(cfg, rules, rngs=rngs) if cfg.moe.num_experts else Mlp(cfg, rules, rngs=rngs)
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache: LayerCache | None = None):
-        """[B, T, D] -> [B, T, D]; with a cache, (out, (k_cache, v_cache)) as in Attention."""
+        """[B, T, D] -> ([B, T, D], (k_cache, v_cache) or None, MoeStats or None)."""
         attn = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, cache)
         attn_BTD, kv = attn if cache is not None else (attn, None)
         x_BTD = x_BTD + attn_BTD
-        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
-        x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"), self.rules)
-        return x_BTD if cache is None else (x_BTD, kv)
+        ffn = self.mlp(self.mlp_norm(x_BTD))
+        ffn_BTD, stats = ffn if isinstance(self.mlp, MoeFfn) else (ffn, None)
+        x_BTD = constrain(x_BTD + ffn_BTD, ("batch", "length", "act_embed"), self.rules)
+        return x_BTD, kv, stats
 
 
 class Transformer(nnx.Module):
@@ -75,6 +77,17 @@ class Transformer(nnx.Module):
 
         With a `cache` the tokens continue what it holds: returns (hidden, updated cache).
         """
+        hidden_BTD, cache, _ = self.run(tokens_BT, positions_BT, segment_ids_BT, cache)
+        return hidden_BTD if cache is None else (hidden_BTD, cache)
+
+    def run(
+        self,
+        tokens_BT: jax.Array,
+        positions_BT: jax.Array | None = None,
+        segment_ids_BT: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None, MoeStats | None]:
+        """(hidden [B, T, D], updated cache or None, per-layer MoeStats [L, ...] or None)."""
         cfg, rules = self.cfg, self.rules
         B, T = tokens_BT.shape
         if positions_BT is None:
@@ -92,20 +105,21 @@ class Transformer(nnx.Module):
 
         def layer(x_BTD: jax.Array, xs):
             block = nnx.merge(block_def, xs[0])
-            if cache is None:
-                return block(x_BTD, positions_BT, segment_ids_BT), None
-            layer_cache = LayerCache(xs[1], xs[2], cache.positions, cache.segment_ids, cache.slots(T))
-            return block(x_BTD, positions_BT, segment_ids_BT, layer_cache)
+            layer_cache = None
+            if cache is not None:
+                layer_cache = LayerCache(xs[1], xs[2], cache.positions, cache.segment_ids, cache.slots(T))
+            x_BTD, kv, stats = block(x_BTD, positions_BT, segment_ids_BT, layer_cache)
+            return x_BTD, (kv, stats)
 
         if cfg.remat != "none" and cache is None:
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         unroll = 1 if cfg.scan_layers else cfg.num_layers
         xs = (stacked_state,) if cache is None else (stacked_state, cache.k, cache.v)
-        x_BTD, kv = jax.lax.scan(layer, x_BTD, xs, unroll=unroll)
+        x_BTD, (kv, stats) = jax.lax.scan(layer, x_BTD, xs, unroll=unroll)
         hidden_BTD = self.final_norm(x_BTD)
-        if cache is None:
-            return hidden_BTD
-        return hidden_BTD, cache._replace(k=kv[0], v=kv[1], index=cache.index + T)
+        if cache is not None:
+            cache = cache._replace(k=kv[0], v=kv[1], index=cache.index + T)
+        return hidden_BTD, cache, stats
 
     def logits(self, x_BTD: jax.Array) -> jax.Array:
         """Output head (tied or untied) with optional soft-cap: [B, T, D] -> [B, T, V]."""

@@ -6,12 +6,12 @@ import json
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from tensorboard.compat.proto.event_pb2 import Event
-from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary, SummaryMetadata
 from tensorboard.compat.proto.tensor_pb2 import TensorProto
 from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
@@ -33,6 +33,18 @@ class MetricsWriter:
         self._tb.add_event(Event(wall_time=time.time(), step=step, summary=summary))
         self._jsonl.write(json.dumps({"step": step, **{prefix + k: float(v) for k, v in values.items()}}) + "\n")
         self._jsonl.flush()
+
+    def histogram(self, step: int, tag: str, shares: Sequence[float]) -> None:
+        """A tensorboard histogram whose bucket i holds shares[i] (e.g. the share of tokens expert i took)."""
+        if not self.enabled:
+            return
+        shares = [float(x) for x in shares]
+        hist = HistogramProto(min=0.0, max=float(len(shares) - 1), num=float(sum(shares)),
+                              sum=float(sum(i * x for i, x in enumerate(shares))),
+                              sum_squares=float(sum(i * i * x for i, x in enumerate(shares))),
+                              bucket_limit=[i + 0.5 for i in range(len(shares))], bucket=shares)
+        summary = Summary(value=[Summary.Value(tag=tag, histo=hist)])
+        self._tb.add_event(Event(wall_time=time.time(), step=step, summary=summary))
 
     def text(self, step: int, tag: str, text: str) -> None:
         if not self.enabled:

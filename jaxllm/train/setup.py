@@ -90,16 +90,10 @@ def setup_step(cfg: Config) -> StepSetup:
         state_sh = state_shardings(abstract, lm.param_shardings(mesh), tx, mesh)
         init = jax.jit(make_state, out_shardings=state_sh)
     else:
-        base = _load_base(cfg, lm, mesh)
         init_key, rng = jax.random.split(jax.random.key(t.seed))
         rng = jax.device_put(jax.random.key_data(rng), replicated)
-        if lora_spec is None:
-            params, param_sh = base, lm.param_shardings(mesh)
-        else:
-            adapter = LoraAdapter(lm, lora_spec)
-            param_sh = adapter.shardings(mesh)
-            params, frozen = jax.jit(adapter.init, out_shardings=(param_sh, adapter.frozen_shardings(mesh)))(
-                init_key, base)
+        params, param_sh, frozen, adapter = _finetune_params(cfg, lm, mesh, init_key)
+        if adapter is not None:
             to_model = lambda trained, base, rng: adapter.apply(base, trained, rng)
             initial = jax.tree.map(jnp.copy, params)  # not donated with the state
         abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), rng), params)
@@ -110,7 +104,7 @@ def setup_step(cfg: Config) -> StepSetup:
 
         def init() -> TrainState:  # fresh buffers each call: the train step donates them
             return TrainState(zero, copy(params), opt_init(params), rng)
-    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen) if alpha is None else NamedSharding(mesh, PartitionSpec())
+    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen) if alpha is None else replicated
     batch_sh = NamedSharding(mesh, logical_to_spec(("batch", "length"), lm.rules, dict(mesh.shape)))
     step = make_train_step(lm, tx, microbatches=t.microbatches, z_loss=t.z_loss, schedule=schedule, to_model=to_model)
     train_step = jax.jit(step, in_shardings=(state_sh, batch_sh, frozen_sh), out_shardings=(state_sh, None),
@@ -139,6 +133,18 @@ def drop_guide_state(state: TrainState, after: StepSetup) -> TrainState:
     """A self-guided TrainState without its guides (params and optimizer statistics), placed for `after`."""
     pruned = TrainState(state.step, drop_guides(state.params), drop_guides(state.opt_state), state.rng)
     return jax.device_put(pruned, after.state_sharding)
+
+
+def _finetune_params(cfg: Config, lm: LanguageModel, mesh: Mesh, key: jax.Array):
+    """(trained params, their shardings, frozen params or None, LoraAdapter or None) of a fine-tuning run:
+    the base itself (`method: full`), or fresh adapters on a frozen base (`lora`)."""
+    base = _load_base(cfg, lm, mesh)
+    if cfg.finetune.method == "full":
+        return base, lm.param_shardings(mesh), None, None
+    adapter = LoraAdapter(lm, cfg.finetune.lora)
+    param_sh = adapter.shardings(mesh)
+    params, frozen = jax.jit(adapter.init, out_shardings=(param_sh, adapter.frozen_shardings(mesh)))(key, base)
+    return params, param_sh, frozen, adapter
 
 
 def _load_base(cfg: Config, lm: LanguageModel, mesh: Mesh) -> Any:

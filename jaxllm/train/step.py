@@ -44,8 +44,9 @@ def make_train_step(
     `to_model(params, frozen, rng)` (adapters on a frozen base, for fine-tuning)."""
 
     def sums(params: Params, frozen: Any, rng: jax.Array, mb: Batch):
-        ce, zl, n = lm.loss_sums(to_model(params, frozen, rng), mb)
-        return ce + z_loss * zl, (ce, zl, n)
+        ce, zl, n, stats = lm.loss_terms(to_model(params, frozen, rng), mb)
+        aux = lm.moe_aux_loss(stats) * n  # token-weighted, so microbatches add up like the losses
+        return ce + z_loss * zl + aux, ((ce, zl, n, aux), moe_metrics(stats))
 
     grad_fn = jax.grad(sums, has_aux=True)
 
@@ -55,18 +56,20 @@ def make_train_step(
         def accumulate(carry, mb_and_key):
             g_acc, s_acc = carry
             mb, key = mb_and_key
-            g, s = grad_fn(state.params, frozen, key, mb)
-            return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
+            g, (s, moe) = grad_fn(state.params, frozen, key, mb)
+            return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), moe
 
         if microbatches == 1:
-            g_sum, (ce, zl, n) = grad_fn(state.params, frozen, step_rng, batch)
+            g_sum, ((ce, zl, n, aux), moe) = grad_fn(state.params, frozen, step_rng, batch)
         else:
             split = lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:])
             micro = jax.tree.map(split, batch)
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             keys = jax.random.split(step_rng, microbatches)
-            (g_sum, (ce, zl, n)), _ = jax.lax.scan(accumulate, (zeros, (0.0, 0.0, 0.0)), (micro, keys))
+            (g_sum, (ce, zl, n, aux)), moe = jax.lax.scan(accumulate, (zeros, (0.0, 0.0, 0.0, 0.0)), (micro, keys))
+            moe = jax.tree.map(lambda x: jnp.mean(x, axis=0), moe)
         loss, parts = loss_from_sums(ce, zl, n, z_loss)
+        loss = loss + aux / jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda g: g / jnp.maximum(n, 1.0), g_sum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -80,11 +83,21 @@ def make_train_step(
             "update_norm": optax.tree.norm(updates),
             "tokens": n,
         }
+        metrics.update(moe)
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
         return TrainState(state.step + 1, params, opt_state, rng), metrics
 
     return step
+
+
+def moe_metrics(stats) -> dict[str, jax.Array]:
+    """Router metrics of a step, averaged over layers (`moe/expert_load` stays per layer: [L, slots])."""
+    if stats is None:
+        return {}
+    return {"moe/load_balance_loss": jnp.mean(stats.load_balance_loss), "moe/router_z_loss": jnp.mean(stats.router_z_loss),
+            "moe/drop_fraction": jnp.mean(stats.drop_fraction), "moe/router_entropy": jnp.mean(stats.router_entropy),
+            "moe/expert_flops_per_layer": jnp.mean(stats.expert_flops), "moe/expert_load": stats.expert_load}
 
 
 def make_eval_step(lm: LanguageModel, to_model: ToModel = _identity) -> Callable[..., tuple[jax.Array, jax.Array]]:

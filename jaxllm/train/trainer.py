@@ -197,7 +197,10 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
                 console.print(f"step {step}: self-guided phase over, dense guides dropped "
                               f"({before:,} -> {setup.lm.num_params:,} params)")
             if step % t.log_every == 0 or step == t.steps or stop.signal:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                host = jax.device_get(metrics)
+                for layer, shares in enumerate(host.pop("moe/expert_load", ())):  # [L, slots]: one histogram per layer
+                    writer.histogram(step, f"moe/expert_load/layer{layer}", shares)
+                m = {k: float(v) for k, v in host.items()}
                 now = time.perf_counter()
                 step_time = (now - last_log_time) / (step - last_log_step)
                 last_log_time, last_log_step = now, step

@@ -1,0 +1,154 @@
+"""Sparse mixture-of-experts FFN: a top-k softmax router (f32) over SwiGLU experts, two dispatch paths.
+
+    dropless   assignments sorted by expert, experts run as grouped matmuls (`kernels_pallas.grouped_matmul`:
+               Pallas gmm/tgmm on GPU/TPU, `lax.ragged_dot` on CPU); nothing is dropped
+    capacity   each expert takes at most C = capacity_factor * N * k / E assignments (GShard/Switch
+               priority: all first choices before any second choice, in token order), one-hot dispatch
+               and combine einsums; overflow is dropped and reported
+
+With no overflow both compute the same function. Null experts (AdaMoE) are router slots with zero output
+and zero compute: a token choosing one uses fewer real experts. Shared experts are one always-on dense FFN.
+Each call returns the output and `MoeStats` (aux losses and routing metrics) for the loss and tensorboard.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxllm.config import ModelConfig, _default_rules
+from jaxllm.models.layers import make_param
+from jaxllm.sharding import Rules, make_rules
+
+_DEFAULT_RULES = make_rules(_default_rules())
+
+
+class MoeStats(NamedTuple):
+    load_balance_loss: jax.Array  # scalar: slots * sum_e f_e P_e (1 when perfectly balanced)
+    router_z_loss: jax.Array  # scalar: mean logsumexp(logits)^2
+    expert_load: jax.Array  # [E + null]: share of assignments per router slot
+    drop_fraction: jax.Array  # scalar: share of real-expert assignments dropped (capacity path)
+    router_entropy: jax.Array  # scalar: mean entropy of the router distribution (nats)
+    expert_flops: jax.Array  # scalar: matmul FLOPs spent in routed experts (null experts cost none)
+
+
+class Routing(NamedTuple):
+    expert_NK: jax.Array  # int32 [N, k]: chosen router slots (>= num_experts: a null expert)
+    weight_NK: jax.Array  # f32 [N, k]: renormalised over the k choices
+    probs_NS: jax.Array  # f32 [N, slots]
+    logits_NS: jax.Array
+
+
+def route(x_ND: jax.Array, router_DS: jax.Array, top_k: int) -> Routing:
+    """Top-k of the softmax over router slots, in f32, weights renormalised over the chosen k."""
+    logits = jnp.dot(x_ND.astype(jnp.float32), router_DS.astype(jnp.float32))
+    probs = jax.nn.softmax(logits, axis=-1)
+    top_p, top_i = jax.lax.top_k(probs, top_k)
+    return Routing(top_i.astype(jnp.int32), top_p / jnp.sum(top_p, axis=-1, keepdims=True), probs, logits)
+
+
+def load_balance_loss(expert_NK: jax.Array, probs_NS: jax.Array) -> jax.Array:
+    """Switch Transformer's loss: slots * sum_s f_s P_s, f_s the share of assignments to slot s, P_s its
+    mean router probability."""
+    slots = probs_NS.shape[-1]
+    f = jnp.mean(jax.nn.one_hot(expert_NK, slots, dtype=jnp.float32).sum(axis=1), axis=0) / expert_NK.shape[1]
+    return slots * jnp.sum(f * jnp.mean(probs_NS, axis=0))
+
+
+def _swiglu(x, gate, up, down, mm):
+    return mm(jax.nn.silu(mm(x, gate)) * mm(x, up), down)
+
+
+def experts_dropless(x_ND, r: Routing, gate_EDF, up_EDF, down_EFD, impl: str) -> jax.Array:
+    """Every (token, choice) assignment through its expert, as grouped matmuls over sorted rows."""
+    from kernels_pallas.grouped_matmul import gmm
+
+    N, K = r.expert_NK.shape
+    E = gate_EDF.shape[0]
+    flat_e = r.expert_NK.reshape(-1)
+    order = jnp.argsort(flat_e, stable=True)  # null slots (>= E) sort last: rows past every group
+    token = order // K
+    group_sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
+    mm = lambda a, w: gmm(a, w, group_sizes, impl=impl)
+    out_AD = _swiglu(x_ND[token], gate_EDF, up_EDF, down_EFD, mm)
+    real = (flat_e[order] < E)[:, None]
+    contrib = jnp.where(real, out_AD.astype(jnp.float32) * r.weight_NK.reshape(-1)[order][:, None], 0.0)
+    return jnp.zeros((N, x_ND.shape[1]), jnp.float32).at[token].add(contrib)
+
+
+def experts_capacity(x_ND, r: Routing, gate_EDF, up_EDF, down_EFD, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """(output [N, D], dropped share): one-hot dispatch into [E, capacity] slots and back."""
+    N, K = r.expert_NK.shape
+    E = gate_EDF.shape[0]
+    onehot_KNE = jax.nn.one_hot(r.expert_NK.T, E, dtype=jnp.int32)  # null slots -> all zeros
+    position_KNE = jnp.cumsum(onehot_KNE.reshape(K * N, E), axis=0).reshape(K, N, E) - 1  # choice-major priority
+    kept_KNE = onehot_KNE * (position_KNE < capacity)
+    dispatch_NEC = jnp.einsum("kne,knec->nec", kept_KNE, jax.nn.one_hot(position_KNE, capacity, dtype=jnp.int32))
+    combine_NEC = jnp.einsum("kn,kne,knec->nec", r.weight_NK.T, kept_KNE.astype(jnp.float32),
+                             jax.nn.one_hot(position_KNE, capacity, dtype=jnp.float32))
+    x_ECD = jnp.einsum("nec,nd->ecd", dispatch_NEC.astype(x_ND.dtype), x_ND)
+    mm = lambda a, w: jnp.einsum("ecd,edf->ecf", a, w)
+    out_ECD = _swiglu(x_ECD, gate_EDF, up_EDF, down_EFD, mm)
+    y = jnp.einsum("nec,ecd->nd", combine_NEC, out_ECD.astype(jnp.float32))
+    routed = jnp.maximum(jnp.sum(onehot_KNE), 1)
+    return y, 1.0 - jnp.sum(kept_KNE) / routed
+
+
+class MoeFfn(nnx.Module):
+    """[B, T, D] -> ([B, T, D], MoeStats). Experts: gate/up [E, D, F], down [E, F, D] (axis `expert`)."""
+
+    def __init__(self, cfg: ModelConfig, rules: Rules = _DEFAULT_RULES, *, rngs: nnx.Rngs):
+        m = cfg.moe
+        self.cfg = cfg
+        D, F, E = cfg.d_model, m.d_ff or cfg.mlp.d_ff, m.num_experts
+        pdt = jnp.dtype(cfg.param_dtype)
+        normal = nnx.initializers.normal
+        self.router = make_param(rngs, normal(cfg.init_std), (D, E + m.null_experts), ("embed", None), jnp.float32)
+        down_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.gate = make_param(rngs, normal(cfg.init_std), (E, D, F), ("expert", "embed", "mlp"), pdt)
+        self.up = make_param(rngs, normal(cfg.init_std), (E, D, F), ("expert", "embed", "mlp"), pdt)
+        self.down = make_param(rngs, normal(down_std), (E, F, D), ("expert", "mlp", "embed"), pdt)
+        if m.shared_experts:
+            from dataclasses import replace
+
+            from jaxllm.models.mlp import Mlp
+
+            shared_cfg = replace(cfg, mlp=replace(cfg.mlp, d_ff=F * m.shared_experts, structure="dense", guide_fraction=0.0))
+            self.shared = Mlp(shared_cfg, rules, rngs=rngs)
+        else:
+            self.shared = None
+
+    def capacity(self, tokens: int) -> int:
+        m = self.cfg.moe
+        return max(1, math.ceil(m.capacity_factor * tokens * m.top_k / m.num_experts))
+
+    def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, MoeStats]:
+        m, dtype = self.cfg.moe, jnp.dtype(self.cfg.dtype)
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D).astype(dtype)
+        r = route(x_ND, self.router[...], m.top_k)
+        weights = [w[...].astype(dtype) for w in (self.gate, self.up, self.down)]
+        E, F = weights[0].shape[0], weights[0].shape[2]
+        if m.dispatch == "dropless":
+            y = experts_dropless(x_ND, r, *weights, m.impl)
+            real = jnp.sum(r.expert_NK < E)
+            dropped = jnp.zeros((), jnp.float32)
+        else:
+            y, dropped = experts_capacity(x_ND, r, *weights, self.capacity(B * T))
+            real = jnp.sum(r.expert_NK < E) * (1 - dropped)
+        if self.shared is not None:
+            y = y + self.shared(x_ND).astype(jnp.float32)
+        slots = r.probs_NS.shape[-1]
+        stats = MoeStats(
+            load_balance_loss=load_balance_loss(r.expert_NK, r.probs_NS),
+            router_z_loss=jnp.mean(jnp.square(jax.nn.logsumexp(r.logits_NS, axis=-1))),
+            expert_load=jnp.mean(jax.nn.one_hot(r.expert_NK, slots, dtype=jnp.float32).sum(1), axis=0) / m.top_k,
+            drop_fraction=dropped,
+            router_entropy=-jnp.mean(jnp.sum(r.probs_NS * jnp.log(r.probs_NS + 1e-9), axis=-1)),
+            expert_flops=real.astype(jnp.float32) * 2 * 3 * D * F,
+        )
+        return y.astype(dtype).reshape(B, T, D), stats

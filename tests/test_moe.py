@@ -1,0 +1,161 @@
+"""The MoE FFN layer: capacity path (no overflow) == dropless path == a naive per-token loop, values and
+gradients; zero-token experts; load-balancing loss by hand; null experts cost no FLOPs; drops reported."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxllm.config import ConfigError, MoeConfig, load_config
+from jaxllm.models.moe import MoeFfn, load_balance_loss, route
+
+from conftest import tiny_model
+
+
+def _layer(**moe):
+    cfg = tiny_model(moe=MoeConfig(num_experts=4, top_k=2, **moe))
+    return MoeFfn(cfg, rngs=nnx.Rngs(0))
+
+
+def _x(B=2, T=9, D=32, seed=1):
+    return jax.random.normal(jax.random.key(seed), (B, T, D))
+
+
+def _naive(layer: MoeFfn, x_BTD):
+    """Per token, per chosen expert: weight * SwiGLU_e(x), summed (null experts add nothing)."""
+    x = np.asarray(x_BTD.reshape(-1, x_BTD.shape[-1]), np.float64)
+    r = route(jnp.asarray(x, jnp.float32), layer.router[...], layer.cfg.moe.top_k)
+    g, u, d = (np.asarray(w[...], np.float64) for w in (layer.gate, layer.up, layer.down))
+    silu = lambda z: z / (1 + np.exp(-z))
+    out = np.zeros_like(x)
+    for n in range(x.shape[0]):
+        for e, w in zip(np.asarray(r.expert_NK[n]), np.asarray(r.weight_NK[n])):
+            if e < g.shape[0]:
+                out[n] += w * ((silu(x[n] @ g[e]) * (x[n] @ u[e])) @ d[e])
+    return out.reshape(x_BTD.shape)
+
+
+@pytest.mark.parametrize("null", [0, 2])
+def test_dropless_equals_a_naive_loop_including_zero_token_experts(null):
+    layer = _layer(null_experts=null)
+    layer.router.value = layer.router[...].at[:, 3].set(-10.0)  # with x > 0: expert 3 gets no token
+    x = jnp.abs(_x())
+    y, stats = layer(x)
+    assert float(stats.expert_load[3]) == 0.0
+    np.testing.assert_allclose(y, _naive(layer, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("null", [0, 2])
+def test_capacity_path_without_overflow_equals_dropless(null):
+    dropless, capacity = _layer(null_experts=null), _layer(null_experts=null, dispatch="capacity", capacity_factor=8.0)
+    x = _x()
+    (y1, s1), (y2, s2) = dropless(x), capacity(x)
+    np.testing.assert_allclose(y2, y1, atol=1e-5)
+    assert float(s2.drop_fraction) == 0.0
+    grads = []
+    for layer in (dropless, capacity):
+        graph, params = nnx.split(layer)
+        grads.append(jax.grad(lambda p, x: jnp.sum(nnx.merge(graph, p)(x)[0] ** 2), argnums=(0, 1))(params, x))
+    chex.assert_trees_all_close(grads[0], grads[1], atol=1e-5)
+
+
+def test_small_capacity_drops_and_reports_it():
+    layer = _layer(dispatch="capacity", capacity_factor=0.25)  # 18 tokens * 2 / 4 experts * 0.25 -> 3 slots each
+    assert layer.capacity(18) == 3
+    x = _x()
+    _, stats = layer(x)
+    r = route(x.reshape(-1, 32), layer.router[...], 2)
+    counts = np.bincount(np.asarray(r.expert_NK).reshape(-1), minlength=4)
+    assert float(stats.drop_fraction) == pytest.approx(1 - np.minimum(counts, 3).sum() / 36)
+    assert float(stats.drop_fraction) > 0
+
+
+def test_pallas_grouped_matmul_path_equals_ragged_dot():
+    x = _x()
+    y_xla, _ = _layer(impl="xla")(x)
+    y_pallas, _ = _layer(impl="pallas")(x)
+    np.testing.assert_allclose(y_pallas, y_xla, atol=1e-5)
+
+
+def test_load_balance_loss_by_hand():
+    # 4 tokens, 2 slots, top-1: choices [0, 0, 0, 1] -> f = [0.75, 0.25]; mean probs P = [0.6, 0.4]
+    probs = jnp.asarray([[0.9, 0.1], [0.7, 0.3], [0.6, 0.4], [0.2, 0.8]])
+    expert = jnp.asarray([[0], [0], [0], [1]])
+    assert float(load_balance_loss(expert, probs)) == pytest.approx(2 * (0.75 * 0.6 + 0.25 * 0.4))
+    uniform = jnp.full((4, 2), 0.5)
+    assert float(load_balance_loss(jnp.asarray([[0], [1], [0], [1]]), uniform)) == pytest.approx(1.0)
+
+
+def test_null_experts_cost_no_flops():
+    x = _x()
+    D, F = 32, 64
+    plain_y, plain = _layer()(x)
+    assert float(plain.expert_flops) == 18 * 2 * (2 * 3 * D * F)  # every token: 2 real experts
+    layer = _layer(null_experts=4)
+    _, stats = layer(x)
+    r = route(x.reshape(-1, D), layer.router[...], 2)
+    real = int(jnp.sum(r.expert_NK < 4))
+    assert real < 36 and float(stats.expert_flops) == real * 2 * 3 * D * F  # counted: only real assignments
+    assert float(stats.expert_load[4:].sum()) == pytest.approx(1 - real / 36)
+
+
+def test_shared_experts_and_config_errors():
+    layer = _layer(shared_experts=1)
+    x = _x()
+    y, _ = layer(x)
+    routed_only = dataclasses.replace(layer.cfg.moe, shared_experts=0)
+    other = MoeFfn(dataclasses.replace(layer.cfg, moe=routed_only), rngs=nnx.Rngs(0))
+    for name in ("router", "gate", "up", "down"):
+        getattr(other, name).value = getattr(layer, name)[...]
+    np.testing.assert_allclose(y - other(x)[0], layer.shared(x), atol=1e-5)  # the always-on FFN adds on
+    with pytest.raises(ConfigError, match="top_k=5 must be within"):
+        load_config(["tiny"], ["model.moe.num_experts=4", "model.moe.top_k=5"])
+    with pytest.raises(ConfigError, match="model.moe.dispatch='sinkhorn' is not allowed"):
+        load_config(["tiny"], ["model.moe.dispatch=sinkhorn"])
+
+
+# ----------------------------------------------------------------------------------------- in the model
+
+from jaxllm.language_model import LanguageModel  # noqa: E402
+
+
+def _moe_model(**moe):
+    return LanguageModel(tiny_model(moe=MoeConfig(num_experts=4, top_k=2, **moe)))
+
+
+def test_moe_model_trains_with_router_losses_and_metrics(tmp_path):
+    import optax
+
+    from jaxllm.train.step import init_state, make_train_step
+
+    lm = _moe_model()
+    tx = optax.sgd(0.1)
+    state = init_state(lm, tx, seed=0)
+    rng = np.random.default_rng(0)
+    batch = {"inputs": jnp.asarray(rng.integers(0, 97, (4, 16))), "targets": jnp.asarray(rng.integers(0, 97, (4, 16)))}
+    _, metrics = jax.jit(make_train_step(lm, tx))(state, batch)
+    ce, _, n, stats = lm.loss_terms(state.params, batch)
+    aux = 0.01 * jnp.mean(stats.load_balance_loss) + 0.001 * jnp.mean(stats.router_z_loss)
+    np.testing.assert_allclose(metrics["loss"], ce / n + aux, rtol=1e-5)  # the router losses are in the loss
+    assert metrics["moe/expert_load"].shape == (2, 4)
+    np.testing.assert_allclose(metrics["moe/expert_load"].sum(axis=1), 1.0, rtol=1e-5)
+    assert 0 < float(metrics["moe/router_entropy"]) <= np.log(4) + 1e-6
+
+
+def test_moe_model_capacity_equals_dropless_and_counts_active_flops():
+    dropless, capacity = _moe_model(), _moe_model(dispatch="capacity", capacity_factor=8.0)
+    params = dropless.init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batch = {"inputs": jnp.asarray(rng.integers(0, 97, (2, 12))), "targets": jnp.asarray(rng.integers(0, 97, (2, 12)))}
+    losses = [jax.value_and_grad(lambda p, lm=lm: lm.loss(p, batch)[0])(params) for lm in (dropless, capacity)]
+    np.testing.assert_allclose(losses[0][0], losses[1][0], rtol=1e-6)
+    chex.assert_trees_all_close(losses[0][1], losses[1][1], atol=1e-6)
+    dense = LanguageModel(tiny_model())
+    D, F, L = 32, 64, 2
+    # forward FLOPs: dense FFN (3 D F) -> 2 active experts (2 x 3 D F) + router (D x 4)
+    extra = L * (3 * D * F + D * 4)
+    assert dropless.flops_per_token(12) == pytest.approx(dense.flops_per_token(12) + 3 * 2 * extra)
