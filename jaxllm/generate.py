@@ -101,8 +101,7 @@ def _cache_length(lm: LanguageModel, prompt_len: int, max_new_tokens: int) -> in
 def _generate(lm, params, tokens, positions, segment_ids, key, *, max_new_tokens, cache_len, sampling, stop_ids,
               pad_id):
     key, sub = jax.random.split(key)
-    (pre_lm, pre_params), (dec_lm, dec_params) = (
-        _factored_or_merged(lm, params, n) for n in (tokens.size, tokens.shape[0]))
+    (pre_lm, pre_params), (dec_lm, dec_params) = _prefill_and_decode_models(lm, params, tokens.shape)
     cache, first, last_pos = prefill(pre_lm, pre_params, tokens, positions, segment_ids, sub,
                                      cache_len=cache_len, sampling=sampling)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
@@ -124,12 +123,18 @@ def _generate(lm, params, tokens, positions, segment_ids, key, *, max_new_tokens
     return jax.lax.while_loop(cond, body, carry)[5]
 
 
-def _factored_or_merged(lm: LanguageModel, params: Params, tokens_in_flight: int) -> tuple[LanguageModel, Params]:
-    """Structured FFNs have no nonlinearity between their factors: with few tokens in flight (decoding)
-    one merged dense matmul beats several small ones; the switch is `mlp.merge_below_tokens`."""
-    if lm.cfg.mlp.structure == "dense" or tokens_in_flight > lm.cfg.mlp.merge_below_tokens:
-        return lm, params
-    return lm.merged_model, lm.merge_params(params)
+def _prefill_and_decode_models(lm: LanguageModel, params: Params, prompt_shape: tuple[int, int]):
+    """((model, params) for the prefill of [B, P] prompts, (model, params) for decoding B tokens a step).
+
+    Structured FFNs have no nonlinearity between their factors: with at most `mlp.merge_below_tokens`
+    tokens in flight the merged dense maps run instead (measured default 0: never, on CPU)."""
+
+    def pick(tokens_in_flight: int) -> tuple[LanguageModel, Params]:
+        if lm.cfg.mlp.structure == "dense" or tokens_in_flight > lm.cfg.mlp.merge_below_tokens:
+            return lm, params
+        return lm.merged_model, lm.merge_params(params)
+
+    return pick(prompt_shape[0] * prompt_shape[1]), pick(prompt_shape[0])
 
 
 def _prepare(lm: LanguageModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int):
@@ -181,8 +186,7 @@ def stream(
     p, cache_len = _prepare(lm, prompts, max_new_tokens, pad_id)
     key = jax.random.key(seed)
     key, sub = jax.random.split(key)
-    (pre_lm, pre_params), (dec_lm, dec_params) = (
-        _factored_or_merged(lm, params, n) for n in (p.tokens.size, p.tokens.shape[0]))
+    (pre_lm, pre_params), (dec_lm, dec_params) = _prefill_and_decode_models(lm, params, p.tokens.shape)
     cache, token, pos = prefill(pre_lm, pre_params, p.tokens, p.positions, p.segment_ids, sub,
                                 cache_len=cache_len, sampling=sampling)
     done = np.zeros(len(prompts), bool)

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from jaxllm.config import AttentionConfig, ConfigError, MlpConfig, ModelConfig, RopeScalingConfig
+from jaxllm.nested import get_path, set_path
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED = LLAMA_LIKE + ("gpt2",)
@@ -137,18 +138,6 @@ def _to_hf(entry: Entry, ys: list[np.ndarray]) -> np.ndarray:
     return x.T if entry.transpose else x
 
 
-def _get(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
-
-
 def params_from_hf(
     cfg: ModelConfig, model_type: str, tensors: Mapping[str, np.ndarray], param_shapes: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -168,14 +157,14 @@ def params_from_hf(
         )
     params: dict[str, Any] = {}
     for e in top:
-        shapes = [_get(param_shapes, p).shape for p in e.paths]
+        shapes = [get_path(param_shapes, p).shape for p in e.paths]
         for path, value in zip(e.paths, _from_hf(e, np.asarray(tensors[e.hf]), shapes)):
-            _set(params, path, value)
+            set_path(params, path, value)
     for e in layer:
-        shapes = [_get(param_shapes["blocks"], p).shape[1:] for p in e.paths]
+        shapes = [get_path(param_shapes["blocks"], p).shape[1:] for p in e.paths]
         per_layer = [_from_hf(e, np.asarray(tensors[e.hf.format(i=i)]), shapes) for i in range(cfg.num_layers)]
         for j, path in enumerate(e.paths):
-            _set(params, ("blocks",) + path, np.stack([values[j] for values in per_layer]))
+            set_path(params, ("blocks",) + path, np.stack([values[j] for values in per_layer]))
     if cfg.tie_embeddings and "lm_head.weight" in tensors:
         if not np.array_equal(np.asarray(tensors["lm_head.weight"]), params["embed"]["embedding"]):
             raise ConfigError("tie_word_embeddings is set but lm_head.weight differs from the embedding table")
@@ -185,9 +174,9 @@ def params_from_hf(
 def params_to_hf(cfg: ModelConfig, model_type: str, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The inverse of `params_from_hf`: HF-named numpy tensors."""
     top, layer = _entries(cfg, model_type)
-    out = {e.hf: _to_hf(e, [np.asarray(_get(params, p)) for p in e.paths]) for e in top}
+    out = {e.hf: _to_hf(e, [np.asarray(get_path(params, p)) for p in e.paths]) for e in top}
     for e in layer:
-        stacked = [np.asarray(_get(params["blocks"], p)) for p in e.paths]
+        stacked = [np.asarray(get_path(params["blocks"], p)) for p in e.paths]
         for i in range(cfg.num_layers):
             out[e.hf.format(i=i)] = np.ascontiguousarray(_to_hf(e, [s[i] for s in stacked]))
     return out

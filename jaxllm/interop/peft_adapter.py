@@ -23,7 +23,8 @@ import numpy as np
 from jaxllm.config import ConfigError, LoraConfig
 from jaxllm.interop.hf_mapping import _entries
 from jaxllm.language_model import LanguageModel, Params
-from jaxllm.peft.lora import LoraAdapter, _get, _merge_into
+from jaxllm.nested import get_path, merge_into
+from jaxllm.peft.lora import LoraAdapter
 
 PREFIX = "base_model.model."
 _RESIDUAL_INITS = ("pissa", "milora", "olora")
@@ -49,12 +50,12 @@ def _as_plain_lora(adapter: LoraAdapter, lora: Params, initial: Params | None) -
                          "as initialised) to export it as a LoRA for the original base")
     out: Params = {}
     for t in adapter.targets:
-        now, start = _get(lora, t.path), _get(initial, t.path)
+        now, start = get_path(lora, t.path), get_path(initial, t.path)
         leaves = {"a": np.concatenate([np.asarray(now["a"]), np.asarray(start["a"])], axis=t.n_lead + t.n_in),
                   "b": np.concatenate([np.asarray(now["b"]), -np.asarray(start["b"])], axis=t.n_lead)}
         if "magnitude" in now:
             leaves["magnitude"] = np.asarray(now["magnitude"])
-        _merge_into(out, t.path, leaves)
+        merge_into(out, t.path, leaves)
     factor = math.sqrt(2) if spec.rslora else 2.0
     return replace(spec, rank=2 * spec.rank, alpha=spec.alpha * factor, init="lora"), out
 
@@ -73,7 +74,7 @@ def save_peft_adapter(
     spec, lora = _as_plain_lora(adapter, lora, initial)
     tensors: dict[str, np.ndarray] = {}
     for t in adapter.targets:
-        leaves = {k: np.asarray(v, np.float32) for k, v in _get(lora, t.path).items()}
+        leaves = {k: np.asarray(v, np.float32) for k, v in get_path(lora, t.path).items()}
         layers = range(t.lead[0]) if t.n_lead else [None]
         for i in layers:
             pick = (lambda x: x[i]) if i is not None else (lambda x: x)
@@ -148,7 +149,7 @@ def load_peft_adapter(directory: str | Path, lm: LanguageModel, model_type: str)
             per_layer.setdefault("b", []).append(tensors[keys["b"]].T.reshape(spec.rank, *t.out_shape))
             if spec.dora:
                 per_layer.setdefault("magnitude", []).append(tensors[keys["magnitude"]].reshape(t.out_shape))
-        _merge_into(lora, t.path, {k: np.stack(v) if t.n_lead else v[0] for k, v in per_layer.items()})
+        merge_into(lora, t.path, {k: np.stack(v) if t.n_lead else v[0] for k, v in per_layer.items()})
     extra = sorted(set(tensors) - used)
     if extra:
         raise ConfigError(f"peft adapter in {d} has tensors jaxllm does not map: {extra[:4]}")

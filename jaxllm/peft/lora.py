@@ -18,7 +18,6 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ from jax.sharding import Mesh
 
 from jaxllm.config import ConfigError, LoraConfig
 from jaxllm.language_model import LanguageModel, Params
+from jaxllm.nested import get_path, merge_into, replace_path
 from jaxllm.peft.inits import INITS
 from jaxllm.peft.lora_kernel import LoraKernel, column_norm
 from jaxllm.peft.quantized_kernel import QuantizedKernel, quantize, quantized_logical_axes
@@ -63,21 +63,6 @@ def lora_scale(spec: LoraConfig) -> float:
     return spec.alpha / math.sqrt(spec.rank) if spec.rslora else spec.alpha / spec.rank
 
 
-def _get(tree: Params, path: tuple[str, ...]) -> Any:
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def _replace(tree: Params, path: tuple[str, ...], value: Any) -> Params:
-    """A copy of the nested dict `tree` with `path` set to `value` (other subtrees shared)."""
-    if not path:
-        return value
-    out = dict(tree)
-    out[path[0]] = _replace(tree[path[0]], path[1:], value)
-    return out
-
-
 class LoraAdapter:
     """The adapters a `LoraConfig` puts on a model; every method is pure in its tree arguments."""
 
@@ -88,8 +73,8 @@ class LoraAdapter:
         for path, n_in in sorted(lm.linear_layers.items()):
             name = ".".join(path)
             if any(p.fullmatch(path[-1]) or p.fullmatch(name) for p in patterns):
-                shape = _get(lm.param_shapes, path + ("kernel",)).shape
-                axes = _get(lm.logical_axes, path + ("kernel",))
+                shape = get_path(lm.param_shapes, path + ("kernel",)).shape
+                axes = get_path(lm.logical_axes, path + ("kernel",))
                 self.targets.append(Target(path, int(axes[0] == "layers"), n_in, tuple(shape), axes))
         if not self.targets:
             names = sorted({p[-1] for p in lm.linear_layers} | {".".join(p) for p in lm.linear_layers})
@@ -115,7 +100,7 @@ class LoraAdapter:
     def _tree(self, leaf) -> Params:
         tree: Params = {}
         for t in self.targets:
-            tree = _merge_into(tree, t.path, {k: leaf(*v) for k, v in self._leaf_specs(t).items()})
+            tree = merge_into(tree, t.path, {k: leaf(*v) for k, v in self._leaf_specs(t).items()})
         return tree
 
     @property
@@ -144,10 +129,10 @@ class LoraAdapter:
         kernel's last axis when `shard_blocks`, else is replicated."""
         axes = self.lm.logical_axes
         for path in self.quantized_paths():
-            q_axes = quantized_logical_axes(_get(axes, path), self.spec.quantize)
+            q_axes = quantized_logical_axes(get_path(axes, path), self.spec.quantize)
             if not shard_blocks:
                 q_axes = dataclasses.replace(q_axes, codes=(*q_axes.codes[:-2], None, None), scales=(*q_axes.scales[:-1], None))
-            axes = _replace(axes, path, q_axes)
+            axes = replace_path(axes, path, q_axes)
         return axes
 
     def frozen_shardings(self, mesh: Mesh) -> Params:
@@ -165,22 +150,22 @@ class LoraAdapter:
         """
         init_fn, adapter, frozen = INITS[self.spec.init], {}, base
         for i, t in enumerate(self.targets):
-            w = jnp.asarray(_get(base, t.path + ("kernel",)), jnp.float32)
+            w = jnp.asarray(get_path(base, t.path + ("kernel",)), jnp.float32)
             w_LIO = w.reshape(-1, math.prod(t.in_shape), math.prod(t.out_shape))
             keys = jax.random.split(jax.random.fold_in(key, i), w_LIO.shape[0])
             a, b, residual = jax.vmap(lambda k, m: init_fn(k, m, self.spec.rank, self.scale))(keys, w_LIO)
             leaves = {"a": a.reshape(*t.lead, *t.in_shape, -1), "b": b.reshape(*t.lead, -1, *t.out_shape)}
             if self.spec.dora:
                 leaves["magnitude"] = column_norm_stacked(w_LIO).reshape(*t.lead, *t.out_shape)
-            adapter = _merge_into(adapter, t.path, leaves)
+            adapter = merge_into(adapter, t.path, leaves)
             if self.spec.init not in ("lora", "gaussian"):  # the adapter took part of W: keep the rest
-                frozen = _replace(frozen, t.path + ("kernel",), residual.reshape(t.shape).astype(w.dtype))
+                frozen = replace_path(frozen, t.path + ("kernel",), residual.reshape(t.shape).astype(w.dtype))
         return adapter, self.frozen_of(frozen)
 
     def frozen_of(self, base: Params) -> Params:
         """The base with its block kernels quantised when the spec asks for it."""
         for path in self.quantized_paths():
-            base = _replace(base, path, quantize(_get(base, path), self.spec.quantize, self.spec.quant_block))
+            base = replace_path(base, path, quantize(get_path(base, path), self.spec.quantize, self.spec.quant_block))
         return base
 
     def apply(self, frozen: Params, adapter: Params, rng: jax.Array | None = None) -> Params:
@@ -189,16 +174,16 @@ class LoraAdapter:
         params = frozen
         use_dropout = rng is not None and self.spec.dropout > 0
         for i, t in enumerate(self.targets):
-            leaves = _get(adapter, t.path)
+            leaves = get_path(adapter, t.path)
             key = None
             if use_dropout:
                 key = jax.random.fold_in(rng, i)
                 key = jax.random.split(key, t.lead) if t.n_lead else key
             kernel = LoraKernel(
-                base=_get(frozen, t.path + ("kernel",)), a=leaves["a"], b=leaves["b"], magnitude=leaves.get("magnitude"),
+                base=get_path(frozen, t.path + ("kernel",)), a=leaves["a"], b=leaves["b"], magnitude=leaves.get("magnitude"),
                 dropout_key=key, scale=self.scale, dropout=self.spec.dropout if use_dropout else 0.0,
             )
-            params = _replace(params, t.path + ("kernel",), kernel)
+            params = replace_path(params, t.path + ("kernel",), kernel)
         return params
 
     def merge(self, frozen: Params, adapter: Params) -> Params:
@@ -210,8 +195,8 @@ class LoraAdapter:
             if "magnitude" in leaves:
                 m_LO = leaves["magnitude"].reshape(w_LIO.shape[0], -1)
                 merged = merged * (m_LO / column_norm_stacked(merged))[:, None, :]
-            kernel = _get(params, t.path + ("kernel",))
-            params = _replace(params, t.path + ("kernel",), merged.reshape(t.shape).astype(kernel.dtype))
+            kernel = get_path(params, t.path + ("kernel",))
+            params = replace_path(params, t.path + ("kernel",), merged.reshape(t.shape).astype(kernel.dtype))
         return params
 
     def unmerge(self, merged: Params, adapter: Params) -> Params:
@@ -221,22 +206,22 @@ class LoraAdapter:
         params = merged
         for t in self.targets:
             w_LIO, delta_LIO, _ = self._matrices(params, adapter, t)
-            kernel = _get(params, t.path + ("kernel",))
-            params = _replace(params, t.path + ("kernel",), (w_LIO - delta_LIO).reshape(t.shape).astype(kernel.dtype))
+            kernel = get_path(params, t.path + ("kernel",))
+            params = replace_path(params, t.path + ("kernel",), (w_LIO - delta_LIO).reshape(t.shape).astype(kernel.dtype))
         return params
 
     def dequantized(self, frozen: Params) -> Params:
         dtype = jnp.dtype(self.lm.cfg.param_dtype)
         for path in self.quantized_paths():
-            q = _get(frozen, path)
+            q = get_path(frozen, path)
             if isinstance(q, QuantizedKernel):
-                frozen = _replace(frozen, path, q.dequantize(dtype))
+                frozen = replace_path(frozen, path, q.dequantize(dtype))
         return frozen
 
     def _matrices(self, params: Params, adapter: Params, t: Target):
         """(W [L, I, O], scale * A @ B [L, I, O], adapter leaves) in f32; L = 1 for unstacked kernels."""
-        leaves = _get(adapter, t.path)
-        w = jnp.asarray(_get(params, t.path + ("kernel",)), jnp.float32)
+        leaves = get_path(adapter, t.path)
+        w = jnp.asarray(get_path(params, t.path + ("kernel",)), jnp.float32)
         w_LIO = w.reshape(-1, math.prod(t.in_shape), math.prod(t.out_shape))
         a_LIR = jnp.asarray(leaves["a"], jnp.float32).reshape(w_LIO.shape[0], w_LIO.shape[1], -1)
         b_LRO = jnp.asarray(leaves["b"], jnp.float32).reshape(w_LIO.shape[0], -1, w_LIO.shape[2])
@@ -246,11 +231,3 @@ class LoraAdapter:
 def column_norm_stacked(w_LIO: jax.Array) -> jax.Array:
     """Per-layer column norms: [L, I, O] -> [L, O]."""
     return jax.vmap(column_norm)(w_LIO)
-
-
-def _merge_into(tree: Params, path: tuple[str, ...], leaves: dict[str, Any]) -> Params:
-    node = tree
-    for k in path:
-        node = node.setdefault(k, {})
-    node.update(leaves)
-    return tree
