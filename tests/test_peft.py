@@ -74,6 +74,11 @@ def test_unmerge_restores_the_base(model):
     untouched = ("embed", "final_norm", "lm_head")
     for key in untouched:
         chex.assert_trees_all_equal(restored[key], params[key])
+    # with merge's record (integer ulp distances) the base comes back bitwise, every element
+    merged, record = adapter.merge_reversibly(params, lora)
+    chex.assert_trees_all_equal(merged, adapter.merge(params, lora))
+    chex.assert_trees_all_equal(adapter.unmerge(merged, lora, record), params)
+    assert any(bool(jnp.any(r != 0)) for r in jax.tree.leaves(record))  # plain subtraction alone is not bitwise
     dora = LoraAdapter(lm, LoraConfig(rank=4, dora=True))
     d_lora, d_frozen = dora.init(jax.random.key(1), params)
     with pytest.raises(ValueError, match="cannot be unmerged"):

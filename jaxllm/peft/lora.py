@@ -199,16 +199,37 @@ class LoraAdapter:
             params = replace_path(params, t.path + ("kernel",), merged.reshape(t.shape).astype(kernel.dtype))
         return params
 
-    def unmerge(self, merged: Params, adapter: Params) -> Params:
-        """The inverse of `merge` for plain LoRA: merged kernels minus scale * A @ B."""
+    def unmerge(self, merged: Params, adapter: Params, record: Params | None = None) -> Params:
+        """The inverse of `merge` for plain LoRA: merged kernels minus scale * A @ B.
+
+        Float subtraction cannot undo every rounding of the merge (W + sAB may land in a coarser binade),
+        so this alone is exact only up to the last bit; with the `record` of `merge_reversibly` the base
+        comes back bitwise."""
         if self.spec.dora:
             raise ValueError("a merged DoRA kernel cannot be unmerged: its column norms are gone; keep the base")
         params = merged
         for t in self.targets:
             w_LIO, delta_LIO, _ = self._matrices(params, adapter, t)
             kernel = get_path(params, t.path + ("kernel",))
-            params = replace_path(params, t.path + ("kernel",), (w_LIO - delta_LIO).reshape(t.shape).astype(kernel.dtype))
+            back = (w_LIO - delta_LIO).reshape(t.shape).astype(kernel.dtype)
+            if record is not None:
+                back = _add_ulps(back, get_path(record, t.path))
+            params = replace_path(params, t.path + ("kernel",), back)
         return params
+
+    def merge_reversibly(self, frozen: Params, adapter: Params) -> tuple[Params, Params]:
+        """(`merge`'s dense params, record): the record holds, per adapted kernel, the integer distance
+        [in units in the last place, int8 when it fits] between the base and what `unmerge` computes,
+        so `unmerge(merged, adapter, record)` restores the base bitwise. Call both the same way (both
+        eagerly or both jitted), as a different fusion may round differently."""
+        merged = self.merge(frozen, adapter)
+        approx = self.unmerge(merged, adapter)
+        record: Params = {}
+        for t in self.targets:
+            ulps = _bits(get_path(frozen, t.path + ("kernel",))) - _bits(get_path(approx, t.path + ("kernel",)))
+            small = bool(jnp.all(jnp.abs(ulps) <= 127))
+            merge_into(record, t.path[:-1], {t.path[-1]: ulps.astype(jnp.int8) if small else ulps})
+        return merged, record
 
     def dequantized(self, frozen: Params) -> Params:
         dtype = jnp.dtype(self.lm.cfg.param_dtype)
@@ -226,6 +247,18 @@ class LoraAdapter:
         a_LIR = jnp.asarray(leaves["a"], jnp.float32).reshape(w_LIO.shape[0], w_LIO.shape[1], -1)
         b_LRO = jnp.asarray(leaves["b"], jnp.float32).reshape(w_LIO.shape[0], -1, w_LIO.shape[2])
         return w_LIO, self.scale * jnp.einsum("lir,lro->lio", a_LIR, b_LRO), leaves
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    """A float array's bit patterns as signed integers of its width, widened to int32."""
+    ints = {2: jnp.int16, 4: jnp.int32}[jnp.dtype(x.dtype).itemsize]
+    return jax.lax.bitcast_convert_type(x, ints).astype(jnp.int32)
+
+
+def _add_ulps(x: jax.Array, ulps: jax.Array) -> jax.Array:
+    """The float whose bit pattern is x's plus `ulps` (the exact inverse of a `_bits` difference)."""
+    ints = {2: jnp.int16, 4: jnp.int32}[jnp.dtype(x.dtype).itemsize]
+    return jax.lax.bitcast_convert_type((_bits(x) + ulps.astype(jnp.int32)).astype(ints), x.dtype)
 
 
 def column_norm_stacked(w_LIO: jax.Array) -> jax.Array:
