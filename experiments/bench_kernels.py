@@ -27,6 +27,17 @@ from kernels_pallas.flash_attention import attention_reference, flash_attention
 from kernels_pallas.grouped_matmul import gmm
 
 
+def measured(kernel: str, shape: str, impl: str, fwd, both, args, flops: float, bwd_factor: float, reps: int):
+    """One table row: forward and forward+backward TFLOP/s, or the error that stopped the kernel."""
+    try:
+        t_f, t_b = timed(fwd, *args, reps=reps), timed(both, *args, reps=reps)
+        row = (kernel, shape, impl, f"{flops / t_f / 1e12:.2f}", f"{bwd_factor * flops / t_b / 1e12:.2f}")
+    except Exception as err:  # noqa: BLE001 - e.g. out of memory for a materialised reference, a block too big
+        row = (kernel, shape, impl, f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}", "")
+    print(" | ".join(row), flush=True)
+    return row
+
+
 def timed(fn, *args, reps: int) -> float:
     """Median seconds per call after one compile+warm-up call."""
     jax.block_until_ready(fn(*args))
@@ -58,13 +69,8 @@ def attention_rows(seqs, head_dims, dtype, reps, batch_tokens):
             for name, f in impls.items():
                 fwd = jax.jit(f)
                 both = jax.jit(jax.grad(lambda q, k, v, f=f: f(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
-                try:
-                    t_f, t_b = timed(fwd, q, k, v, reps=reps), timed(both, q, k, v, reps=reps)
-                except Exception as err:  # noqa: BLE001 - e.g. out of memory for the materialised reference
-                    rows.append(("attention", f"T={T} H={H} B={B} N={N} K={K}", name, f"failed: {type(err).__name__}", ""))
-                    continue
-                rows.append(("attention", f"T={T} H={H} B={B} N={N} K={K}", name,
-                             f"{fwd_flops / t_f / 1e12:.2f}", f"{3.5 * fwd_flops / t_b / 1e12:.2f}"))
+                rows.append(measured("attention", f"T={T} H={H} B={B} N={N} K={K}", name, fwd, both, (q, k, v),
+                                     fwd_flops, 3.5, reps))
     return rows
 
 
@@ -84,9 +90,8 @@ def block_sparse_rows(size, dtype, reps):
             f = jax.jit(lambda x, b, impl=impl, layout=layout: block_sparse_matmul(x, b, layout, impl=impl))
             g = jax.jit(jax.grad(lambda x, b, impl=impl, layout=layout: block_sparse_matmul(x, b, layout, impl=impl)
                                  .astype(jnp.float32).sum(), argnums=(0, 1)))
-            t_f, t_b = timed(f, x, blocks, reps=reps), timed(g, x, blocks, reps=reps)
-            rows.append(("block-sparse", f"{size}^2 x {size}, {n} diagonal blocks (density 1/{n})", impl,
-                         f"{flops / t_f / 1e12:.2f}", f"{3 * flops / t_b / 1e12:.2f}"))
+            rows.append(measured("block-sparse", f"{size}^2 x {size}, {n} diagonal blocks (density 1/{n})", impl,
+                                 f, g, (x, blocks), flops, 3, reps))
     return rows
 
 
@@ -100,10 +105,8 @@ def gmm_rows(M, K, N, dtype, reps):
     for impl in ("pallas", "xla"):
         f = jax.jit(lambda a, b, impl=impl: gmm(a, b, gs, impl=impl))
         g = jax.jit(jax.grad(lambda a, b, impl=impl: gmm(a, b, gs, impl=impl).astype(jnp.float32).sum(), argnums=(0, 1)))
-        t_f, t_b = timed(f, lhs, rhs, reps=reps), timed(g, lhs, rhs, reps=reps)
-        flops = 2 * M * K * N
-        rows.append(("grouped matmul", f"M={M} K={K} N={N}, 8 groups", impl, f"{flops / t_f / 1e12:.2f}",
-                     f"{3 * flops / t_b / 1e12:.2f}"))
+        rows.append(measured("grouped matmul", f"M={M} K={K} N={N}, 8 groups", impl, f, g, (lhs, rhs),
+                             2 * M * K * N, 3, reps))
     return rows
 
 
@@ -111,6 +114,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes (CPU: Pallas runs interpreted)")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--seqs", type=int, nargs="*", help="attention sequence lengths (default: 1k-16k; quick: 128, 256)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_kernels.md"))
     args = ap.parse_args()
     device = jax.devices()[0]
@@ -118,9 +122,9 @@ def main() -> None:
         dtype, seqs, head_dims, size, mnk, tokens = jnp.float32, [128, 256], [64], 256, (512, 128, 128), 256
     else:
         dtype, seqs, head_dims, size, mnk, tokens = jnp.bfloat16, [1024, 2048, 4096, 8192, 16384], [64, 128], 4096, (16384, 2048, 2048), 16384
-    rows = attention_rows(seqs, head_dims, dtype, args.reps, tokens)
+    rows = gmm_rows(*mnk, dtype, args.reps)
+    rows += attention_rows(args.seqs or seqs, head_dims, dtype, args.reps, tokens)
     rows += block_sparse_rows(size, dtype, args.reps)
-    rows += gmm_rows(*mnk, dtype, args.reps)
     interpreted = device.platform == "cpu"
     lines = [f"# Kernel throughput on {device.device_kind} ({device.platform}), {jnp.dtype(dtype).name}", "",
              f"`python experiments/bench_kernels.py{' --quick' if args.quick else ''}`, {time.strftime('%Y-%m-%d')}, "

@@ -20,6 +20,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels_pallas.tiling import check_gpu_tile, row_tile
+
 
 @dataclass(frozen=True)
 class BlockLayout:
@@ -195,7 +197,8 @@ def block_sparse_matmul(
     if impl != "pallas":
         raise ValueError(f"block_sparse_matmul impl {impl!r}; choose xla, pallas or auto")
     M = x_MK.shape[0]
-    bm = block_m or min(128, max(8, -(-M // 8) * 8))
+    bm = block_m or row_tile(M, 128)
+    check_gpu_tile("block_m", bm)
     Mp = -(-M // bm) * bm
     x_MK = jnp.pad(x_MK, ((0, Mp - M), (0, 0)))
     y = _bsmm(x_MK, blocks.astype(x.dtype), layout, bm, platform == "cpu" if interpret is None else interpret)

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels_pallas.tiling import GPU_PLATFORMS, check_gpu_tile, row_tile
+
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked rows stay NaN-free
 _Q_PAD, _KV_PAD = -1, -2  # segment ids of padding: they never match each other or a real id
 
@@ -252,14 +254,17 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def default_block_sizes(T: int, S: int, H: int) -> tuple[int, int]:
-    """Per-backend defaults: 128 x 128 on TPU/GPU (64 keys for head_dim 256 on GPU), 64 x 64 elsewhere;
-    never larger than the (8-rounded) sequence."""
+    """Per-backend defaults, never larger than the (rounded) sequence. TPU 128 x 128; GPU (Triton) sized to
+    fit shared memory, as measured on an H100 (experiments/results/bench_kernels_h100.md): 64 x 64 for
+    head_dim <= 64, 32 x 32 for 128, 16 x 16 above; CPU (interpret) 64 x 64."""
     platform = jax.devices()[0].platform
-    bq, bk = (128, 128) if platform in ("tpu", "gpu", "cuda", "rocm") else (64, 64)
-    if platform != "tpu" and H >= 256:
-        bk = 64
-    round8 = lambda n: max(8, -(-n // 8) * 8)
-    return min(bq, round8(T)), min(bk, round8(S))
+    if platform == "tpu":
+        bq = bk = 128
+    elif platform in GPU_PLATFORMS:
+        bq = bk = 64 if H <= 64 else 32 if H <= 128 else 16
+    else:
+        bq = bk = 64
+    return row_tile(T, bq), row_tile(S, bk)
 
 
 def flash_attention(
@@ -276,6 +281,8 @@ def flash_attention(
         raise ValueError(f"query heads {N} must be a multiple of kv heads {K}")
     dq, dk = default_block_sizes(T, S, H)
     bq, bk = block_q or dq, block_k or dk
+    check_gpu_tile("block_q", bq)
+    check_gpu_tile("block_k", bk)
     if interpret is None:
         interpret = jax.devices()[0].platform == "cpu"
     m = Mask(causal, sliding_window, logit_softcap, 1.0 / math.sqrt(H) if scale is None else scale)

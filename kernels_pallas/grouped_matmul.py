@@ -19,27 +19,33 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels_pallas.tiling import row_tile
+
 
 def _group_bounds(group_sizes: jax.Array) -> tuple[jax.Array, jax.Array]:
     ends = jnp.cumsum(group_sizes.astype(jnp.int32))
     return ends - group_sizes.astype(jnp.int32), ends
 
 
-def _gmm_kernel(first_ref, last_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref, *, bm: int):
+def _gmm_kernel(first_ref, last_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref, *, bm: int, bk: int):
     m = pl.program_id(0)
     rows = m * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
-    x = lhs_ref[...]
 
     def body(g, acc):
         inside = (rows >= starts_ref[g]) & (rows < ends_ref[g])
-        w = rhs_ref[g]
-        return acc + jnp.where(inside, jnp.dot(x, w, preferred_element_type=jnp.float32), 0.0)
+
+        def k_step(t, part):  # K in tiles of bk: bounded on-chip memory for any K
+            ks = pl.ds(pl.multiple_of(t * bk, bk), bk)
+            return part + jnp.dot(lhs_ref[:, ks], rhs_ref[g, ks, :], preferred_element_type=jnp.float32)
+
+        part = lax.fori_loop(0, lhs_ref.shape[1] // bk, k_step, jnp.zeros(out_ref.shape, jnp.float32))
+        return acc + jnp.where(inside, part, 0.0)
 
     acc = lax.fori_loop(first_ref[m], last_ref[m], body, jnp.zeros(out_ref.shape, jnp.float32))
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
-def _gmm_call(lhs, rhs, group_sizes, bm: int, bn: int, interpret):
+def _gmm_call(lhs, rhs, group_sizes, bm: int, bk: int, bn: int, interpret):
     M, K = lhs.shape
     G, _, N = rhs.shape
     starts, ends = _group_bounds(group_sizes)
@@ -48,7 +54,7 @@ def _gmm_call(lhs, rhs, group_sizes, bm: int, bn: int, interpret):
     last = jnp.searchsorted(starts, tile_start + bm, side="left").astype(jnp.int32)  # groups starting before its end
     whole = lambda arr: pl.BlockSpec(arr.shape, lambda m, n: (0,) * arr.ndim)
     return pl.pallas_call(
-        functools.partial(_gmm_kernel, bm=bm), grid=(M // bm, N // bn),
+        functools.partial(_gmm_kernel, bm=bm, bk=bk), grid=(M // bm, N // bn),
         in_specs=[whole(first), whole(last), whole(starts), whole(ends), pl.BlockSpec((bm, K), lambda m, n: (m, 0)),
                   pl.BlockSpec((G, K, bn), lambda m, n: (0, 0, n))],
         out_specs=pl.BlockSpec((bm, bn), lambda m, n: (m, n)),
@@ -99,7 +105,7 @@ def _tile(n: int, preferred: int) -> int:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _gmm(lhs, rhs, group_sizes, tiles, interpret):
     bm, bk, bn = tiles
-    return _gmm_call(lhs, rhs, group_sizes, bm, bn, interpret)
+    return _gmm_call(lhs, rhs, group_sizes, bm, bk, bn, interpret)
 
 
 def _gmm_fwd(lhs, rhs, group_sizes, tiles, interpret):
@@ -109,7 +115,7 @@ def _gmm_fwd(lhs, rhs, group_sizes, tiles, interpret):
 def _gmm_bwd(tiles, interpret, res, dout):
     lhs, rhs, group_sizes = res
     bm, bk, bn = tiles
-    dlhs = _gmm_call(dout.astype(lhs.dtype), rhs.transpose(0, 2, 1), group_sizes, bm, bk, interpret)
+    dlhs = _gmm_call(dout.astype(lhs.dtype), rhs.transpose(0, 2, 1), group_sizes, bm, bn, bk, interpret)
     drhs = _tgmm_call(lhs, dout.astype(lhs.dtype), group_sizes, bm, bk, bn, interpret)
     return dlhs, drhs.astype(rhs.dtype), None
 
@@ -141,7 +147,7 @@ def gmm(
         raise ValueError(f"gmm: lhs {lhs_MK.shape}, rhs {rhs_GKN.shape} and group_sizes {group_sizes_G.shape} disagree")
     if impl == "xla":
         return lax.ragged_dot(lhs_MK, rhs_GKN, group_sizes_G.astype(jnp.int32))
-    bm = min(tiles[0], max(8, -(-M // 8) * 8))
+    bm = row_tile(M, tiles[0])
     t = (bm, _tile(K, tiles[1]), _tile(rhs_GKN.shape[2], tiles[2]))
     out = _gmm(_padded_rows(lhs_MK, bm), rhs_GKN.astype(lhs_MK.dtype), group_sizes_G.astype(jnp.int32), t, interpret)
     return out[:M]
@@ -157,6 +163,6 @@ def tgmm(
     if impl == "xla":
         zeros = jnp.zeros((G, K, N), lhs_MK.dtype)
         return jax.grad(lambda w: jnp.sum(lax.ragged_dot(lhs_MK, w, group_sizes_G.astype(jnp.int32)) * dout_MN))(zeros)
-    bm = min(tiles[0], max(8, -(-lhs_MK.shape[0] // 8) * 8))
+    bm = row_tile(lhs_MK.shape[0], tiles[0])
     return _tgmm_call(lhs_MK, dout_MN.astype(lhs_MK.dtype), group_sizes_G.astype(jnp.int32), bm, _tile(K, tiles[1]),
                       _tile(N, tiles[2]), interpret)
