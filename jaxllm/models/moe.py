@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ModelConfig, _default_rules
+from jaxllm.models.expert_parallel import expert_axes, experts_expert_parallel
 from jaxllm.models.layers import make_param
 from jaxllm.sharding import Rules, make_rules
 
@@ -63,21 +64,25 @@ def _swiglu(x, gate, up, down, mm):
     return mm(jax.nn.silu(mm(x, gate)) * mm(x, up), down)
 
 
-def experts_dropless(x_ND, r: Routing, gate_EDF, up_EDF, down_EFD, impl: str) -> jax.Array:
-    """Every (token, choice) assignment through its expert, as grouped matmuls over sorted rows."""
+def grouped_experts(x_RD, expert_R, gate_EDF, up_EDF, down_EFD, impl: str) -> jax.Array:
+    """Row r through expert expert_R[r] as grouped matmuls over rows sorted by expert; rows tagged >= E
+    (null experts, padding) sort last, past every group, and come back as zeros. [R, D] in row order."""
     from kernels_pallas.grouped_matmul import gmm
 
-    N, K = r.expert_NK.shape
     E = gate_EDF.shape[0]
-    flat_e = r.expert_NK.reshape(-1)
-    order = jnp.argsort(flat_e, stable=True)  # null slots (>= E) sort last: rows past every group
-    token = order // K
-    group_sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
+    order = jnp.argsort(expert_R, stable=True)
+    group_sizes = jnp.bincount(expert_R, length=E).astype(jnp.int32)
     mm = lambda a, w: gmm(a, w, group_sizes, impl=impl)
-    out_AD = _swiglu(x_ND[token], gate_EDF, up_EDF, down_EFD, mm)
-    real = (flat_e[order] < E)[:, None]
-    contrib = jnp.where(real, out_AD.astype(jnp.float32) * r.weight_NK.reshape(-1)[order][:, None], 0.0)
-    return jnp.zeros((N, x_ND.shape[1]), jnp.float32).at[token].add(contrib)
+    out_RD = _swiglu(x_RD[order], gate_EDF, up_EDF, down_EFD, mm)
+    out_RD = jnp.where((expert_R[order] < E)[:, None], out_RD, 0)
+    return jnp.zeros_like(out_RD).at[order].set(out_RD)
+
+
+def experts_dropless(x_ND, r: Routing, gate_EDF, up_EDF, down_EFD, impl: str) -> jax.Array:
+    """Every (token, choice) assignment through its expert: [N, D] f32."""
+    N, K = r.expert_NK.shape
+    out_AD = grouped_experts(jnp.repeat(x_ND, K, axis=0), r.expert_NK.reshape(-1), gate_EDF, up_EDF, down_EFD, impl)
+    return jnp.sum((out_AD.astype(jnp.float32) * r.weight_NK.reshape(-1, 1)).reshape(N, K, -1), axis=1)
 
 
 def experts_capacity(x_ND, r: Routing, gate_EDF, up_EDF, down_EFD, capacity: int) -> tuple[jax.Array, jax.Array]:
@@ -103,7 +108,7 @@ class MoeFfn(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rules: Rules = _DEFAULT_RULES, *, rngs: nnx.Rngs):
         m = cfg.moe
-        self.cfg = cfg
+        self.cfg, self.rules = cfg, rules
         D, F, E = cfg.d_model, m.d_ff or cfg.mlp.d_ff, m.num_experts
         pdt = jnp.dtype(cfg.param_dtype)
         normal = nnx.initializers.normal
@@ -133,7 +138,14 @@ class MoeFfn(nnx.Module):
         r = route(x_ND, self.router[...], m.top_k)
         weights = [w[...].astype(dtype) for w in (self.gate, self.up, self.down)]
         E, F = weights[0].shape[0], weights[0].shape[2]
-        if m.dispatch == "dropless":
+        ep_axes = expert_axes(self.rules, E) if m.dispatch == "dropless" else ()
+        if ep_axes:
+            run = lambda x_RD, e_R, w: grouped_experts(x_RD, e_R, *w, m.impl)
+            y = experts_expert_parallel(x_BTD.astype(dtype), r.expert_NK.reshape(B, T, -1), r.weight_NK.reshape(B, T, -1),
+                                        tuple(weights), self.rules, ep_axes, run).reshape(B * T, D)
+            real = jnp.sum(r.expert_NK < E)
+            dropped = jnp.zeros((), jnp.float32)
+        elif m.dispatch == "dropless":
             y = experts_dropless(x_ND, r, *weights, m.impl)
             real = jnp.sum(r.expert_NK < E)
             dropped = jnp.zeros((), jnp.float32)
