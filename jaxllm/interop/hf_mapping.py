@@ -1,4 +1,4 @@
-"""Map Hugging Face causal-LM configs and state dicts (Llama, Mistral, Qwen2/3, GPT-2) to jaxllm.
+"""Map Hugging Face causal-LM configs and state dicts (Llama, Mistral, Mixtral, Qwen2/3, GPT-2) to jaxllm.
 
 One table per family (`_entries`) drives both directions: `params_from_hf` and `params_to_hf`, with
 `config_from_hf` / `config_to_hf` for `config.json`. Tensors are numpy arrays keyed by HF names; nothing
@@ -13,10 +13,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jaxllm.config import AttentionConfig, ConfigError, MlpConfig, ModelConfig, RopeScalingConfig
+from jaxllm.config import AttentionConfig, ConfigError, MlpConfig, ModelConfig, MoeConfig, RopeScalingConfig
 from jaxllm.nested import get_path, set_path
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
 SUPPORTED = LLAMA_LIKE + ("gpt2",)
 _HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                    "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -62,7 +62,12 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     if model_type in ("llama", "qwen3") and hf.get("attention_bias"):
         raise ConfigError("HF attention_bias=True (bias on q, k, v and o) is not supported")
     theta, scaling = _rope(hf)
-    window = hf.get("sliding_window") if model_type == "mistral" else None
+    window = hf.get("sliding_window") if model_type in ("mistral", "mixtral") else None
+    moe = MoeConfig()
+    if model_type == "mixtral":  # HF's aux loss is top_k x ours (it counts assignments per choice)
+        k = hf["num_experts_per_tok"]
+        moe = MoeConfig(num_experts=hf["num_local_experts"], top_k=k, router_z_loss=0.0,
+                        load_balance_loss=hf.get("router_aux_loss_coef", 0.001) * k)
     if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
         raise ConfigError("HF use_sliding_window=True (per-layer windows) is not supported for Qwen models")
     return ModelConfig(
@@ -74,7 +79,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
         bias="qkv" if model_type == "qwen2" else "none",
         attention=AttentionConfig(sliding_window=window, qk_norm=model_type == "qwen3"),
         mlp=MlpConfig(d_ff=hf["intermediate_size"], activation=_activation(hf["hidden_act"]), gated=True),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), moe=moe,
     )
 
 
@@ -83,7 +88,8 @@ class Entry:
     """One HF tensor <-> one or more jaxllm params (several: a fused tensor split on its out axis).
 
     `transpose`: the HF tensor is torch Linear-style [out, in]; `n_in`: how many leading dims of the
-    jaxllm param are input dims (0 for vectors). Layer entries hold `{i}` and map to stacked params.
+    jaxllm param are input dims (0 for vectors). Layer entries hold `{i}` and map to stacked params; expert
+    entries also hold `{j}` and map to slice j of the param's expert axis (the one after `layers`).
     """
 
     hf: str
@@ -114,7 +120,12 @@ def _entries(cfg: ModelConfig, model_type: str) -> tuple[list[Entry], list[Entry
              E(p + "post_attention_layernorm.weight", "mlp_norm.scale", n=0)]
     layer += [E(p + f"self_attn.{x}_proj.weight", f"attn.{x}.kernel", t=True) for x in "qkv"]
     layer += [E(p + "self_attn.o_proj.weight", "attn.o.kernel", t=True, n=2)]
-    layer += [E(p + f"mlp.{x}_proj.weight", f"mlp.{x}.kernel", t=True) for x in ("gate", "up", "down")]
+    if cfg.moe.num_experts:  # Mixtral: w1 = gate, w3 = up, w2 = down per expert; the router is `gate`
+        q = p + "block_sparse_moe."
+        layer += [E(q + "gate.weight", "mlp.router", t=True)]
+        layer += [E(q + f"experts.{{j}}.{w}.weight", f"mlp.{x}", t=True) for w, x in (("w1", "gate"), ("w3", "up"), ("w2", "down"))]
+    else:
+        layer += [E(p + f"mlp.{x}_proj.weight", f"mlp.{x}.kernel", t=True) for x in ("gate", "up", "down")]
     if cfg.bias == "qkv":
         layer += [E(p + f"self_attn.{x}_proj.bias", f"attn.{x}.bias", n=0) for x in "qkv"]
     if cfg.attention.qk_norm:
@@ -123,6 +134,13 @@ def _entries(cfg: ModelConfig, model_type: str) -> tuple[list[Entry], list[Entry
     if not cfg.tie_embeddings:
         top.append(E("lm_head.weight", "lm_head.kernel", t=True))
     return top, layer
+
+
+def _layer_names(entry: Entry, i: int, cfg: ModelConfig) -> list[str]:
+    """HF names of a layer entry in layer i: one, or one per expert."""
+    if "{j}" in entry.hf:
+        return [entry.hf.format(i=i, j=j) for j in range(cfg.moe.num_experts)]
+    return [entry.hf.format(i=i)]
 
 
 def _from_hf(entry: Entry, x: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
@@ -147,7 +165,7 @@ def params_from_hf(
     listing them all; a tied `lm_head.weight` is accepted when it equals the embedding table.
     """
     top, layer = _entries(cfg, model_type)
-    names = [e.hf for e in top] + [e.hf.format(i=i) for i in range(cfg.num_layers) for e in layer]
+    names = [e.hf for e in top] + [n for e in layer for i in range(cfg.num_layers) for n in _layer_names(e, i, cfg)]
     missing = [n for n in names if n not in tensors]
     extra = set(tensors) - set(names) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
     if missing or extra:
@@ -161,8 +179,11 @@ def params_from_hf(
         for path, value in zip(e.paths, _from_hf(e, np.asarray(tensors[e.hf]), shapes)):
             set_path(params, path, value)
     for e in layer:
-        shapes = [get_path(param_shapes["blocks"], p).shape[1:] for p in e.paths]
-        per_layer = [_from_hf(e, np.asarray(tensors[e.hf.format(i=i)]), shapes) for i in range(cfg.num_layers)]
+        experts = "{j}" in e.hf
+        shapes = [get_path(param_shapes["blocks"], p).shape[2 if experts else 1:] for p in e.paths]
+        load = lambda name: _from_hf(e, np.asarray(tensors[name]), shapes)
+        per_layer = [[np.stack(v) for v in zip(*map(load, _layer_names(e, i, cfg)))] if experts
+                     else load(e.hf.format(i=i)) for i in range(cfg.num_layers)]
         for j, path in enumerate(e.paths):
             set_path(params, ("blocks",) + path, np.stack([values[j] for values in per_layer]))
     if cfg.tie_embeddings and "lm_head.weight" in tensors:
@@ -178,7 +199,9 @@ def params_to_hf(cfg: ModelConfig, model_type: str, params: Mapping[str, Any]) -
     for e in layer:
         stacked = [np.asarray(get_path(params["blocks"], p)) for p in e.paths]
         for i in range(cfg.num_layers):
-            out[e.hf.format(i=i)] = np.ascontiguousarray(_to_hf(e, [s[i] for s in stacked]))
+            for j, name in enumerate(_layer_names(e, i, cfg)):
+                pick = (lambda s: s[i, j]) if "{j}" in e.hf else (lambda s: s[i])
+                out[name] = np.ascontiguousarray(_to_hf(e, [pick(s) for s in stacked]))
     return out
 
 
@@ -191,6 +214,12 @@ def model_type_of(cfg: ModelConfig) -> str:
                           "MLP, bias none/qkv; GPT-2 needs learned positions, layernorm, bias all, plain MLP)")
     if cfg.attention.logit_softcap or cfg.final_logit_softcap or cfg.rope_scaling.type not in ("none", "llama3"):
         raise ConfigError("soft-capping has no Hugging Face equivalent among llama/mistral/qwen2/qwen3/gpt2")
+    if cfg.moe.num_experts:
+        m = cfg.moe
+        if m.shared_experts or m.null_experts or cfg.attention.qk_norm or cfg.bias != "none" or m.d_ff not in (None, cfg.mlp.d_ff):
+            raise ConfigError("an MoE model exports as Mixtral only without shared or null experts, qk_norm, biases "
+                              "or a separate moe.d_ff (Qwen-MoE-style shared experts are not exported)")
+        return "mixtral"
     if cfg.attention.qk_norm:
         if cfg.bias != "none" or cfg.attention.sliding_window:
             raise ConfigError("qk_norm (qwen3) cannot be combined with biases or a sliding window")
@@ -208,7 +237,7 @@ _ACT_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", 
 def config_to_hf(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
     """A `config.json` dict that `transformers` builds the same model from."""
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}[model_type]
+            "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel", "mixtral": "MixtralForCausalLM"}[model_type]
     if model_type == "gpt2":
         return {
             "model_type": "gpt2", "architectures": [arch], "vocab_size": cfg.vocab_size, "n_embd": cfg.d_model,
@@ -230,6 +259,9 @@ def config_to_hf(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
     }
     if cfg.rope_scaling.type == "llama3":
         out["rope_scaling"] = rope
-    if model_type == "mistral":
+    if model_type in ("mistral", "mixtral"):
         out["sliding_window"] = cfg.attention.sliding_window
+    if model_type == "mixtral":
+        out.update(num_local_experts=cfg.moe.num_experts, num_experts_per_tok=cfg.moe.top_k,
+                   router_aux_loss_coef=cfg.moe.load_balance_loss / cfg.moe.top_k)
     return out
