@@ -97,7 +97,7 @@ class MoeConfig:
     capacity_factor: float = 1.25  # capacity: slots per expert = factor * tokens * top_k / experts
     load_balance_loss: float = 0.01  # Switch-style E * sum_e f_e P_e
     router_z_loss: float = 0.001  # mean logsumexp(router logits)^2
-    impl: str = "auto"  # grouped matmul: xla (ragged_dot) | pallas (gmm/tgmm) | auto
+    impl: str = "auto"  # grouped matmul: pallas (gmm/tgmm) | tiled (padded tiles, plain XLA) | xla (ragged_dot) | auto
 
 
 @dataclass
@@ -378,7 +378,7 @@ def check_values(cfg: Config) -> None:
     if not 0 < m.mlp.param_fraction <= 1:
         raise ConfigError(f"model.mlp.param_fraction={m.mlp.param_fraction} must be within (0, 1]")
     _choice("model.moe.dispatch", m.moe.dispatch, ("dropless", "capacity"))
-    _choice("model.moe.impl", m.moe.impl, MATMUL_IMPLS)
+    _choice("model.moe.impl", m.moe.impl, MATMUL_IMPLS + ("tiled",))
     if m.moe.num_experts < 0 or m.moe.null_experts < 0 or m.moe.shared_experts < 0:
         raise ConfigError("model.moe.num_experts, null_experts and shared_experts must be >= 0")
     if m.moe.num_experts and not 1 <= m.moe.top_k <= m.moe.num_experts + m.moe.null_experts:

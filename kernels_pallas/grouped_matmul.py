@@ -123,12 +123,36 @@ def _gmm_bwd(tiles, interpret, res, dout):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
+def gmm_tiled(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, bm: int | None = None) -> jax.Array:
+    """Grouped matmul in plain XLA without ragged_dot (which XLA:CPU runs as G dense matmuls over all rows):
+    each group's rows padded to whole tiles of bm rows, so every tile belongs to one group, then one
+    batched matmul of the tiles with their group's weights gathered per tile. Costs (M + G bm) K N FLOPs;
+    bm defaults to a quarter of the mean group size (>= 8). Rows past the last group give zeros."""
+    M, K = lhs_MK.shape
+    G, _, N = rhs_GKN.shape
+    bm = bm or max(8, -(-M // (4 * G)) // 8 * 8)
+    tiles = -(-M // bm) + G  # enough for any group sizes summing to <= M
+    sizes = group_sizes_G.astype(jnp.int32)
+    starts = jnp.cumsum(sizes) - sizes
+    padded = -(-sizes // bm) * bm
+    padded_starts = jnp.cumsum(padded) - padded
+    group = jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(M), side="right")  # G for rows past the groups
+    inside = group < G
+    g = jnp.minimum(group, G - 1)
+    dest = jnp.where(inside, padded_starts[g] + jnp.arange(M) - starts[g], tiles * bm)  # past the end: dropped
+    x = jnp.zeros((tiles * bm, K), lhs_MK.dtype).at[dest].set(lhs_MK, mode="drop")
+    tile_group = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(tiles) * bm, side="right"), G - 1)
+    y = jnp.einsum("tbk,tkn->tbn", x.reshape(tiles, bm, K), rhs_GKN[tile_group].astype(lhs_MK.dtype),
+                   preferred_element_type=jnp.float32).astype(lhs_MK.dtype)
+    return jnp.where(inside[:, None], y.reshape(tiles * bm, N).at[dest].get(mode="fill", fill_value=0), 0)
+
+
 def _resolve(impl: str, interpret: bool | None) -> tuple[str, bool]:
     platform = jax.devices()[0].platform
     if impl == "auto":
-        impl = "xla" if platform == "cpu" else "pallas"
-    if impl not in ("xla", "pallas"):
-        raise ValueError(f"grouped matmul impl {impl!r}; choose xla, pallas or auto")
+        impl = "tiled" if platform == "cpu" else "pallas"
+    if impl not in ("xla", "tiled", "pallas"):
+        raise ValueError(f"grouped matmul impl {impl!r}; choose xla, tiled, pallas or auto")
     return impl, platform == "cpu" if interpret is None else interpret
 
 
@@ -140,13 +164,18 @@ def gmm(
     lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, *, tiles: tuple[int, int, int] = (64, 128, 128),
     impl: str = "auto", interpret: bool | None = None,
 ) -> jax.Array:
-    """[M, K] rows sorted by group x [G, K, N] -> [M, N]; `tiles` = preferred (rows, K, N) tile sizes."""
+    """[M, K] rows sorted by group x [G, K, N] -> [M, N]; `tiles` = preferred (rows, K, N) tile sizes.
+
+    impl: pallas (the kernels), xla (`lax.ragged_dot`), tiled (`gmm_tiled`), auto (pallas on GPU/TPU, tiled
+    on CPU, where ragged_dot does G times the work)."""
     impl, interpret = _resolve(impl, interpret)
     M, K = lhs_MK.shape
     if rhs_GKN.shape[1] != K or rhs_GKN.shape[0] != group_sizes_G.shape[0]:
         raise ValueError(f"gmm: lhs {lhs_MK.shape}, rhs {rhs_GKN.shape} and group_sizes {group_sizes_G.shape} disagree")
     if impl == "xla":
         return lax.ragged_dot(lhs_MK, rhs_GKN, group_sizes_G.astype(jnp.int32))
+    if impl == "tiled":
+        return gmm_tiled(lhs_MK, rhs_GKN, group_sizes_G)
     bm = row_tile(M, tiles[0])
     t = (bm, _tile(K, tiles[1]), _tile(rhs_GKN.shape[2], tiles[2]))
     out = _gmm(_padded_rows(lhs_MK, bm), rhs_GKN.astype(lhs_MK.dtype), group_sizes_G.astype(jnp.int32), t, interpret)
@@ -160,9 +189,9 @@ def tgmm(
     """Per group g: lhs[rows of g]^T @ dout[rows of g] -> [G, K, N] (zeros for empty groups)."""
     impl, interpret = _resolve(impl, interpret)
     K, N, G = lhs_MK.shape[1], dout_MN.shape[1], group_sizes_G.shape[0]
-    if impl == "xla":
+    if impl in ("xla", "tiled"):
         zeros = jnp.zeros((G, K, N), lhs_MK.dtype)
-        return jax.grad(lambda w: jnp.sum(lax.ragged_dot(lhs_MK, w, group_sizes_G.astype(jnp.int32)) * dout_MN))(zeros)
+        return jax.grad(lambda w: jnp.sum(gmm(lhs_MK, w, group_sizes_G, impl=impl) * dout_MN))(zeros)
     bm = row_tile(lhs_MK.shape[0], tiles[0])
     return _tgmm_call(lhs_MK, dout_MN.astype(lhs_MK.dtype), group_sizes_G.astype(jnp.int32), bm, _tile(K, tiles[1]),
                       _tile(N, tiles[2]), interpret)

@@ -3,8 +3,8 @@
     dropless   assignments sorted by expert, experts run as grouped matmuls (`kernels_pallas.grouped_matmul`:
                Pallas gmm/tgmm on GPU/TPU, `lax.ragged_dot` on CPU); nothing is dropped
     capacity   each expert takes at most C = capacity_factor * N * k / E assignments (GShard/Switch
-               priority: all first choices before any second choice, in token order), one-hot dispatch
-               and combine einsums; overflow is dropped and reported
+               priority: all first choices before any second choice, in token order), gathered into
+               [E, C] slots and run as one batched matmul; overflow is dropped and reported
 
 With no overflow both compute the same function. Null experts (AdaMoE) are router slots with zero output
 and zero compute: a token choosing one uses fewer real experts. Shared experts are one always-on dense FFN.
@@ -86,21 +86,24 @@ def experts_dropless(x_ND, r: Routing, gate_EDF, up_EDF, down_EFD, impl: str) ->
 
 
 def experts_capacity(x_ND, r: Routing, gate_EDF, up_EDF, down_EFD, capacity: int) -> tuple[jax.Array, jax.Array]:
-    """(output [N, D], dropped share): one-hot dispatch into [E, capacity] slots and back."""
+    """(output [N, D] f32, dropped share): assignments gathered into [E, capacity] slots, experts run as one
+    batched matmul, results gathered back (index gathers, linear in N; one-hot einsums would be quadratic)."""
     N, K = r.expert_NK.shape
     E = gate_EDF.shape[0]
-    onehot_KNE = jax.nn.one_hot(r.expert_NK.T, E, dtype=jnp.int32)  # null slots -> all zeros
-    position_KNE = jnp.cumsum(onehot_KNE.reshape(K * N, E), axis=0).reshape(K, N, E) - 1  # choice-major priority
-    kept_KNE = onehot_KNE * (position_KNE < capacity)
-    dispatch_NEC = jnp.einsum("kne,knec->nec", kept_KNE, jax.nn.one_hot(position_KNE, capacity, dtype=jnp.int32))
-    combine_NEC = jnp.einsum("kn,kne,knec->nec", r.weight_NK.T, kept_KNE.astype(jnp.float32),
-                             jax.nn.one_hot(position_KNE, capacity, dtype=jnp.float32))
-    x_ECD = jnp.einsum("nec,nd->ecd", dispatch_NEC.astype(x_ND.dtype), x_ND)
+    e_A = r.expert_NK.T.reshape(K * N)  # choice-major: all first choices before any second choice
+    onehot_AE = jax.nn.one_hot(e_A, E, dtype=jnp.int32)  # null slots -> all zeros
+    position_A = jnp.sum((jnp.cumsum(onehot_AE, axis=0) - 1) * onehot_AE, axis=1)
+    kept_A = (e_A < E) & (position_A < capacity)
+    slot_A = jnp.where(kept_A, e_A * capacity + position_A, E * capacity)  # the last slot: a dump
+    token_A = jnp.tile(jnp.arange(N), K)
+    token_of_slot = jnp.full((E * capacity + 1,), N, jnp.int32).at[slot_A].set(token_A)[:-1]
+    x_ECD = jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)])[token_of_slot].reshape(E, capacity, -1)
     mm = lambda a, w: jnp.einsum("ecd,edf->ecf", a, w)
-    out_ECD = _swiglu(x_ECD, gate_EDF, up_EDF, down_EFD, mm)
-    y = jnp.einsum("nec,ecd->nd", combine_NEC, out_ECD.astype(jnp.float32))
-    routed = jnp.maximum(jnp.sum(onehot_KNE), 1)
-    return y, 1.0 - jnp.sum(kept_KNE) / routed
+    out_SD = _swiglu(x_ECD, gate_EDF, up_EDF, down_EFD, mm).reshape(E * capacity, -1).astype(jnp.float32)
+    out_AD = jnp.concatenate([out_SD, jnp.zeros((1, out_SD.shape[1]), jnp.float32)])[slot_A]
+    y = jnp.zeros((N, x_ND.shape[1]), jnp.float32).at[token_A].add(out_AD * r.weight_NK.T.reshape(K * N, 1))
+    routed = jnp.maximum(jnp.sum(e_A < E), 1)
+    return y, 1.0 - jnp.sum(kept_A) / routed
 
 
 class MoeFfn(nnx.Module):
