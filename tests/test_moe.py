@@ -196,3 +196,42 @@ def test_expert_axis_must_divide_the_experts():
     cfg = load_config(["tiny"], ["model.moe.num_experts=6", "mesh.expert=4", "mesh.data=2", "mesh.fsdp=1"])
     with pytest.raises(Exception, match="expert"):
         build(cfg).param_shardings(make_mesh(cfg.mesh))
+
+
+# ------------------------------------------------------------------------------ sparse upcycling
+
+def test_upcycled_model_starts_as_the_dense_one_and_trains(tmp_path):
+    """`jaxllm finetune --base DENSE_RUN model.moe.num_experts=4`: experts copied from the dense FFN, router
+    fresh, so the upcycled model computes the dense logits; training then moves the experts apart."""
+    from jaxllm.data.pipeline import load_corpus, make_batches
+    from jaxllm.interop.models import load_model
+    from jaxllm.train.setup import setup_step
+    from jaxllm.train.trainer import resolve_finetune_config, train
+
+    train(load_config(["tiny"], [f"checkpoint.run_dir={tmp_path / 'dense'}", "train.steps=3", "train.eval_every=0"]))
+    dense = load_model(tmp_path / "dense")
+    cfg = resolve_finetune_config(str(tmp_path / "dense"), [], [
+        "finetune.method=full", "model.moe.num_experts=4", "model.moe.top_k=2", "train.batch_size=8",
+        "train.steps=6", "train.warmup_steps=0", "train.learning_rate=0.003", "data.seq_len=32"])
+    setup = setup_step(cfg)
+    state = setup.init()
+    mlp = state.params["blocks"]["mlp"]
+    assert mlp["gate"].shape == (2, 4) + dense.params["blocks"]["mlp"]["gate"]["kernel"].shape[1:]
+    np.testing.assert_array_equal(np.asarray(mlp["up"][:, 3]), np.asarray(dense.params["blocks"]["mlp"]["up"]["kernel"]))
+    tokens = np.random.default_rng(0).integers(0, 256, (2, 16))
+    np.testing.assert_allclose(setup.lm.apply(state.params, tokens), dense.lm.apply(dense.params, tokens), atol=1e-5)
+    corpus = load_corpus(cfg.data)
+    batches = make_batches(corpus.train_docs, corpus.tokenizer, seq_len=32, batch_size=8, seed=0, repeat=True,
+                           encode=corpus.encode)
+    losses = []
+    with jax.set_mesh(setup.mesh):
+        for _, batch in zip(range(6), batches):
+            state, metrics = setup.train_step(state, setup.global_batch(batch), setup.frozen)
+            losses.append(float(metrics["loss"]))
+    gate = np.asarray(state.params["blocks"]["mlp"]["gate"])
+    assert np.abs(gate[:, 0] - gate[:, 1]).max() > 0  # the copies diverged
+    assert losses[-1] < losses[0]
+    with pytest.raises(ConfigError, match="only model.moe"):
+        from jaxllm.models.upcycle import upcycle
+
+        upcycle(dense.params, dense.lm.cfg, dataclasses.replace(setup.lm.cfg, num_layers=3), jax.random.key(0))

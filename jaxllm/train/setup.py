@@ -148,10 +148,16 @@ def _finetune_params(cfg: Config, lm: LanguageModel, mesh: Mesh, key: jax.Array)
 
 
 def _load_base(cfg: Config, lm: LanguageModel, mesh: Mesh) -> Any:
-    """The params of `finetune.base`, placed on the mesh; its architecture must be `cfg.model`'s."""
+    """The params of `finetune.base`, placed on the mesh; its architecture must be `cfg.model`'s, or the
+    same dense model when `cfg.model` adds experts (sparse upcycling: experts copied, router fresh)."""
     from jaxllm.interop.models import load_model
+    from jaxllm.models.upcycle import upcycle
 
     loaded = load_model(cfg.finetune.base)
+    if cfg.model.moe.num_experts and not loaded.lm.cfg.moe.num_experts:
+        key = jax.random.fold_in(jax.random.key(cfg.train.seed), 1)
+        params = jax.jit(lambda p, k: upcycle(p, loaded.lm.cfg, cfg.model, k))(loaded.params, key)
+        return jax.device_put(params, lm.param_shardings(mesh))
     if loaded.lm.cfg != cfg.model:
         diff = {k: (getattr(cfg.model, k), getattr(loaded.lm.cfg, k)) for k in vars(cfg.model)
                 if getattr(cfg.model, k) != getattr(loaded.lm.cfg, k)}
