@@ -98,6 +98,9 @@ class MoeConfig:
     load_balance_loss: float = 0.01  # Switch-style E * sum_e f_e P_e
     router_z_loss: float = 0.001  # mean logsumexp(router logits)^2
     impl: str = "auto"  # grouped matmul: pallas (gmm/tgmm) | tiled (padded tiles, plain XLA) | xla (ragged_dot) | auto
+    routing: str = "topk"  # topk (each token picks k experts) | expert_choice (each expert picks its tokens)
+    router: str = "linear"  # linear | recurrent (RMoE: a GRU carries router state across layers)
+    router_state_dim: int = 64  # recurrent router: GRU state width
 
 
 @dataclass
@@ -385,6 +388,12 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"model.moe.top_k={m.moe.top_k} must be within [1, num_experts + null_experts = "
                           f"{m.moe.num_experts + m.moe.null_experts}]")
     _positive("model.moe.capacity_factor", m.moe.capacity_factor)
+    _choice("model.moe.routing", m.moe.routing, ("topk", "expert_choice"))
+    _choice("model.moe.router", m.moe.router, ("linear", "recurrent"))
+    _positive("model.moe.router_state_dim", m.moe.router_state_dim)
+    if m.moe.routing == "expert_choice" and (m.moe.null_experts or m.moe.dispatch != "capacity"):
+        raise ConfigError("model.moe.routing=expert_choice fills fixed expert capacities: it needs "
+                          "model.moe.dispatch=capacity and no null experts")
     _choice("model.mlp.guide_schedule", m.mlp.guide_schedule, ("cosine", "linear"))
     if not 0 <= m.mlp.guide_fraction <= 1:
         raise ConfigError(f"model.mlp.guide_fraction={m.mlp.guide_fraction} must be within [0, 1]")

@@ -44,7 +44,7 @@ def test_dropless_equals_a_naive_loop_including_zero_token_experts(null):
     layer = _layer(null_experts=null)
     layer.router.value = layer.router[...].at[:, 3].set(-10.0)  # with x > 0: expert 3 gets no token
     x = jnp.abs(_x())
-    y, stats = layer(x)
+    y, stats, _ = layer(x)
     assert float(stats.expert_load[3]) == 0.0
     np.testing.assert_allclose(y, _naive(layer, x), atol=1e-5)
 
@@ -53,7 +53,7 @@ def test_dropless_equals_a_naive_loop_including_zero_token_experts(null):
 def test_capacity_path_without_overflow_equals_dropless(null):
     dropless, capacity = _layer(null_experts=null), _layer(null_experts=null, dispatch="capacity", capacity_factor=8.0)
     x = _x()
-    (y1, _), (y2, s2) = dropless(x), capacity(x)
+    (y1, _, _), (y2, s2, _) = dropless(x), capacity(x)
     np.testing.assert_allclose(y2, y1, atol=1e-5)
     assert float(s2.drop_fraction) == 0.0
     grads = []
@@ -67,7 +67,7 @@ def test_small_capacity_drops_and_reports_it():
     layer = _layer(dispatch="capacity", capacity_factor=0.25)  # 18 tokens * 2 / 4 experts * 0.25 -> 3 slots each
     assert layer.capacity(18) == 3
     x = _x()
-    _, stats = layer(x)
+    _, stats, _ = layer(x)
     r = route(x.reshape(-1, 32), layer.router[...], 2)
     counts = np.bincount(np.asarray(r.expert_NK).reshape(-1), minlength=4)
     assert float(stats.drop_fraction) == pytest.approx(1 - np.minimum(counts, 3).sum() / 36)
@@ -76,8 +76,8 @@ def test_small_capacity_drops_and_reports_it():
 
 def test_pallas_grouped_matmul_path_equals_ragged_dot():
     x = _x()
-    y_xla, _ = _layer(impl="xla")(x)
-    y_pallas, _ = _layer(impl="pallas")(x)
+    y_xla, _, _ = _layer(impl="xla")(x)
+    y_pallas, _, _ = _layer(impl="pallas")(x)
     np.testing.assert_allclose(y_pallas, y_xla, atol=1e-5)
 
 
@@ -93,10 +93,10 @@ def test_load_balance_loss_by_hand():
 def test_null_experts_cost_no_flops():
     x = _x()
     D, F = 32, 64
-    plain_y, plain = _layer()(x)
+    plain_y, plain, _ = _layer()(x)
     assert float(plain.expert_flops) == 18 * 2 * (2 * 3 * D * F)  # every token: 2 real experts
     layer = _layer(null_experts=4)
-    _, stats = layer(x)
+    _, stats, _ = layer(x)
     r = route(x.reshape(-1, D), layer.router[...], 2)
     real = int(jnp.sum(r.expert_NK < 4))
     assert real < 36 and float(stats.expert_flops) == real * 2 * 3 * D * F  # counted: only real assignments
@@ -106,7 +106,7 @@ def test_null_experts_cost_no_flops():
 def test_shared_experts_and_config_errors():
     layer = _layer(shared_experts=1)
     x = _x()
-    y, _ = layer(x)
+    y, _, _ = layer(x)
     routed_only = dataclasses.replace(layer.cfg.moe, shared_experts=0)
     other = MoeFfn(dataclasses.replace(layer.cfg, moe=routed_only), rngs=nnx.Rngs(0))
     for name in ("router", "gate", "up", "down"):
@@ -235,3 +235,52 @@ def test_upcycled_model_starts_as_the_dense_one_and_trains(tmp_path):
         from jaxllm.models.upcycle import upcycle
 
         upcycle(dense.params, dense.lm.cfg, dataclasses.replace(setup.lm.cfg, num_layers=3), jax.random.key(0))
+
+
+# ------------------------------------------------------------------------------ routing variants
+
+def test_expert_choice_equals_a_naive_per_expert_selection():
+    """Each expert takes its `capacity` highest-probability tokens; outputs summed with those probs."""
+    layer = _layer(routing="expert_choice", dispatch="capacity", capacity_factor=0.5)  # 18 tok * 2 / 4 * .5 -> 5
+    x = _x()
+    y, stats, _ = layer(x)
+    xs = np.asarray(x.reshape(-1, 32), np.float64)
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(xs, jnp.float32) @ layer.router[...], axis=-1), np.float64)
+    g, u, d = (np.asarray(w[...], np.float64) for w in (layer.gate, layer.up, layer.down))
+    silu = lambda z: z / (1 + np.exp(-z))
+    C = layer.capacity(18)
+    assert C == 5
+    want, taken = np.zeros_like(xs), np.zeros(18, bool)
+    for e in range(4):
+        for n in np.argsort(-probs[:, e], kind="stable")[:C]:
+            want[n] += probs[n, e] * ((silu(xs[n] @ g[e]) * (xs[n] @ u[e])) @ d[e])
+            taken[n] = True
+    np.testing.assert_allclose(y.reshape(-1, 32), want, atol=1e-5)
+    np.testing.assert_allclose(stats.drop_fraction, 1 - taken.mean(), atol=1e-6)
+    assert float(stats.expert_flops) == 4 * C * 2 * 3 * 32 * 64  # every expert runs exactly C tokens
+    assert float(stats.load_balance_loss) == 0.0
+    with pytest.raises(ConfigError, match="expert_choice"):
+        load_config(["tiny"], ["model.moe.num_experts=4", "model.moe.routing=expert_choice"])  # needs capacity
+
+
+def test_recurrent_router_is_a_gru_whose_state_crosses_layers():
+    from jaxllm.models.recurrent_router import RecurrentRouter
+
+    router = RecurrentRouter(32, 8, 5, 0.5, rngs=nnx.Rngs(0))
+    router.bias.value = jax.random.normal(jax.random.key(3), (24,))
+    x, h = np.asarray(_x(1, 6).reshape(6, 32), np.float64), np.asarray(jax.random.normal(jax.random.key(4), (6, 8)), np.float64)
+    w_in, w_x, w_h, b, w_out = (np.asarray(p[...], np.float64) for p in (router.w_in, router.w_x, router.w_h, router.bias, router.w_out))
+    sig = lambda z: 1 / (1 + np.exp(-z))
+    gx, gh = (x @ w_in) @ w_x + b, h @ w_h
+    z, r = sig(gx[:, :8] + gh[:, :8]), sig(gx[:, 8:16] + gh[:, 8:16])
+    h_new = (1 - z) * np.tanh(gx[:, 16:] + r * gh[:, 16:]) + z * h
+    logits, state = router(jnp.asarray(x, jnp.float32), jnp.asarray(h, jnp.float32))
+    np.testing.assert_allclose(state, h_new, atol=1e-5)
+    np.testing.assert_allclose(logits, h_new @ w_out, atol=1e-5)
+    # in the model, layer 0 starts from zeros (its w_h gets no gradient); layer 1 gets layer 0's state
+    lm = _moe_model(router="recurrent", router_state_dim=8)
+    params = lm.init(jax.random.key(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 12)))
+    grads = jax.grad(lambda p: lm.loss(p, {"inputs": tokens, "targets": tokens})[0])(params)
+    g_h = np.asarray(grads["blocks"]["mlp"]["router"]["w_h"])
+    assert np.abs(g_h[0]).max() == 0.0 and np.abs(g_h[1]).max() > 0

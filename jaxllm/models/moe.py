@@ -46,7 +46,11 @@ class Routing(NamedTuple):
 
 def route(x_ND: jax.Array, router_DS: jax.Array, top_k: int) -> Routing:
     """Top-k of the softmax over router slots, in f32, weights renormalised over the chosen k."""
-    logits = jnp.dot(x_ND.astype(jnp.float32), router_DS.astype(jnp.float32))
+    return route_logits(jnp.dot(x_ND.astype(jnp.float32), router_DS.astype(jnp.float32)), top_k)
+
+
+def route_logits(logits: jax.Array, top_k: int) -> Routing:
+    """`route` from router logits [N, slots] (f32)."""
     probs = jax.nn.softmax(logits, axis=-1)
     top_p, top_i = jax.lax.top_k(probs, top_k)
     return Routing(top_i.astype(jnp.int32), top_p / jnp.sum(top_p, axis=-1, keepdims=True), probs, logits)
@@ -106,8 +110,24 @@ def experts_capacity(x_ND, r: Routing, gate_EDF, up_EDF, down_EFD, capacity: int
     return y, 1.0 - jnp.sum(kept_A) / routed
 
 
+def experts_expert_choice(x_ND, probs_NE, gate_EDF, up_EDF, down_EFD, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """Expert-choice routing (Zhou et al., 2022): each expert takes the `capacity` tokens with the highest
+    router probability for it; a token's output sums prob x expert(x) over the experts that took it.
+    (output [N, D] f32, share of tokens no expert took). The choice looks at every token of the batch,
+    later ones included: a decoder trained this way routes differently when decoding token by token."""
+    N = x_ND.shape[0]
+    gates_EC, token_EC = jax.lax.top_k(probs_NE.T, min(capacity, N))
+    mm = lambda a, w: jnp.einsum("ecd,edf->ecf", a, w)
+    out_ECD = _swiglu(x_ND[token_EC], gate_EDF, up_EDF, down_EFD, mm).astype(jnp.float32)
+    y = jnp.zeros((N, x_ND.shape[1]), jnp.float32).at[token_EC.reshape(-1)].add(
+        (out_ECD * gates_EC[..., None]).reshape(-1, x_ND.shape[1]))
+    taken = jnp.zeros((N,), jnp.int32).at[token_EC.reshape(-1)].add(1)
+    return y, jnp.mean(taken == 0)
+
+
 class MoeFfn(nnx.Module):
-    """[B, T, D] -> ([B, T, D], MoeStats). Experts: gate/up [E, D, F], down [E, F, D] (axis `expert`)."""
+    """[B, T, D] (+ recurrent router state [B, T, R]) -> ([B, T, D], MoeStats, router state or None).
+    Experts: gate/up [E, D, F], down [E, F, D] (axis `expert`)."""
 
     def __init__(self, cfg: ModelConfig, rules: Rules = _DEFAULT_RULES, *, rngs: nnx.Rngs):
         m = cfg.moe
@@ -115,7 +135,12 @@ class MoeFfn(nnx.Module):
         D, F, E = cfg.d_model, m.d_ff or cfg.mlp.d_ff, m.num_experts
         pdt = jnp.dtype(cfg.param_dtype)
         normal = nnx.initializers.normal
-        self.router = make_param(rngs, normal(cfg.init_std), (D, E + m.null_experts), ("embed", None), jnp.float32)
+        if m.router == "recurrent":
+            from jaxllm.models.recurrent_router import RecurrentRouter
+
+            self.router = RecurrentRouter(D, m.router_state_dim, E + m.null_experts, cfg.init_std, rngs=rngs)
+        else:
+            self.router = make_param(rngs, normal(cfg.init_std), (D, E + m.null_experts), ("embed", None), jnp.float32)
         down_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         self.gate = make_param(rngs, normal(cfg.init_std), (E, D, F), ("expert", "embed", "mlp"), pdt)
         self.up = make_param(rngs, normal(cfg.init_std), (E, D, F), ("expert", "embed", "mlp"), pdt)
@@ -134,11 +159,19 @@ class MoeFfn(nnx.Module):
         m = self.cfg.moe
         return max(1, math.ceil(m.capacity_factor * tokens * m.top_k / m.num_experts))
 
-    def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, MoeStats]:
+    def __call__(self, x_BTD: jax.Array, router_state_BTR: jax.Array | None = None
+                 ) -> tuple[jax.Array, MoeStats, jax.Array | None]:
         m, dtype = self.cfg.moe, jnp.dtype(self.cfg.dtype)
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D).astype(dtype)
-        r = route(x_ND, self.router[...], m.top_k)
+        state = None
+        if m.router == "recurrent":
+            h = jnp.zeros((B * T, m.router_state_dim), jnp.float32) if router_state_BTR is None else router_state_BTR.reshape(B * T, -1)
+            logits, h = self.router(x_ND, h)
+            state = h.reshape(B, T, -1)
+        else:
+            logits = jnp.dot(x_ND.astype(jnp.float32), self.router[...])
+        r = route_logits(logits, m.top_k)
         weights = [w[...].astype(dtype) for w in (self.gate, self.up, self.down)]
         E, F = weights[0].shape[0], weights[0].shape[2]
         ep_axes = expert_axes(self.rules, E) if m.dispatch == "dropless" else ()
@@ -148,6 +181,9 @@ class MoeFfn(nnx.Module):
                                         tuple(weights), self.rules, ep_axes, run).reshape(B * T, D)
             real = jnp.sum(r.expert_NK < E)
             dropped = jnp.zeros((), jnp.float32)
+        elif m.routing == "expert_choice":
+            y, dropped = experts_expert_choice(x_ND, r.probs_NS, *weights, self.capacity(B * T))
+            real = jnp.asarray(E * min(self.capacity(B * T), B * T))
         elif m.dispatch == "dropless":
             y = experts_dropless(x_ND, r, *weights, m.impl)
             real = jnp.sum(r.expert_NK < E)
@@ -158,12 +194,14 @@ class MoeFfn(nnx.Module):
         if self.shared is not None:
             y = y + self.shared(x_ND).astype(jnp.float32)
         slots = r.probs_NS.shape[-1]
+        expert_choice = m.routing == "expert_choice"  # balanced by construction: no balancing loss
         stats = MoeStats(
-            load_balance_loss=load_balance_loss(r.expert_NK, r.probs_NS),
+            load_balance_loss=jnp.zeros((), jnp.float32) if expert_choice else load_balance_loss(r.expert_NK, r.probs_NS),
             router_z_loss=jnp.mean(jnp.square(jax.nn.logsumexp(r.logits_NS, axis=-1))),
-            expert_load=jnp.mean(jax.nn.one_hot(r.expert_NK, slots, dtype=jnp.float32).sum(1), axis=0) / m.top_k,
+            expert_load=jnp.full((slots,), 1.0 / slots) if expert_choice
+            else jnp.mean(jax.nn.one_hot(r.expert_NK, slots, dtype=jnp.float32).sum(1), axis=0) / m.top_k,
             drop_fraction=dropped,
             router_entropy=-jnp.mean(jnp.sum(r.probs_NS * jnp.log(r.probs_NS + 1e-9), axis=-1)),
             expert_flops=real.astype(jnp.float32) * 2 * 3 * D * F,
         )
-        return y.astype(dtype).reshape(B, T, D), stats
+        return y.astype(dtype).reshape(B, T, D), stats, state

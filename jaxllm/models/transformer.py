@@ -35,15 +35,18 @@ class Block(nnx.Module):
         self.mlp_norm = make_norm(cfg, cfg.d_model, rngs)
         self.mlp = MoeFfn(cfg, rules, rngs=rngs) if cfg.moe.num_experts else Mlp(cfg, rules, rngs=rngs)
 
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache: LayerCache | None = None):
-        """[B, T, D] -> ([B, T, D], (k_cache, v_cache) or None, MoeStats or None)."""
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache: LayerCache | None = None, router_state=None):
+        """[B, T, D] -> ([B, T, D], (k_cache, v_cache) or None, MoeStats or None, router state or None).
+        `router_state`: a recurrent MoE router's per-token state from the layer below."""
         attn = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, cache)
         attn_BTD, kv = attn if cache is not None else (attn, None)
         x_BTD = x_BTD + attn_BTD
-        ffn = self.mlp(self.mlp_norm(x_BTD))
-        ffn_BTD, stats = ffn if isinstance(self.mlp, MoeFfn) else (ffn, None)
+        if isinstance(self.mlp, MoeFfn):
+            ffn_BTD, stats, router_state = self.mlp(self.mlp_norm(x_BTD), router_state)
+        else:
+            ffn_BTD, stats = self.mlp(self.mlp_norm(x_BTD)), None
         x_BTD = constrain(x_BTD + ffn_BTD, ("batch", "length", "act_embed"), self.rules)
-        return x_BTD, kv, stats
+        return x_BTD, kv, stats, router_state
 
 
 class Transformer(nnx.Module):
@@ -103,19 +106,23 @@ class Transformer(nnx.Module):
         if cache is not None:
             cache = cache.record(positions_BT, segment_ids_BT)
 
-        def layer(x_BTD: jax.Array, xs):
+        def layer(carry, xs):
+            x_BTD, router_state = carry
             block = nnx.merge(block_def, xs[0])
             layer_cache = None
             if cache is not None:
                 layer_cache = LayerCache(xs[1], xs[2], cache.positions, cache.segment_ids, cache.slots(T))
-            x_BTD, kv, stats = block(x_BTD, positions_BT, segment_ids_BT, layer_cache)
-            return x_BTD, (kv, stats)
+            x_BTD, kv, stats, router_state = block(x_BTD, positions_BT, segment_ids_BT, layer_cache, router_state)
+            return (x_BTD, router_state), (kv, stats)
 
         if cfg.remat != "none" and cache is None:
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         unroll = 1 if cfg.scan_layers else cfg.num_layers
         xs = (stacked_state,) if cache is None else (stacked_state, cache.k, cache.v)
-        x_BTD, (kv, stats) = jax.lax.scan(layer, x_BTD, xs, unroll=unroll)
+        router_state = None
+        if cfg.moe.num_experts and cfg.moe.router == "recurrent":  # zeros below the first layer
+            router_state = jnp.zeros((B, T, cfg.moe.router_state_dim), jnp.float32)
+        (x_BTD, _), (kv, stats) = jax.lax.scan(layer, (x_BTD, router_state), xs, unroll=unroll)
         hidden_BTD = self.final_norm(x_BTD)
         if cache is not None:
             cache = cache._replace(k=kv[0], v=kv[1], index=cache.index + T)
