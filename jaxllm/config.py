@@ -98,6 +98,7 @@ class MoeConfig:
     load_balance_loss: float = 0.01  # Switch-style E * sum_e f_e P_e
     router_z_loss: float = 0.001  # mean logsumexp(router logits)^2
     impl: str = "auto"  # grouped matmul: pallas (gmm/tgmm) | tiled (padded tiles, plain XLA) | xla (ragged_dot) | auto
+    every: int = 1  # MoE FFN in every Nth layer (layers N-1, 2N-1, ...), dense FFNs in the others
     routing: str = "topk"  # topk (each token picks k experts) | expert_choice (each expert picks its tokens)
     router: str = "linear"  # linear | recurrent (RMoE: a GRU carries router state across layers)
     router_state_dim: int = 64  # recurrent router: GRU state width
@@ -388,6 +389,9 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"model.moe.top_k={m.moe.top_k} must be within [1, num_experts + null_experts = "
                           f"{m.moe.num_experts + m.moe.null_experts}]")
     _positive("model.moe.capacity_factor", m.moe.capacity_factor)
+    _positive("model.moe.every", m.moe.every)
+    if m.moe.num_experts and m.num_layers % m.moe.every:
+        raise ConfigError(f"model.moe.every={m.moe.every} must divide model.num_layers={m.num_layers}")
     _choice("model.moe.routing", m.moe.routing, ("topk", "expert_choice"))
     _choice("model.moe.router", m.moe.router, ("linear", "recurrent"))
     _positive("model.moe.router_state_dim", m.moe.router_state_dim)

@@ -161,7 +161,8 @@ class LanguageModel:
         matmul_params -= _bias_and_norm_params(self.param_shapes)
         if c.moe.num_experts:  # a token runs top_k of the experts (at most: null experts run none)
             per_expert = 3 * c.d_model * (c.moe.d_ff or c.mlp.d_ff)
-            matmul_params -= c.num_layers * (c.moe.num_experts - min(c.moe.top_k, c.moe.num_experts)) * per_expert
+            moe_layers = c.num_layers // c.moe.every
+            matmul_params -= moe_layers * (c.moe.num_experts - min(c.moe.top_k, c.moe.num_experts)) * per_expert
         window = c.attention.sliding_window or seq_len
         mean_keys = sum(min(i + 1, window) for i in range(seq_len)) / seq_len
         forward = 2 * matmul_params + 4 * c.num_layers * c.num_heads * c.resolved_head_dim * mean_keys

@@ -284,3 +284,31 @@ def test_recurrent_router_is_a_gru_whose_state_crosses_layers():
     grads = jax.grad(lambda p: lm.loss(p, {"inputs": tokens, "targets": tokens})[0])(params)
     g_h = np.asarray(grads["blocks"]["mlp"]["router"]["w_h"])
     assert np.abs(g_h[0]).max() == 0.0 and np.abs(g_h[1]).max() > 0
+
+
+# ------------------------------------------------------------------------------ MoE every N layers
+
+def test_moe_every_other_layer_interleaves_dense_and_moe_blocks():
+    """every=2 on 4 layers: dense, MoE, dense, MoE. With each MoE layer's experts all copies of a dense FFN,
+    the model must compute that dense model's logits (so the layer order is right), with and without cache."""
+    from jaxllm.generate import generate
+
+    dense = LanguageModel(tiny_model(num_layers=4))
+    lm = LanguageModel(tiny_model(num_layers=4, moe=MoeConfig(num_experts=4, top_k=2, every=2)))
+    dp, mp = dense.init(jax.random.key(0)), lm.init(jax.random.key(1))
+    assert jax.tree.leaves(mp["blocks"])[0].shape[0] == 2 and mp["moe_blocks"]["mlp"]["gate"].shape[:2] == (2, 4)
+    pick = lambda tree, idx: jax.tree.map(lambda a: a[np.asarray(idx)], tree)
+    moe_layers = pick({k: v for k, v in dp["blocks"].items() if k != "mlp"}, [1, 3])
+    experts = {n: jnp.repeat(dp["blocks"]["mlp"][n]["kernel"][np.asarray([1, 3])][:, None], 4, axis=1) for n in ("gate", "up", "down")}
+    params = {**dp, "blocks": pick(dp["blocks"], [0, 2]),
+              "moe_blocks": {**moe_layers, "mlp": {**experts, "router": mp["moe_blocks"]["mlp"]["router"]}}}
+    tokens = np.random.default_rng(0).integers(0, 97, (2, 10))
+    np.testing.assert_allclose(lm.apply(params, tokens), dense.apply(dp, tokens), atol=1e-5)
+    assert generate(lm, params, [list(tokens[0, :5])], 6) == generate(dense, dp, [list(tokens[0, :5])], 6)
+    _, _, _, stats = lm.loss_terms(params, {"inputs": tokens, "targets": tokens})
+    assert stats.expert_load.shape == (2, 4)  # one row per MoE layer
+    every_layer = LanguageModel(tiny_model(num_layers=4, moe=MoeConfig(num_experts=4, top_k=2)))
+    per_moe_layer = (every_layer.flops_per_token(10) - dense.flops_per_token(10)) / 4
+    assert lm.flops_per_token(10) == pytest.approx(dense.flops_per_token(10) + 2 * per_moe_layer)
+    with pytest.raises(ConfigError, match="must divide"):
+        load_config(["tiny"], ["model.moe.num_experts=4", "model.moe.every=3"])

@@ -216,9 +216,11 @@ def model_type_of(cfg: ModelConfig) -> str:
         raise ConfigError("soft-capping has no Hugging Face equivalent among llama/mistral/qwen2/qwen3/gpt2")
     if cfg.moe.num_experts:
         m = cfg.moe
-        if m.shared_experts or m.null_experts or cfg.attention.qk_norm or cfg.bias != "none" or m.d_ff not in (None, cfg.mlp.d_ff):
-            raise ConfigError("an MoE model exports as Mixtral only without shared or null experts, qk_norm, biases "
-                              "or a separate moe.d_ff (Qwen-MoE-style shared experts are not exported)")
+        mixtral_like = (m.routing, m.router, m.every) == ("topk", "linear", 1) and m.d_ff in (None, cfg.mlp.d_ff)
+        if m.shared_experts or m.null_experts or cfg.attention.qk_norm or cfg.bias != "none" or not mixtral_like:
+            raise ConfigError("an MoE model exports as Mixtral only with top-k linear routing in every layer and "
+                              "without shared or null experts, qk_norm, biases or a separate moe.d_ff "
+                              "(Qwen-MoE-style shared experts are not exported)")
         return "mixtral"
     if cfg.attention.qk_norm:
         if cfg.bias != "none" or cfg.attention.sliding_window:

@@ -6,6 +6,8 @@ time does not grow with depth; `scan_layers=False` unrolls the same loop.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -23,6 +25,11 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def moe_every(cfg: ModelConfig) -> int:
+    """1 when every layer is alike (all dense or all MoE), else N: layers N-1, 2N-1, ... are MoE."""
+    return cfg.moe.every if cfg.moe.num_experts else 1
 
 
 class Block(nnx.Module):
@@ -59,12 +66,21 @@ class Transformer(nnx.Module):
         if cfg.position == "learned":
             self.pos_embed = Embed(cfg.max_seq_len, cfg.d_model, (None, "embed"), **kw)
 
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rules, rngs=rngs)
+        def stack(block_cfg: ModelConfig, n: int) -> Block:
+            @nnx.split_rngs(splits=n)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_blocks(rngs: nnx.Rngs) -> Block:
+                return Block(block_cfg, rules, rngs=rngs)
 
-        self.blocks = make_blocks(rngs)
+            return make_blocks(rngs)
+
+        every = moe_every(cfg)
+        if every == 1:
+            self.blocks = stack(cfg, cfg.num_layers)
+        else:  # groups of (every - 1) dense blocks then one MoE block: two stacks, scanned group by group
+            dense_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_experts=0))
+            self.blocks = stack(dense_cfg, cfg.num_layers - cfg.num_layers // every)
+            self.moe_blocks = stack(cfg, cfg.num_layers // every)
         self.final_norm = make_norm(cfg, cfg.d_model, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), use_bias=False, **kw)
@@ -102,31 +118,64 @@ class Transformer(nnx.Module):
             x_BTD = x_BTD + self.pos_embed(positions_BT)
         x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"), rules)
 
-        block_def, stacked_state = nnx.split(self.blocks)
         if cache is not None:
             cache = cache.record(positions_BT, segment_ids_BT)
 
-        def layer(carry, xs):
-            x_BTD, router_state = carry
-            block = nnx.merge(block_def, xs[0])
-            layer_cache = None
-            if cache is not None:
-                layer_cache = LayerCache(xs[1], xs[2], cache.positions, cache.segment_ids, cache.slots(T))
-            x_BTD, kv, stats, router_state = block(x_BTD, positions_BT, segment_ids_BT, layer_cache, router_state)
-            return (x_BTD, router_state), (kv, stats)
+        def layer_fn(block_def):
+            def layer(carry, xs):
+                x_BTD, router_state = carry
+                block = nnx.merge(block_def, xs[0])
+                layer_cache = None
+                if cache is not None:
+                    layer_cache = LayerCache(xs[1], xs[2], cache.positions, cache.segment_ids, cache.slots(T))
+                x_BTD, kv, stats, router_state = block(x_BTD, positions_BT, segment_ids_BT, layer_cache, router_state)
+                return (x_BTD, router_state), (kv, stats)
 
-        if cfg.remat != "none" and cache is None:
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        unroll = 1 if cfg.scan_layers else cfg.num_layers
-        xs = (stacked_state,) if cache is None else (stacked_state, cache.k, cache.v)
+            if cfg.remat != "none" and cache is None:
+                layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+            return layer
+
         router_state = None
         if cfg.moe.num_experts and cfg.moe.router == "recurrent":  # zeros below the first layer
             router_state = jnp.zeros((B, T, cfg.moe.router_state_dim), jnp.float32)
-        (x_BTD, _), (kv, stats) = jax.lax.scan(layer, (x_BTD, router_state), xs, unroll=unroll)
+        block_def, stacked_state = nnx.split(self.blocks)
+        every = moe_every(cfg)
+        if every == 1:
+            unroll = 1 if cfg.scan_layers else cfg.num_layers
+            xs = (stacked_state,) if cache is None else (stacked_state, cache.k, cache.v)
+            (x_BTD, _), (kv, stats) = jax.lax.scan(layer_fn(block_def), (x_BTD, router_state), xs, unroll=unroll)
+        else:
+            x_BTD, kv, stats = self._run_groups(layer_fn, block_def, stacked_state, x_BTD, router_state, cache, every)
         hidden_BTD = self.final_norm(x_BTD)
         if cache is not None:
             cache = cache._replace(k=kv[0], v=kv[1], index=cache.index + T)
         return hidden_BTD, cache, stats
+
+    def _run_groups(self, layer_fn, dense_def, dense_state, x_BTD, router_state, cache, every: int):
+        """The layers as G = L / every groups of (every - 1) dense blocks then one MoE block (a scan over
+        groups, each scanning its dense blocks). KV caches stay [L, ...] in layer order."""
+        G = self.cfg.num_layers // every
+        moe_def, moe_state = nnx.split(self.moe_blocks)
+        grouped = lambda tree, n: jax.tree.map(lambda a: a.reshape(G, n, *a.shape[1:]), tree)
+        dense_layer, moe_layer = layer_fn(dense_def), layer_fn(moe_def)
+
+        def group(carry, xs):
+            dense_xs, moe_xs = xs[0], xs[1]
+            kv_xs = xs[2:]
+            inner = (dense_xs,) + tuple(a[: every - 1] for a in kv_xs)
+            carry, (dense_kv, _) = jax.lax.scan(dense_layer, carry, inner)
+            carry, (moe_kv, stats) = moe_layer(carry, (moe_xs,) + tuple(a[every - 1] for a in kv_xs))
+            kv = None if not kv_xs else tuple(jnp.concatenate([d, m[None]]) for d, m in zip(dense_kv, moe_kv))
+            return carry, (kv, stats)
+
+        xs = (grouped(dense_state, every - 1), moe_state)
+        if cache is not None:
+            xs += (grouped(cache.k, every), grouped(cache.v, every))
+        (x_BTD, _), (kv, stats) = jax.lax.scan(group, (x_BTD, router_state), xs,
+                                               unroll=1 if self.cfg.scan_layers else G)
+        if kv is not None:
+            kv = tuple(a.reshape(-1, *a.shape[2:]) for a in kv)
+        return x_BTD, kv, stats
 
     def logits(self, x_BTD: jax.Array) -> jax.Array:
         """Output head (tied or untied) with optional soft-cap: [B, T, D] -> [B, T, V]."""

@@ -26,9 +26,11 @@ def upcycle(dense_params: Any, dense_cfg: ModelConfig, moe_cfg: ModelConfig, key
         diff = sorted(k for k in vars(moe_cfg) if getattr(moe_cfg, k) != getattr(expected, k))
         raise ConfigError(f"upcycling changes only model.moe; the MoE config also differs from the dense one in {diff}")
     mlp = dense_cfg.mlp
-    if not mlp.gated or mlp.structure != "dense" or (m.d_ff or mlp.d_ff) != mlp.d_ff or m.shared_experts:
-        raise ConfigError("upcycling needs a dense gated FFN of the expert width (moe.d_ff unset or = mlp.d_ff) "
-                          "and no shared experts")
+    if not mlp.gated or mlp.structure != "dense" or (m.d_ff or mlp.d_ff) != mlp.d_ff or m.shared_experts or m.every != 1:
+        raise ConfigError("upcycling needs a dense gated FFN of the expert width (moe.d_ff unset or = mlp.d_ff), "
+                          "no shared experts and MoE in every layer (moe.every=1)")
+    if m.router != "linear":
+        raise ConfigError("upcycling initialises a linear router (moe.router=linear)")
     dense_mlp = dense_params["blocks"]["mlp"]
     E, L, D = m.num_experts, dense_cfg.num_layers, dense_cfg.d_model
     copies = {name: jnp.repeat(dense_mlp[name]["kernel"][:, None], E, axis=1) for name in ("gate", "up", "down")}
