@@ -102,6 +102,8 @@ class MoeConfig:
     routing: str = "topk"  # topk (each token picks k experts) | expert_choice (each expert picks its tokens)
     router: str = "linear"  # linear | recurrent (RMoE: a GRU carries router state across layers)
     router_state_dim: int = 64  # recurrent router: GRU state width
+    lora_rank: int = 0  # > 0: MixLoRA -- experts are LoRA deltas (this rank) on one shared dense FFN
+    lora_alpha: float = 16.0  # MixLoRA delta scale alpha / rank
 
 
 @dataclass
@@ -395,6 +397,13 @@ def check_values(cfg: Config) -> None:
     _choice("model.moe.routing", m.moe.routing, ("topk", "expert_choice"))
     _choice("model.moe.router", m.moe.router, ("linear", "recurrent"))
     _positive("model.moe.router_state_dim", m.moe.router_state_dim)
+    if m.moe.lora_rank < 0:
+        raise ConfigError(f"model.moe.lora_rank={m.moe.lora_rank} must be >= 0")
+    if m.moe.num_experts and m.moe.lora_rank and (
+            m.moe.null_experts or m.moe.shared_experts or m.moe.routing != "topk" or m.moe.router != "linear"
+            or m.moe.dispatch != "dropless" or not m.mlp.gated or m.mlp.structure != "dense"):
+        raise ConfigError("MixLoRA (model.moe.lora_rank > 0) runs top-k linear routing, dropless, over a dense "
+                          "gated FFN, without null or shared experts")
     if m.moe.routing == "expert_choice" and (m.moe.null_experts or m.moe.dispatch != "capacity"):
         raise ConfigError("model.moe.routing=expert_choice fills fixed expert capacities: it needs "
                           "model.moe.dispatch=capacity and no null experts")

@@ -159,10 +159,13 @@ class LanguageModel:
         if c.tie_embeddings:  # the shared table is also the output head's matmul
             matmul_params += c.vocab_size * c.d_model
         matmul_params -= _bias_and_norm_params(self.param_shapes)
-        if c.moe.num_experts:  # a token runs top_k of the experts (at most: null experts run none)
-            per_expert = 3 * c.d_model * (c.moe.d_ff or c.mlp.d_ff)
-            moe_layers = c.num_layers // c.moe.every
-            matmul_params -= moe_layers * (c.moe.num_experts - min(c.moe.top_k, c.moe.num_experts)) * per_expert
+        m, moe_layers = c.moe, c.num_layers // c.moe.every
+        if m.num_experts and m.lora_rank:  # MixLoRA: top_k experts' deltas; the dense down map per choice
+            D, F = c.d_model, c.mlp.d_ff
+            matmul_params -= moe_layers * ((m.num_experts - m.top_k) * 3 * m.lora_rank * (D + F) - (m.top_k - 1) * F * D)
+        elif m.num_experts:  # a token runs top_k of the experts (at most: null experts run none)
+            per_expert = 3 * c.d_model * (m.d_ff or c.mlp.d_ff)
+            matmul_params -= moe_layers * (m.num_experts - min(m.top_k, m.num_experts)) * per_expert
         window = c.attention.sliding_window or seq_len
         mean_keys = sum(min(i + 1, window) for i in range(seq_len)) / seq_len
         forward = 2 * matmul_params + 4 * c.num_layers * c.num_heads * c.resolved_head_dim * mean_keys

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from jaxllm.config import ConfigError, MoeConfig, load_config
-from jaxllm.models.moe import MoeFfn, load_balance_loss, route
+from jaxllm.models.moe import _DEFAULT_RULES, MoeFfn, load_balance_loss, route
 
 from conftest import tiny_model
 
@@ -312,3 +312,68 @@ def test_moe_every_other_layer_interleaves_dense_and_moe_blocks():
     assert lm.flops_per_token(10) == pytest.approx(dense.flops_per_token(10) + 2 * per_moe_layer)
     with pytest.raises(ConfigError, match="must divide"):
         load_config(["tiny"], ["model.moe.num_experts=4", "model.moe.every=3"])
+
+
+# ------------------------------------------------------------------------------ MixLoRA
+
+def test_mixlora_layer_equals_a_naive_loop_and_starts_as_the_dense_model():
+    from jaxllm.models.mixlora import MixLoraFfn, from_dense
+
+    cfg = tiny_model(moe=MoeConfig(num_experts=4, top_k=2, lora_rank=3, lora_alpha=6.0))
+    layer = MixLoraFfn(cfg, _DEFAULT_RULES, rngs=nnx.Rngs(0))
+    for name in ("gate_b", "up_b", "down_b"):  # non-zero deltas, so they are checked too
+        getattr(layer, name).value = 0.3 * jax.random.normal(jax.random.key(len(name)), getattr(layer, name).shape)
+    x = _x()
+    y, stats, _ = layer(x)
+    xs = np.asarray(x.reshape(-1, 32), np.float64)
+    r = route(jnp.asarray(xs, jnp.float32), layer.router[...], 2)
+    W = {n: np.asarray(getattr(layer, n).kernel[...], np.float64) for n in ("gate", "up", "down")}
+    ab = {n: np.asarray(getattr(layer, n)[...], np.float64) for n in ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")}
+    silu = lambda z: z / (1 + np.exp(-z))
+    want = np.zeros_like(xs)
+    for n in range(xs.shape[0]):
+        for e, w in zip(np.asarray(r.expert_NK[n]), np.asarray(r.weight_NK[n])):
+            mat = {k: W[k] + 2.0 * ab[f"{k}_a"][e] @ ab[f"{k}_b"][e] for k in W}  # s = 6 / 3
+            want[n] += w * ((silu(xs[n] @ mat["gate"]) * (xs[n] @ mat["up"])) @ mat["down"])
+    np.testing.assert_allclose(y.reshape(-1, 32), want, atol=1e-5)
+    assert float(stats.load_balance_loss) > 0
+    # a fresh MixLoRA model on a dense base (B = 0) computes the dense model
+    dense, mix = LanguageModel(tiny_model()), LanguageModel(cfg)
+    dp = dense.init(jax.random.key(0))
+    params = from_dense(dp, mix.init(jax.random.key(1)))
+    tokens = np.random.default_rng(0).integers(0, 97, (2, 10))
+    np.testing.assert_allclose(mix.apply(params, tokens), dense.apply(dp, tokens), atol=1e-5)
+
+
+def test_mixlora_trains_router_and_experts_only_with_the_balancing_loss():
+    import optax
+
+    from jaxllm.models.mixlora import from_dense, join, split_trainable
+    from jaxllm.train.step import TrainState, make_train_step
+
+    dense, mix = LanguageModel(tiny_model()), LanguageModel(tiny_model(moe=MoeConfig(num_experts=4, top_k=2, lora_rank=4)))
+    base = dense.init(jax.random.key(0))
+    trained, frozen = split_trainable(from_dense(base, mix.init(jax.random.key(1))))
+    n_trained = sum(x.size for x in jax.tree.leaves(trained))
+    assert n_trained == 2 * (32 * 4 + 4 * 3 * 4 * (32 + 64))  # per layer: router + 3 pairs of A, B per expert
+    tx = optax.adam(1e-2)
+    state = TrainState(jnp.zeros((), jnp.int32), trained, tx.init(trained), jax.random.key_data(jax.random.key(0)))
+    step = jax.jit(make_train_step(mix, tx, to_model=join))
+    rng = np.random.default_rng(0)
+    batch = {"inputs": jnp.asarray(rng.integers(0, 97, (4, 16))), "targets": jnp.asarray(rng.integers(0, 97, (4, 16)))}
+    losses = []
+    for _ in range(8):
+        state, metrics = step(state, batch, frozen)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0]
+    ce, _, n, stats = mix.loss_terms(join(state.params, frozen), batch)
+    aux = 0.01 * jnp.mean(stats.load_balance_loss) + 0.001 * jnp.mean(stats.router_z_loss)
+    assert float(aux) > 0
+    _, metrics = step(jax.tree.map(jnp.copy, state), batch, frozen)
+    np.testing.assert_allclose(metrics["loss"], ce / n + aux, rtol=1e-5)  # the balancing loss is in the loss
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.params, trained)
+    assert min(jax.tree.leaves(moved)) > 0  # router and every LoRA factor trained
+    frozen_leaves = [x for x in jax.tree.leaves(frozen)]
+    assert sum(x.size for x in frozen_leaves) == dense.num_params  # the base is exactly the frozen part
+    with pytest.raises(ConfigError, match="MixLoRA"):
+        load_config(["tiny"], ["model.moe.num_experts=4", "model.moe.lora_rank=4", "model.moe.null_experts=1"])

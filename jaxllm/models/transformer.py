@@ -16,6 +16,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.models.attention import Attention
 from jaxllm.models.kv_cache import KVCache, LayerCache
 from jaxllm.models.layers import Dense, Embed, make_norm
+from jaxllm.models.mixlora import MixLoraFfn
 from jaxllm.models.mlp import Mlp
 from jaxllm.models.moe import MoeFfn, MoeStats
 from jaxllm.sharding import Rules, constrain
@@ -40,7 +41,12 @@ class Block(nnx.Module):
         self.attn_norm = make_norm(cfg, cfg.d_model, rngs)
         self.attn = Attention(cfg, rules, rngs=rngs)
         self.mlp_norm = make_norm(cfg, cfg.d_model, rngs)
-        self.mlp = MoeFfn(cfg, rules, rngs=rngs) if cfg.moe.num_experts else Mlp(cfg, rules, rngs=rngs)
+        if cfg.moe.num_experts and cfg.moe.lora_rank:
+            self.mlp = MixLoraFfn(cfg, rules, rngs=rngs)
+        elif cfg.moe.num_experts:
+            self.mlp = MoeFfn(cfg, rules, rngs=rngs)
+        else:
+            self.mlp = Mlp(cfg, rules, rngs=rngs)
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache: LayerCache | None = None, router_state=None):
         """[B, T, D] -> ([B, T, D], (k_cache, v_cache) or None, MoeStats or None, router state or None).
@@ -48,7 +54,7 @@ class Block(nnx.Module):
         attn = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, cache)
         attn_BTD, kv = attn if cache is not None else (attn, None)
         x_BTD = x_BTD + attn_BTD
-        if isinstance(self.mlp, MoeFfn):
+        if isinstance(self.mlp, (MoeFfn, MixLoraFfn)):
             ffn_BTD, stats, router_state = self.mlp(self.mlp_norm(x_BTD), router_state)
         else:
             ffn_BTD, stats = self.mlp(self.mlp_norm(x_BTD)), None

@@ -1,0 +1,102 @@
+"""MixLoRA (Li et al., 2024): a sparse mixture of LoRA experts on the FFN of a frozen dense model.
+
+Every expert is the dense FFN with its own low-rank deltas on gate, up and down
+(W + s A_e B_e, s = alpha / rank); a top-k router (f32, renormalised like Mixtral) picks k experts per
+token and the Switch load-balancing loss keeps them in use. The dense kernels are shared: x W_gate and
+x W_up run once per token, the deltas and the down map once per (token, choice), the deltas as grouped
+matmuls over assignments sorted by expert. Param names of the dense FFN are kept (`mlp.gate.kernel`, ...)
+so a dense checkpoint loads as is; `router` and the `*_a` / `*_b` factors are what trains
+(`split_trainable` / `join`). B starts at zero: the fresh MixLoRA model computes the dense model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxllm.config import ModelConfig
+from jaxllm.models.layers import Dense, make_param
+from jaxllm.sharding import Rules
+
+_LORA = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
+
+
+class MixLoraFfn(nnx.Module):
+    """[B, T, D] -> ([B, T, D], MoeStats, None): top-k over E LoRA experts sharing the dense SwiGLU FFN."""
+
+    def __init__(self, cfg: ModelConfig, rules: Rules, *, rngs: nnx.Rngs):
+        m = cfg.moe
+        self.cfg, self.rules = cfg, rules
+        D, F, E, r = cfg.d_model, cfg.mlp.d_ff, m.num_experts, m.lora_rank
+        kw = dict(use_bias=False, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+        self.gate = Dense((D,), (F,), ("embed", "mlp"), std=cfg.init_std, **kw)
+        self.up = Dense((D,), (F,), ("embed", "mlp"), std=cfg.init_std, **kw)
+        self.down = Dense((F,), (D,), ("mlp", "embed"), std=cfg.init_std / math.sqrt(2 * cfg.num_layers), **kw)
+        normal, zeros, f32 = nnx.initializers.normal, nnx.initializers.zeros, jnp.float32
+        self.router = make_param(rngs, normal(cfg.init_std), (D, E), ("embed", None), f32)
+        for name, (i, o) in zip(("gate", "up", "down"), ((D, F), (D, F), (F, D))):
+            setattr(self, f"{name}_a", make_param(rngs, normal(1 / math.sqrt(i)), (E, i, r), ("expert", None, None), f32))
+            setattr(self, f"{name}_b", make_param(rngs, zeros, (E, r, o), ("expert", None, None), f32))
+
+    def __call__(self, x_BTD: jax.Array, router_state: Any = None):
+        from kernels_pallas.grouped_matmul import gmm
+        from jaxllm.models.moe import MoeStats, load_balance_loss, route
+
+        m, dtype = self.cfg.moe, jnp.dtype(self.cfg.dtype)
+        B, T, D = x_BTD.shape
+        K, E, s = m.top_k, m.num_experts, m.lora_alpha / m.lora_rank
+        x_ND = x_BTD.reshape(B * T, D).astype(dtype)
+        r = route(x_ND, self.router[...], K)
+        g0_NF, u0_NF = self.gate(x_ND), self.up(x_ND)
+        e_A = r.expert_NK.reshape(-1)
+        order = jnp.argsort(e_A, stable=True)
+        token = order // K
+        sizes = jnp.bincount(e_A, length=E).astype(jnp.int32)
+        delta = lambda h, name: s * gmm(gmm(h, getattr(self, f"{name}_a")[...].astype(dtype), sizes, impl=m.impl),
+                                        getattr(self, f"{name}_b")[...].astype(dtype), sizes, impl=m.impl)
+        x_AD = x_ND[token]
+        h_AF = jax.nn.silu(g0_NF[token] + delta(x_AD, "gate")) * (u0_NF[token] + delta(x_AD, "up"))
+        out_AD = (self.down(h_AF) + delta(h_AF, "down")).astype(jnp.float32) * r.weight_NK.reshape(-1)[order][:, None]
+        y = jnp.zeros((B * T, D), jnp.float32).at[token].add(out_AD)
+        F, rank = self.cfg.mlp.d_ff, m.lora_rank
+        stats = MoeStats(
+            load_balance_loss=load_balance_loss(r.expert_NK, r.probs_NS),
+            router_z_loss=jnp.mean(jnp.square(jax.nn.logsumexp(r.logits_NS, axis=-1))),
+            expert_load=jnp.mean(jax.nn.one_hot(r.expert_NK, E, dtype=jnp.float32).sum(1), axis=0) / K,
+            drop_fraction=jnp.zeros((), jnp.float32),
+            router_entropy=-jnp.mean(jnp.sum(r.probs_NS * jnp.log(r.probs_NS + 1e-9), axis=-1)),
+            expert_flops=jnp.float32(B * T * K * 2 * (F * D + 3 * rank * (D + F))),  # down map + deltas per choice
+        )
+        return y.astype(dtype).reshape(B, T, D), stats, None
+
+
+def _trainable(path: tuple) -> bool:
+    keys = [getattr(k, "key", k) for k in path]
+    return "mlp" in keys and (keys[-1] == "router" or keys[-1] in _LORA)
+
+
+def split_trainable(params: Any) -> tuple[Any, Any]:
+    """(router and LoRA factors, everything else): same tree shape, None where a leaf belongs to the other."""
+    flags = jax.tree_util.tree_map_with_path(lambda p, _: _trainable(p), params)
+    pick = lambda want: jax.tree.map(lambda x, f: x if f == want else None, params, flags)
+    return pick(True), pick(False)
+
+
+def join(trained: Any, frozen: Any, rng: Any = None) -> Any:
+    """The model's params from `split_trainable`'s halves (usable as `make_train_step(to_model=join)`)."""
+    return jax.tree.map(lambda a, b: b if a is None else a, trained, frozen, is_leaf=lambda x: x is None)
+
+
+def from_dense(dense_params: Any, mixlora_params: Any) -> Any:
+    """MixLoRA params: every param of the dense base, plus the router and LoRA factors of `mixlora_params`
+    (a fresh init)."""
+    def overlay(fresh, dense):
+        if isinstance(fresh, dict):
+            return {k: overlay(v, dense[k]) if k in dense else v for k, v in fresh.items()}
+        return dense
+
+    return overlay(mixlora_params, dense_params)
