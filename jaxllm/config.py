@@ -35,7 +35,7 @@ SCHEDULES = ("cosine", "linear", "constant", "wsd")
 DATA_FORMATS = ("text", "sft")
 MLP_STRUCTURES = ("dense", "lowrank", "blockdense", "blockshuffle")
 MATMUL_IMPLS = ("xla", "pallas", "auto")
-FINETUNE_METHODS = ("lora", "full")
+FINETUNE_METHODS = ("lora", "full", "mixlora")
 LORA_INITS = ("lora", "gaussian", "pissa", "milora", "olora")
 QUANTIZATIONS = ("none", "int8", "nf4")
 
@@ -245,7 +245,7 @@ class LoraConfig:
 @dataclass
 class FinetuneConfig:
     base: str = ""  # the model to adapt: a Hugging Face checkpoint directory or a jaxllm run directory
-    method: str = "lora"  # lora: train adapters only; full: every parameter
+    method: str = "lora"  # lora: train adapters only; full: every parameter; mixlora: router + LoRA experts (model.moe)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -360,6 +360,9 @@ def check_values(cfg: Config) -> None:
     _choice("data.format", cfg.data.format, DATA_FORMATS)
     lora = cfg.finetune.lora
     _choice("finetune.method", cfg.finetune.method, FINETUNE_METHODS)
+    if cfg.finetune.method == "mixlora" and cfg.finetune.base and not (m.moe.num_experts and m.moe.lora_rank):
+        raise ConfigError("finetune.method=mixlora needs model.moe.num_experts > 0 and model.moe.lora_rank > 0 "
+                          "(the LoRA experts to add to the base's FFNs)")
     _choice("finetune.lora.init", lora.init, LORA_INITS)
     _choice("finetune.lora.quantize", lora.quantize, QUANTIZATIONS)
     _positive("finetune.lora.rank", lora.rank)

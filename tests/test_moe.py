@@ -200,17 +200,25 @@ def test_expert_axis_must_divide_the_experts():
 
 # ------------------------------------------------------------------------------ sparse upcycling
 
-def test_upcycled_model_starts_as_the_dense_one_and_trains(tmp_path):
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+    from jaxllm.train.trainer import train
+
+    run = tmp_path_factory.mktemp("moe") / "dense"
+    train(load_config(["tiny"], [f"checkpoint.run_dir={run}", "train.steps=3", "train.eval_every=0"]))
+    return run
+
+
+def test_upcycled_model_starts_as_the_dense_one_and_trains(dense_run):
     """`jaxllm finetune --base DENSE_RUN model.moe.num_experts=4`: experts copied from the dense FFN, router
     fresh, so the upcycled model computes the dense logits; training then moves the experts apart."""
     from jaxllm.data.pipeline import load_corpus, make_batches
     from jaxllm.interop.models import load_model
     from jaxllm.train.setup import setup_step
-    from jaxllm.train.trainer import resolve_finetune_config, train
+    from jaxllm.train.trainer import resolve_finetune_config
 
-    train(load_config(["tiny"], [f"checkpoint.run_dir={tmp_path / 'dense'}", "train.steps=3", "train.eval_every=0"]))
-    dense = load_model(tmp_path / "dense")
-    cfg = resolve_finetune_config(str(tmp_path / "dense"), [], [
+    dense = load_model(dense_run)
+    cfg = resolve_finetune_config(str(dense_run), [], [
         "finetune.method=full", "model.moe.num_experts=4", "model.moe.top_k=2", "train.batch_size=8",
         "train.steps=6", "train.warmup_steps=0", "train.learning_rate=0.003", "data.seq_len=32"])
     setup = setup_step(cfg)
@@ -377,3 +385,20 @@ def test_mixlora_trains_router_and_experts_only_with_the_balancing_loss():
     assert sum(x.size for x in frozen_leaves) == dense.num_params  # the base is exactly the frozen part
     with pytest.raises(ConfigError, match="MixLoRA"):
         load_config(["tiny"], ["model.moe.num_experts=4", "model.moe.lora_rank=4", "model.moe.null_experts=1"])
+
+
+def test_mixlora_finetune_cli_keeps_the_base_and_loads_back(dense_run, tmp_path):
+    from jaxllm.cli import main
+    from jaxllm.interop.models import load_model
+
+    run = tmp_path / "mixlora"
+    assert main(["finetune", "--base", str(dense_run), "finetune.method=mixlora", "model.moe.num_experts=4",
+                 "model.moe.lora_rank=4", f"checkpoint.run_dir={run}", "train.steps=4", "train.warmup_steps=0",
+                 "train.eval_every=0", "data.seq_len=32", "train.batch_size=8"]) == 0
+    dense, tuned = load_model(dense_run), load_model(run)
+    assert tuned.lm.cfg.moe.lora_rank == 4
+    for name in ("gate", "up", "down"):  # the base FFN is frozen: bitwise the dense one
+        np.testing.assert_array_equal(tuned.params["blocks"]["mlp"][name]["kernel"], dense.params["blocks"]["mlp"][name]["kernel"])
+    assert np.abs(np.asarray(tuned.params["blocks"]["mlp"]["down_b"])).max() > 0  # the experts trained (B starts at 0)
+    with pytest.raises(ConfigError, match="mixlora"):
+        load_config(["tiny"], [f"finetune.base={dense_run}", "finetune.method=mixlora"])

@@ -54,6 +54,8 @@ def load_model(path: str | Path) -> LoadedModel:
         params = restored[1].params
         if setup.adapter is not None:  # a LoRA fine-tuning run: its adapters merged into its base
             params = jax.jit(setup.adapter.merge)(setup.frozen, params)
+        elif setup.join is not None:  # MixLoRA: the trained router and experts beside the frozen base
+            params = setup.join(params, setup.frozen)
         if setup.guided:  # inside the self-guided phase: the guides at that step's weight
             params = with_guide(params, setup.guide_alpha(restored[0]))
         return LoadedModel(setup.lm, params, load_tokenizer(cfg.data.tokenizer), cfg)

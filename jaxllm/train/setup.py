@@ -18,6 +18,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm.config import Config, ConfigError, validate
 from jaxllm.language_model import LanguageModel, build
+from jaxllm.models.mixlora import from_dense, split_trainable
+from jaxllm.models.mixlora import join as join_mixlora
 from jaxllm.models.structured import drop_guides, guide_alpha, with_guide
 from jaxllm.peft.lora import LoraAdapter
 from jaxllm.sharding import logical_to_spec, make_mesh
@@ -49,6 +51,7 @@ class StepSetup:
     train_step: Callable  # jitted (state, batch, frozen) -> (state, metrics); donates state
     eval_step: Callable  # jitted (params, batch, frozen) -> (loss sum, token count)
     frozen: Any = None  # fine-tuning: the frozen params the trained ones adapt (else None)
+    join: Callable | None = None  # MixLoRA: (trained, frozen) -> model params
     adapter: LoraAdapter | None = None  # LoRA fine-tuning: what state.params are adapters of
     initial_adapter: Any = None  # ... and the adapter as initialised (PiSSA-style exports need it)
     guide_alpha: Callable[[int], float] | None = None  # self-guided phase: the guide's weight at a step
@@ -93,6 +96,8 @@ def setup_step(cfg: Config) -> StepSetup:
         init_key, rng = jax.random.split(jax.random.key(t.seed))
         rng = jax.device_put(jax.random.key_data(rng), replicated)
         params, param_sh, frozen, adapter = _finetune_params(cfg, lm, mesh, init_key)
+        if cfg.finetune.method == "mixlora":
+            to_model = join_mixlora
         if adapter is not None:
             to_model = lambda trained, base, rng: adapter.apply(base, trained, rng)
             initial = jax.tree.map(jnp.copy, params)  # not donated with the state
@@ -115,6 +120,7 @@ def setup_step(cfg: Config) -> StepSetup:
         state_sharding=state_sh, batch_sharding=batch_sh, train_step=train_step,
         eval_step=jax.jit(make_eval_step(lm, to_model), in_shardings=(state_sh.params, batch_sh, frozen_sh)),
         frozen=frozen, adapter=adapter, initial_adapter=initial, guide_alpha=alpha,
+        join=join_mixlora if cfg.finetune.method == "mixlora" else None,
     )
 
 
@@ -141,6 +147,11 @@ def _finetune_params(cfg: Config, lm: LanguageModel, mesh: Mesh, key: jax.Array)
     base = _load_base(cfg, lm, mesh)
     if cfg.finetune.method == "full":
         return base, lm.param_shardings(mesh), None, None
+    if cfg.finetune.method == "mixlora":  # the dense base frozen; router and LoRA experts fresh
+        shardings = lm.param_shardings(mesh)
+        params = jax.jit(lambda b, k: from_dense(b, lm.init(k)), out_shardings=shardings)(base, key)
+        trained, frozen = split_trainable(params)
+        return trained, split_trainable(shardings)[0], frozen, None
     adapter = LoraAdapter(lm, cfg.finetune.lora)
     param_sh = adapter.shardings(mesh)
     params, frozen = jax.jit(adapter.init, out_shardings=(param_sh, adapter.frozen_shardings(mesh)))(key, base)
@@ -154,6 +165,12 @@ def _load_base(cfg: Config, lm: LanguageModel, mesh: Mesh) -> Any:
     from jaxllm.models.upcycle import upcycle
 
     loaded = load_model(cfg.finetune.base)
+    if cfg.finetune.method == "mixlora":  # a dense base for the MixLoRA model: compare all but model.moe
+        dense = dataclasses.replace(cfg.model, moe=loaded.lm.cfg.moe)
+        if loaded.lm.cfg != dense or loaded.lm.cfg.moe.num_experts:
+            raise ConfigError(f"finetune.method=mixlora needs a dense base with this architecture; "
+                              f"{cfg.finetune.base!r} differs")
+        return jax.device_put(loaded.params, LanguageModel(dense, lm.rules).param_shardings(mesh))
     if cfg.model.moe.num_experts and not loaded.lm.cfg.moe.num_experts:
         key = jax.random.fold_in(jax.random.key(cfg.train.seed), 1)
         params = jax.jit(lambda p, k: upcycle(p, loaded.lm.cfg, cfg.model, k))(loaded.params, key)

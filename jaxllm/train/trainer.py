@@ -169,6 +169,9 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
         a = setup.adapter
         size = (f"{a.num_params:,} trainable LoRA params ({100 * a.num_params / lm.num_params:.2f}%) on "
                 f"{len(a.targets)} linear maps of a frozen {lm.num_params:,}-param base")
+    elif setup.join is not None:
+        n = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
+        size = f"{n:,} trainable MixLoRA params (router + LoRA experts) on a frozen {lm.num_params - n:,}-param base"
     console.print(
         f"run dir [bold]{run_dir}[/]: {size}, mesh {dict(mesh.shape)}, "
         f"{len(corpus.train_docs):,} train / {len(corpus.eval_docs):,} eval docs, steps {start}->{t.steps}"
