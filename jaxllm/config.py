@@ -92,6 +92,9 @@ class MoeConfig:
     top_k: int = 2  # experts per token, weights renormalised over the chosen ones (Mixtral)
     d_ff: Optional[int] = None  # per-expert width; default mlp.d_ff
     shared_experts: int = 0  # always-on experts (DeepSeekMoE / Qwen-MoE), one FFN of shared * d_ff
+    shared_d_ff: Optional[int] = None  # the shared FFN's width, if not shared_experts * d_ff
+    shared_gate: bool = False  # Qwen-MoE: the shared FFN's output scaled by sigmoid(x w) per token
+    normalize_top_k: bool = True  # renormalise the k chosen router probabilities to sum 1 (Mixtral; Qwen-MoE: off)
     null_experts: int = 0  # AdaMoE: zero-compute experts, so tokens use a variable number of real ones
     dispatch: str = "dropless"  # dropless (sorted tokens, grouped matmul) | capacity (fixed slots per expert)
     capacity_factor: float = 1.25  # capacity: slots per expert = factor * tokens * top_k / experts
@@ -400,6 +403,8 @@ def check_values(cfg: Config) -> None:
     _choice("model.moe.routing", m.moe.routing, ("topk", "expert_choice"))
     _choice("model.moe.router", m.moe.router, ("linear", "recurrent"))
     _positive("model.moe.router_state_dim", m.moe.router_state_dim)
+    if (m.moe.shared_d_ff or m.moe.shared_gate) and not m.moe.shared_experts:
+        raise ConfigError("model.moe.shared_d_ff / shared_gate describe the shared FFN: set model.moe.shared_experts >= 1")
     if m.moe.lora_rank < 0:
         raise ConfigError(f"model.moe.lora_rank={m.moe.lora_rank} must be >= 0")
     if m.moe.num_experts and m.moe.lora_rank and (

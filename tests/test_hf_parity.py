@@ -27,6 +27,8 @@ FAMILIES = {
     "mistral": lambda: transformers.MistralConfig(**COMMON, sliding_window=5),
     "mixtral": lambda: transformers.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
     "qwen2": lambda: transformers.Qwen2Config(**COMMON, tie_word_embeddings=True),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                                     shared_expert_intermediate_size=40),
     "qwen3": lambda: transformers.Qwen3Config(**COMMON, head_dim=16),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64),
 }
@@ -40,7 +42,8 @@ def _hf_model(family):
     model = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
     with torch.no_grad():  # non-trivial norms and biases so their mapping is checked too
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name or "ln_" in name:
+            router = name.endswith("mlp.gate.weight") or "shared_expert_gate" in name  # MoE routers: clear choices
+            if name.endswith("bias") or "norm" in name or "ln_" in name or router:
                 p.add_(0.1 * torch.randn_like(p))
     return model
 

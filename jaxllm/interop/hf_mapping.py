@@ -1,4 +1,5 @@
-"""Map Hugging Face causal-LM configs and state dicts (Llama, Mistral, Mixtral, Qwen2/3, GPT-2) to jaxllm.
+"""Map Hugging Face causal-LM configs and state dicts (Llama, Mistral, Mixtral, Qwen2/3, Qwen2-MoE, GPT-2)
+to jaxllm.
 
 One table per family (`_entries`) drives both directions: `params_from_hf` and `params_to_hf`, with
 `config_from_hf` / `config_to_hf` for `config.json`. Tensors are numpy arrays keyed by HF names; nothing
@@ -16,7 +17,7 @@ import numpy as np
 from jaxllm.config import AttentionConfig, ConfigError, MlpConfig, ModelConfig, MoeConfig, RopeScalingConfig
 from jaxllm.nested import get_path, set_path
 
-LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
+LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3")
 SUPPORTED = LLAMA_LIKE + ("gpt2",)
 _HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                    "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -68,7 +69,15 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
         k = hf["num_experts_per_tok"]
         moe = MoeConfig(num_experts=hf["num_local_experts"], top_k=k, router_z_loss=0.0,
                         load_balance_loss=hf.get("router_aux_loss_coef", 0.001) * k)
-    if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+    if model_type == "qwen2_moe":
+        if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
+            raise ConfigError("Qwen2-MoE with dense layers (decoder_sparse_step > 1 or mlp_only_layers) is not supported")
+        k, shared = hf["num_experts_per_tok"], hf.get("shared_expert_intermediate_size") or 0
+        moe = MoeConfig(num_experts=hf["num_experts"], top_k=k, d_ff=hf["moe_intermediate_size"], router_z_loss=0.0,
+                        load_balance_loss=hf.get("router_aux_loss_coef", 0.001) * k,
+                        normalize_top_k=bool(hf.get("norm_topk_prob", False)), shared_experts=1 if shared else 0,
+                        shared_d_ff=shared or None, shared_gate=bool(shared))
+    if model_type in ("qwen2", "qwen2_moe", "qwen3") and hf.get("use_sliding_window"):
         raise ConfigError("HF use_sliding_window=True (per-layer windows) is not supported for Qwen models")
     return ModelConfig(
         vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
@@ -76,7 +85,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
         num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         head_dim=hf.get("head_dim"), max_seq_len=hf["max_position_embeddings"], norm="rmsnorm",
         norm_eps=hf["rms_norm_eps"], position="rope", rope_theta=theta, rope_scaling=scaling,
-        bias="qkv" if model_type == "qwen2" else "none",
+        bias="qkv" if model_type in ("qwen2", "qwen2_moe") else "none",
         attention=AttentionConfig(sliding_window=window, qk_norm=model_type == "qwen3"),
         mlp=MlpConfig(d_ff=hf["intermediate_size"], activation=_activation(hf["hidden_act"]), gated=True),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), moe=moe,
@@ -120,7 +129,11 @@ def _entries(cfg: ModelConfig, model_type: str) -> tuple[list[Entry], list[Entry
              E(p + "post_attention_layernorm.weight", "mlp_norm.scale", n=0)]
     layer += [E(p + f"self_attn.{x}_proj.weight", f"attn.{x}.kernel", t=True) for x in "qkv"]
     layer += [E(p + "self_attn.o_proj.weight", "attn.o.kernel", t=True, n=2)]
-    if cfg.moe.num_experts:  # Mixtral: w1 = gate, w3 = up, w2 = down per expert; the router is `gate`
+    if cfg.moe.num_experts and model_type == "qwen2_moe":  # experts and the gated shared expert under `mlp.`
+        layer += [E(p + "mlp.gate.weight", "mlp.router", t=True), E(p + "mlp.shared_expert_gate.weight", "mlp.shared_gate", t=True)]
+        layer += [E(p + f"mlp.experts.{{j}}.{x}_proj.weight", f"mlp.{x}", t=True) for x in ("gate", "up", "down")]
+        layer += [E(p + f"mlp.shared_expert.{x}_proj.weight", f"mlp.shared.{x}.kernel", t=True) for x in ("gate", "up", "down")]
+    elif cfg.moe.num_experts:  # Mixtral: w1 = gate, w3 = up, w2 = down per expert; the router is `gate`
         q = p + "block_sparse_moe."
         layer += [E(q + "gate.weight", "mlp.router", t=True)]
         layer += [E(q + f"experts.{{j}}.{w}.weight", f"mlp.{x}", t=True) for w, x in (("w1", "gate"), ("w3", "up"), ("w2", "down"))]
@@ -216,11 +229,14 @@ def model_type_of(cfg: ModelConfig) -> str:
         raise ConfigError("soft-capping has no Hugging Face equivalent among llama/mistral/qwen2/qwen3/gpt2")
     if cfg.moe.num_experts:
         m = cfg.moe
-        mixtral_like = (m.routing, m.router, m.every) == ("topk", "linear", 1) and m.d_ff in (None, cfg.mlp.d_ff)
+        qwen_like = (m.routing, m.router, m.every, m.null_experts, m.shared_experts) == ("topk", "linear", 1, 0, 1)
+        if qwen_like and m.shared_gate and cfg.bias == "qkv" and not cfg.attention.qk_norm and not cfg.attention.sliding_window:
+            return "qwen2_moe"
+        mixtral_like = (m.routing, m.router, m.every, m.normalize_top_k) == ("topk", "linear", 1, True) and m.d_ff in (None, cfg.mlp.d_ff)
         if m.shared_experts or m.null_experts or cfg.attention.qk_norm or cfg.bias != "none" or not mixtral_like:
             raise ConfigError("an MoE model exports as Mixtral only with top-k linear routing in every layer and "
                               "without shared or null experts, qk_norm, biases or a separate moe.d_ff "
-                              "(Qwen-MoE-style shared experts are not exported)")
+                              "(Qwen2-MoE: one gated shared expert, qkv bias, no window)")
         return "mixtral"
     if cfg.attention.qk_norm:
         if cfg.bias != "none" or cfg.attention.sliding_window:
@@ -239,7 +255,8 @@ _ACT_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", 
 def config_to_hf(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
     """A `config.json` dict that `transformers` builds the same model from."""
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel", "mixtral": "MixtralForCausalLM"}[model_type]
+            "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel", "mixtral": "MixtralForCausalLM",
+            "qwen2_moe": "Qwen2MoeForCausalLM"}[model_type]
     if model_type == "gpt2":
         return {
             "model_type": "gpt2", "architectures": [arch], "vocab_size": cfg.vocab_size, "n_embd": cfg.d_model,
@@ -266,4 +283,10 @@ def config_to_hf(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
     if model_type == "mixtral":
         out.update(num_local_experts=cfg.moe.num_experts, num_experts_per_tok=cfg.moe.top_k,
                    router_aux_loss_coef=cfg.moe.load_balance_loss / cfg.moe.top_k)
+    if model_type == "qwen2_moe":
+        m = cfg.moe
+        out.update(num_experts=m.num_experts, num_experts_per_tok=m.top_k, moe_intermediate_size=m.d_ff or cfg.mlp.d_ff,
+                   shared_expert_intermediate_size=m.shared_d_ff or (m.d_ff or cfg.mlp.d_ff), norm_topk_prob=m.normalize_top_k,
+                   decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True, use_sliding_window=False,
+                   router_aux_loss_coef=m.load_balance_loss / m.top_k)
     return out

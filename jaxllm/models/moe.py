@@ -44,16 +44,17 @@ class Routing(NamedTuple):
     logits_NS: jax.Array
 
 
-def route(x_ND: jax.Array, router_DS: jax.Array, top_k: int) -> Routing:
-    """Top-k of the softmax over router slots, in f32, weights renormalised over the chosen k."""
-    return route_logits(jnp.dot(x_ND.astype(jnp.float32), router_DS.astype(jnp.float32)), top_k)
+def route(x_ND: jax.Array, router_DS: jax.Array, top_k: int, normalize: bool = True) -> Routing:
+    """Top-k of the softmax over router slots, in f32, weights renormalised over the chosen k (or not)."""
+    return route_logits(jnp.dot(x_ND.astype(jnp.float32), router_DS.astype(jnp.float32)), top_k, normalize)
 
 
-def route_logits(logits: jax.Array, top_k: int) -> Routing:
+def route_logits(logits: jax.Array, top_k: int, normalize: bool = True) -> Routing:
     """`route` from router logits [N, slots] (f32)."""
     probs = jax.nn.softmax(logits, axis=-1)
     top_p, top_i = jax.lax.top_k(probs, top_k)
-    return Routing(top_i.astype(jnp.int32), top_p / jnp.sum(top_p, axis=-1, keepdims=True), probs, logits)
+    weights = top_p / jnp.sum(top_p, axis=-1, keepdims=True) if normalize else top_p
+    return Routing(top_i.astype(jnp.int32), weights, probs, logits)
 
 
 def load_balance_loss(expert_NK: jax.Array, probs_NS: jax.Array) -> jax.Array:
@@ -150,10 +151,12 @@ class MoeFfn(nnx.Module):
 
             from jaxllm.models.mlp import Mlp
 
-            shared_cfg = replace(cfg, mlp=replace(cfg.mlp, d_ff=F * m.shared_experts, structure="dense", guide_fraction=0.0))
+            width = m.shared_d_ff or F * m.shared_experts
+            shared_cfg = replace(cfg, mlp=replace(cfg.mlp, d_ff=width, structure="dense", guide_fraction=0.0))
             self.shared = Mlp(shared_cfg, rules, rngs=rngs)
         else:
             self.shared = None
+        self.shared_gate = make_param(rngs, normal(cfg.init_std), (D, 1), ("embed", None), pdt) if m.shared_gate else None
 
     def capacity(self, tokens: int) -> int:
         m = self.cfg.moe
@@ -171,7 +174,7 @@ class MoeFfn(nnx.Module):
             state = h.reshape(B, T, -1)
         else:
             logits = jnp.dot(x_ND.astype(jnp.float32), self.router[...])
-        r = route_logits(logits, m.top_k)
+        r = route_logits(logits, m.top_k, m.normalize_top_k)
         weights = [w[...].astype(dtype) for w in (self.gate, self.up, self.down)]
         E, F = weights[0].shape[0], weights[0].shape[2]
         ep_axes = expert_axes(self.rules, E) if m.dispatch == "dropless" else ()
@@ -192,7 +195,10 @@ class MoeFfn(nnx.Module):
             y, dropped = experts_capacity(x_ND, r, *weights, self.capacity(B * T))
             real = jnp.sum(r.expert_NK < E) * (1 - dropped)
         if self.shared is not None:
-            y = y + self.shared(x_ND).astype(jnp.float32)
+            shared = self.shared(x_ND).astype(jnp.float32)
+            if self.shared_gate is not None:
+                shared = jax.nn.sigmoid(jnp.dot(x_ND, self.shared_gate[...].astype(dtype)).astype(jnp.float32)) * shared
+            y = y + shared
         slots = r.probs_NS.shape[-1]
         expert_choice = m.routing == "expert_choice"  # balanced by construction: no balancing loss
         stats = MoeStats(
