@@ -74,8 +74,8 @@ def main() -> None:
         per_token = lm.flops_per_token(T)  # counts top_k real experts per token
         used = real_experts_per_token(run_dir) if m.num_experts else 0.0
         if m.null_experts:  # take off the expert FLOPs of choices that went to null experts
-            D, F, L = cfg.model.d_model, m.d_ff, cfg.model.num_layers
-            per_token -= 3 * (m.top_k - used) * 3 * 2 * D * F * L  # x3: forward + backward
+            expert_flops = 3 * 2 * cfg.model.d_model * m.d_ff * cfg.model.num_layers  # one expert, all layers
+            per_token -= 3 * (m.top_k - used) * expert_flops  # x3: forward + backward
         tokens = cfg.train.batch_size * T
         params = lm.num_params
         rows.append(dict(name=name, params=params, flops=args.steps * tokens * per_token, eval_loss=result.eval_loss,
