@@ -402,3 +402,18 @@ def test_mixlora_finetune_cli_keeps_the_base_and_loads_back(dense_run, tmp_path)
     assert np.abs(np.asarray(tuned.params["blocks"]["mlp"]["down_b"])).max() > 0  # the experts trained (B starts at 0)
     with pytest.raises(ConfigError, match="mixlora"):
         load_config(["tiny"], [f"finetune.base={dense_run}", "finetune.method=mixlora"])
+
+
+def test_lora_on_an_moe_model_adapts_both_block_stacks():
+    """LoRA (QLoRA int8) on a model with MoE every other layer: attention in dense and MoE blocks alike."""
+    from jaxllm.config import LoraConfig
+    from jaxllm.peft import LoraAdapter
+
+    lm = LanguageModel(tiny_model(num_layers=4, moe=MoeConfig(num_experts=4, top_k=2, every=2)))
+    adapter = LoraAdapter(lm, LoraConfig(rank=2, targets=["q", "v"], init="gaussian", quantize="int8", quant_block=16))
+    assert {t.name for t in adapter.targets} == {"blocks.attn.q", "blocks.attn.v", "moe_blocks.attn.q", "moe_blocks.attn.v"}
+    assert ("moe_blocks", "attn", "q", "kernel") in adapter.quantized_paths()
+    lora, frozen = adapter.init(jax.random.key(0), lm.init(jax.random.key(1)))
+    tokens = np.random.default_rng(0).integers(0, 97, (2, 10))
+    np.testing.assert_allclose(lm.apply(adapter.apply(frozen, lora), tokens), lm.apply(adapter.merge(frozen, lora), tokens),
+                               atol=1e-5)

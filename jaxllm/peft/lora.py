@@ -122,7 +122,7 @@ class LoraAdapter:
         """Kernels stored quantised in the frozen tree: every stacked block linear map (QLoRA)."""
         if self.spec.quantize == "none":
             return []
-        return [p + ("kernel",) for p in sorted(self.lm.linear_layers) if p[0] == "blocks"]
+        return [p + ("kernel",) for p in sorted(self.lm.linear_layers) if p[0] in ("blocks", "moe_blocks")]
 
     def frozen_logical_axes(self, shard_blocks: bool = True) -> Params:
         """Logical axes of the frozen tree; a quantised kernel's block-count axis keeps the name of the
