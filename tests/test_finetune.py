@@ -189,7 +189,7 @@ def test_finetune_cli_end_to_end_with_resume(base_and_data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("finetune.method=qlora", "finetune.method='qlora' is not allowed; choose one of ['lora', 'full']"),
+    ("finetune.method=qlora", "finetune.method='qlora' is not allowed; choose one of ['lora', 'full', 'mixlora']"),
     ("finetune.lora.init=svd", "finetune.lora.init='svd' is not allowed"),
     ("finetune.lora.quantize=int4", "finetune.lora.quantize='int4' is not allowed; choose one of ['none', 'int8', 'nf4']"),
     ("finetune.lora.dropout=1.0", "finetune.lora.dropout=1.0 must be within [0, 1)"),
