@@ -32,7 +32,7 @@ class MoeStats(NamedTuple):
     load_balance_loss: jax.Array  # scalar: slots * sum_e f_e P_e (1 when perfectly balanced)
     router_z_loss: jax.Array  # scalar: mean logsumexp(logits)^2
     expert_load: jax.Array  # [E + null]: share of assignments per router slot
-    drop_fraction: jax.Array  # scalar: share of real-expert assignments dropped (capacity path)
+    drop_fraction: jax.Array  # scalar: capacity path: share of real-expert assignments dropped; expert choice: share of tokens no expert took
     router_entropy: jax.Array  # scalar: mean entropy of the router distribution (nats)
     expert_flops: jax.Array  # scalar: matmul FLOPs spent in routed experts (null experts cost none)
 
