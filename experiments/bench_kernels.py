@@ -14,7 +14,6 @@ interpret-mode timings, a smoke test of the script and not a performance number.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.train.bench import median_seconds
 from kernels_pallas.block_sparse_matmul import BlockLayout, block_sparse_matmul
 from kernels_pallas.flash_attention import attention_reference, flash_attention
 from kernels_pallas.grouped_matmul import gmm
@@ -30,23 +30,12 @@ from kernels_pallas.grouped_matmul import gmm
 def measured(kernel: str, shape: str, impl: str, fwd, both, args, flops: float, bwd_factor: float, reps: int):
     """One table row: forward and forward+backward TFLOP/s, or the error that stopped the kernel."""
     try:
-        t_f, t_b = timed(fwd, *args, reps=reps), timed(both, *args, reps=reps)
+        t_f, t_b = median_seconds(fwd, *args, reps=reps), median_seconds(both, *args, reps=reps)
         row = (kernel, shape, impl, f"{flops / t_f / 1e12:.2f}", f"{bwd_factor * flops / t_b / 1e12:.2f}")
     except Exception as err:  # noqa: BLE001 - e.g. out of memory for a materialised reference, a block too big
         row = (kernel, shape, impl, f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}", "")
     print(" | ".join(row), flush=True)
     return row
-
-
-def timed(fn, *args, reps: int) -> float:
-    """Median seconds per call after one compile+warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def attention_rows(seqs, head_dims, dtype, reps, batch_tokens):
@@ -80,7 +69,7 @@ def block_sparse_rows(size, dtype, reps):
     x = jnp.asarray(rng.standard_normal((size, size)), dtype)
     dense_w = jnp.asarray(rng.standard_normal((size, size)), dtype)
     dense = jax.jit(lambda x, w: x @ w)
-    t = timed(dense, x, dense_w, reps=reps)
+    t = median_seconds(dense, x, dense_w, reps=reps)
     rows.append(("block-sparse", f"{size}^3 dense", "xla dense", f"{2 * size**3 / t / 1e12:.2f}", ""))
     for n in (2, 4, 8):
         layout = BlockLayout.block_diagonal(n, size // n, size // n)

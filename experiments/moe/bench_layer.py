@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import time
 from pathlib import Path
 
@@ -21,18 +20,9 @@ from flax import nnx
 
 from jaxllm.config import MlpConfig, ModelConfig, MoeConfig
 from jaxllm.models.mlp import Mlp
+from jaxllm.train.bench import median_seconds
 from jaxllm.models.moe import _DEFAULT_RULES
 from jaxllm.models.moe import MoeFfn
-
-
-def median_time(fn, *args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def timings(layer: nnx.Module, x, reps: int) -> tuple[float, float]:
@@ -44,7 +34,7 @@ def timings(layer: nnx.Module, x, reps: int) -> tuple[float, float]:
 
     fwd = jax.jit(out)
     both = jax.jit(jax.grad(lambda p, x: jnp.sum(out(p, x) ** 2), argnums=(0, 1)))
-    return median_time(fwd, params, x, reps=reps), median_time(both, params, x, reps=reps)
+    return median_seconds(fwd, params, x, reps=reps), median_seconds(both, params, x, reps=reps)
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ winning: the measured basis of `model.mlp.merge_below_tokens`.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
@@ -17,16 +16,7 @@ from flax import nnx
 
 from jaxllm.config import MlpConfig, ModelConfig
 from jaxllm.models.structured import StructuredLinear
-
-
-def median_time(fn, x, reps: int = 30) -> float:
-    jax.block_until_ready(fn(x))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(x))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from jaxllm.train.bench import median_seconds
 
 
 def main() -> None:
@@ -51,7 +41,7 @@ def main() -> None:
         cells, best, streak = [], 0, True
         for n in tokens:
             x = jax.random.normal(jax.random.key(0), (n, D))
-            tf, tm = median_time(factored, x), median_time(merged, x)
+            tf, tm = median_seconds(factored, x, reps=30), median_seconds(merged, x, reps=30)
             cells.append(f"{1e3 * tf:.2f} / {1e3 * tm:.2f} ms ({tf / tm:.2f})")
             streak = streak and tm < tf  # merged faster for every N so far
             best = n if streak else best

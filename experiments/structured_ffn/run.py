@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from flax import nnx
 from jaxllm.config import load_config
 from jaxllm.language_model import build
 from jaxllm.models.mlp import Mlp
+from jaxllm.train.bench import median_seconds
 from jaxllm.train.trainer import train
 
 SHAPE = ["model.d_model=256", "model.num_layers=4", "model.num_heads=8", "model.num_kv_heads=4", "model.mlp.d_ff=1024"]
@@ -50,13 +50,7 @@ def ffn_time(overrides: list[str], d_model: int, d_ff: int, tokens: int, reps: i
     graph, params = nnx.split(Mlp(cfg.model, build(cfg).rules, rngs=nnx.Rngs(0)))
     x = jax.random.normal(jax.random.key(0), (tokens, d_model))
     step = jax.jit(jax.grad(lambda p, x: jnp.sum(nnx.merge(graph, p)(x) ** 2), argnums=(0, 1)))
-    jax.block_until_ready(step(params, x))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(step(params, x))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(step, params, x, reps=reps)
 
 
 def main() -> None:

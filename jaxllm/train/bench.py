@@ -14,6 +14,18 @@ from jaxllm.train.metrics import measured_peak_flops
 from jaxllm.train.setup import setup_step
 
 
+def median_seconds(fn, *args, reps: int = 10) -> float:
+    """Median wall seconds of `fn(*args)` (blocked until ready) over `reps` calls after one warm-up call
+    (which also compiles). Shared by the benchmark scripts in `experiments/`."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def bench(cfg: Config, steps: int = 5, warmup: int = 1) -> dict[str, Any]:
     """Compile time, median step time, tokens/s, MFU (vs the measured matmul peak), peak memory."""
     s = setup_step(cfg)
