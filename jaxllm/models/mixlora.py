@@ -44,7 +44,7 @@ class MixLoraFfn(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array, router_state: Any = None):
         from kernels_pallas.grouped_matmul import gmm
-        from jaxllm.models.moe import MoeStats, load_balance_loss, route
+        from jaxllm.models.moe import route, routing_stats
 
         m, dtype = self.cfg.moe, jnp.dtype(self.cfg.dtype)
         B, T, D = x_BTD.shape
@@ -63,15 +63,8 @@ class MixLoraFfn(nnx.Module):
         out_AD = (self.down(h_AF) + delta(h_AF, "down")).astype(jnp.float32) * r.weight_NK.reshape(-1)[order][:, None]
         y = jnp.zeros((B * T, D), jnp.float32).at[token].add(out_AD)
         F, rank = self.cfg.mlp.d_ff, m.lora_rank
-        stats = MoeStats(
-            load_balance_loss=load_balance_loss(r.expert_NK, r.probs_NS),
-            router_z_loss=jnp.mean(jnp.square(jax.nn.logsumexp(r.logits_NS, axis=-1))),
-            expert_load=jnp.mean(jax.nn.one_hot(r.expert_NK, E, dtype=jnp.float32).sum(1), axis=0) / K,
-            drop_fraction=jnp.zeros((), jnp.float32),
-            router_entropy=-jnp.mean(jnp.sum(r.probs_NS * jnp.log(r.probs_NS + 1e-9), axis=-1)),
-            expert_flops=jnp.float32(B * T * K * 2 * (F * D + 3 * rank * (D + F))),  # down map + deltas per choice
-        )
-        return y.astype(dtype).reshape(B, T, D), stats, None
+        flops = jnp.float32(B * T * K * 2 * (F * D + 3 * rank * (D + F)))  # down map + deltas per choice
+        return y.astype(dtype).reshape(B, T, D), routing_stats(r, jnp.zeros((), jnp.float32), flops), None
 
 
 def _trainable(path: tuple) -> bool:

@@ -65,6 +65,22 @@ def load_balance_loss(expert_NK: jax.Array, probs_NS: jax.Array) -> jax.Array:
     return slots * jnp.sum(f * jnp.mean(probs_NS, axis=0))
 
 
+def routing_stats(r: Routing, drop_fraction: jax.Array, expert_flops: jax.Array, balanced: bool = False) -> MoeStats:
+    """A layer's MoeStats from its routing. `balanced` (expert choice: every expert takes the same number of
+    tokens): no balancing loss, uniform load."""
+    N, K = r.expert_NK.shape
+    slots = r.probs_NS.shape[-1]
+    return MoeStats(
+        load_balance_loss=jnp.zeros((), jnp.float32) if balanced else load_balance_loss(r.expert_NK, r.probs_NS),
+        router_z_loss=jnp.mean(jnp.square(jax.nn.logsumexp(r.logits_NS, axis=-1))),
+        expert_load=jnp.full((slots,), 1.0 / slots) if balanced
+        else jnp.mean(jax.nn.one_hot(r.expert_NK, slots, dtype=jnp.float32).sum(1), axis=0) / K,
+        drop_fraction=drop_fraction,
+        router_entropy=-jnp.mean(jnp.sum(r.probs_NS * jnp.log(r.probs_NS + 1e-9), axis=-1)),
+        expert_flops=expert_flops,
+    )
+
+
 def _swiglu(x, gate, up, down, mm):
     return mm(jax.nn.silu(mm(x, gate)) * mm(x, up), down)
 
@@ -199,15 +215,6 @@ class MoeFfn(nnx.Module):
             if self.shared_gate is not None:
                 shared = jax.nn.sigmoid(jnp.dot(x_ND, self.shared_gate[...].astype(dtype)).astype(jnp.float32)) * shared
             y = y + shared
-        slots = r.probs_NS.shape[-1]
-        expert_choice = m.routing == "expert_choice"  # balanced by construction: no balancing loss
-        stats = MoeStats(
-            load_balance_loss=jnp.zeros((), jnp.float32) if expert_choice else load_balance_loss(r.expert_NK, r.probs_NS),
-            router_z_loss=jnp.mean(jnp.square(jax.nn.logsumexp(r.logits_NS, axis=-1))),
-            expert_load=jnp.full((slots,), 1.0 / slots) if expert_choice
-            else jnp.mean(jax.nn.one_hot(r.expert_NK, slots, dtype=jnp.float32).sum(1), axis=0) / m.top_k,
-            drop_fraction=dropped,
-            router_entropy=-jnp.mean(jnp.sum(r.probs_NS * jnp.log(r.probs_NS + 1e-9), axis=-1)),
-            expert_flops=real.astype(jnp.float32) * 2 * 3 * D * F,
-        )
+        stats = routing_stats(r, dropped, real.astype(jnp.float32) * 2 * 3 * D * F,
+                              balanced=m.routing == "expert_choice")
         return y.astype(dtype).reshape(B, T, D), stats, state

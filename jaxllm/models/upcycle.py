@@ -7,6 +7,7 @@ all experts agree); training then lets the experts drift apart. Everything else 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -19,7 +20,7 @@ def upcycle(dense_params: Any, dense_cfg: ModelConfig, moe_cfg: ModelConfig, key
     """MoE params for `moe_cfg` from `dense_params` of `dense_cfg` (which must be the same model with a
     dense gated FFN whose width is the expert width)."""
     m = moe_cfg.moe
-    expected = dense_cfg.__class__(**{**vars(dense_cfg), "moe": m})
+    expected = dataclasses.replace(dense_cfg, moe=m)
     if dense_cfg.moe.num_experts or not m.num_experts:
         raise ConfigError("upcycling goes from a dense model (moe.num_experts=0) to an MoE one (num_experts > 0)")
     if expected != moe_cfg:

@@ -79,7 +79,7 @@ def setup_step(cfg: Config) -> StepSetup:
     lora_spec = cfg.finetune.lora if cfg.finetune.base and cfg.finetune.method == "lora" else None
     schedule, tx = make_schedule(t), make_optimizer(t, lora_spec.lr_ratio if lora_spec else 1.0)
     replicated = NamedSharding(mesh, PartitionSpec())
-    adapter, frozen, to_model, initial, alpha = None, None, _identity, None, None
+    adapter, frozen, to_model, initial, alpha, join = None, None, _identity, None, None, None
     mlp = cfg.model.mlp
     if mlp.guide_fraction > 0:  # self-guided phase: `frozen` is the guide weight a of the step
         decay = guide_decay_steps(cfg)
@@ -97,7 +97,7 @@ def setup_step(cfg: Config) -> StepSetup:
         rng = jax.device_put(jax.random.key_data(rng), replicated)
         params, param_sh, frozen, adapter = _finetune_params(cfg, lm, mesh, init_key)
         if cfg.finetune.method == "mixlora":
-            to_model = join_mixlora
+            join = to_model = join_mixlora
         if adapter is not None:
             to_model = lambda trained, base, rng: adapter.apply(base, trained, rng)
             initial = jax.tree.map(jnp.copy, params)  # not donated with the state
@@ -120,7 +120,7 @@ def setup_step(cfg: Config) -> StepSetup:
         state_sharding=state_sh, batch_sharding=batch_sh, train_step=train_step,
         eval_step=jax.jit(make_eval_step(lm, to_model), in_shardings=(state_sh.params, batch_sh, frozen_sh)),
         frozen=frozen, adapter=adapter, initial_adapter=initial, guide_alpha=alpha,
-        join=join_mixlora if cfg.finetune.method == "mixlora" else None,
+        join=join,
     )
 
 
