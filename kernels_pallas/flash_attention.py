@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas.tiling import GPU_PLATFORMS, check_gpu_tile, row_tile
+from kernels_pallas.backend import check_tile, compiler_params, resolve, row_tile
 
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked rows stay NaN-free
 _Q_PAD, _KV_PAD = -1, -2  # segment ids of padding: they never match each other or a real id
@@ -97,13 +97,13 @@ def _q_range(kj, bq: int, bk: int, num_q: int, m: Mask, self_attention: bool):
 def _fwd_kernel(qpos_ref, qseg_ref, kpos_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, m: Mask,
                 bq: int, bk: int, self_attention: bool):
     qi = pl.program_id(2)
-    q, qpos, qseg = q_ref[...], qpos_ref[...], qseg_ref[...]
+    q, qpos, qseg = q_ref[...], qpos_ref[0, :], qseg_ref[0, :]
     num_kv = k_ref.shape[0] // bk
 
     def body(j, carry):
         acc, m_i, l_i = carry
         ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
-        _, s, mask = _scores(q, k_ref[ks, :], qpos, kpos_ref[ks], qseg, kseg_ref[ks], m)
+        _, s, mask = _scores(q, k_ref[ks, :], qpos, kpos_ref[0, ks], qseg, kseg_ref[0, ks], m)
         s = jnp.where(mask, s, MASKED)
         m_new = jnp.maximum(m_i, s.max(axis=-1))
         p = jnp.exp(s - m_new[:, None])
@@ -117,20 +117,20 @@ def _fwd_kernel(qpos_ref, qseg_ref, kpos_ref, kseg_ref, q_ref, k_ref, v_ref, o_r
     acc, m_i, l_i = lax.fori_loop(lo, hi, body, init)
     l_safe = jnp.where(l_i == 0, 1.0, l_i)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = m_i + jnp.log(l_safe)
+    lse_ref[0, :] = m_i + jnp.log(l_safe)
 
 
 def _dq_kernel(qpos_ref, qseg_ref, kpos_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
                m: Mask, bq: int, bk: int, self_attention: bool):
     qi = pl.program_id(2)
-    q, do, qpos, qseg = q_ref[...], do_ref[...], qpos_ref[...], qseg_ref[...]
-    lse, delta = lse_ref[...], delta_ref[...]
+    q, do, qpos, qseg = q_ref[...], do_ref[...], qpos_ref[0, :], qseg_ref[0, :]
+    lse, delta = lse_ref[0, :], delta_ref[0, :]
     num_kv = k_ref.shape[0] // bk
 
     def body(j, dq):
         ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
         k, v = k_ref[ks, :], v_ref[ks, :]
-        raw, s, mask = _scores(q, k, qpos, kpos_ref[ks], qseg, kseg_ref[ks], m)
+        raw, s, mask = _scores(q, k, qpos, kpos_ref[0, ks], qseg, kseg_ref[0, ks], m)
         p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
         dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         ds = _dscores(p, dp, delta, raw, m)
@@ -152,21 +152,21 @@ def _dscores(p, dp, delta, raw, m: Mask):
 def _dkv_kernel(qpos_ref, qseg_ref, kpos_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                 dk_ref, dv_ref, *, m: Mask, bq: int, bk: int, self_attention: bool):
     kj = pl.program_id(2)
-    k, v, kpos, kseg = k_ref[...], v_ref[...], kpos_ref[...], kseg_ref[...]
+    k, v, kpos, kseg = k_ref[...], v_ref[...], kpos_ref[0, :], kseg_ref[0, :]
     groups, T = q_ref.shape[0], q_ref.shape[1]
 
     def body(i, carry):
         dk, dv = carry
         qs = pl.ds(pl.multiple_of(i * bq, bq), bq)
-        qpos, qseg = qpos_ref[qs], qseg_ref[qs]
+        qpos, qseg = qpos_ref[0, qs], qseg_ref[0, qs]
         for g in range(groups):  # the query heads sharing this kv head
             q, do = q_ref[g, qs, :], do_ref[g, qs, :]
             raw, s, mask = _scores(q, k, qpos, kpos, qseg, kseg, m)
-            p = jnp.where(mask, jnp.exp(s - lse_ref[g, qs][:, None]), 0.0)
+            p = jnp.where(mask, jnp.exp(s - lse_ref[g, 0, qs][:, None]), 0.0)
             dv = dv + lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
                                       preferred_element_type=jnp.float32)
             dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-            ds = _dscores(p, dp, delta_ref[g, qs], raw, m)
+            ds = _dscores(p, dp, delta_ref[g, 0, qs], raw, m)
             dk = dk + lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
                                       preferred_element_type=jnp.float32)
         return dk, dv
@@ -179,19 +179,28 @@ def _dkv_kernel(qpos_ref, qseg_ref, kpos_ref, kseg_ref, q_ref, k_ref, v_ref, do_
 
 
 def _specs(B, N, K, T, S, H, bq, bk):
-    """BlockSpecs over grid (batch, head, query block) for [B, N, T, H] q and [B, K, S, H] kv."""
+    """BlockSpecs over grid (batch, head, query block) for [B, N, T, H] q, [B, K, S, H] kv, [B, 1, T]
+    positions / segment ids and [B, N, 1, T] row statistics (the unit dims keep every block's last two dims
+    whole or tiles, as Mosaic TPU requires)."""
     G = N // K
     sq = pl.Squeezed()
     return dict(
-        qpos=pl.BlockSpec((sq, bq), lambda b, n, i: (b, i)),
-        kpos=pl.BlockSpec((sq, S), lambda b, n, i: (b, 0)),
+        qpos=pl.BlockSpec((sq, 1, bq), lambda b, n, i: (b, 0, i)),
+        kpos=pl.BlockSpec((sq, 1, S), lambda b, n, i: (b, 0, 0)),
         q=pl.BlockSpec((sq, sq, bq, H), lambda b, n, i: (b, n, i, 0)),
         kv=pl.BlockSpec((sq, sq, S, H), lambda b, n, i: (b, n // G, 0, 0)),
-        rows=pl.BlockSpec((sq, sq, bq), lambda b, n, i: (b, n, i)),
+        rows=pl.BlockSpec((sq, sq, 1, bq), lambda b, n, i: (b, n, 0, i)),
     )
 
 
-def _forward(q, k, v, qpos, kpos, qseg, kseg, m: Mask, bq: int, bk: int, interpret):
+def _params(backend: str):
+    """Triton pinned (3 stages, 4 warps) or Mosaic TPU with every grid axis parallel."""
+    if backend == "triton":
+        return compiler_params("triton", num_warps=4, num_stages=3)
+    return compiler_params("tpu", dimension_semantics=("parallel", "parallel", "parallel"))
+
+
+def _forward(q, k, v, qpos, kpos, qseg, kseg, m: Mask, bq: int, bk: int, backend: str, interpret):
     B, N, T, H = q.shape
     K, S = k.shape[1], k.shape[2]
     sp = _specs(B, N, K, T, S, H, bq, bk)
@@ -200,91 +209,87 @@ def _forward(q, k, v, qpos, kpos, qseg, kseg, m: Mask, bq: int, bk: int, interpr
         kernel, grid=(B, N, T // bq),
         in_specs=[sp["qpos"], sp["qpos"], sp["kpos"], sp["kpos"], sp["q"], sp["kv"], sp["kv"]],
         out_specs=[sp["q"], sp["rows"]],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, T), jnp.float32)],
-        interpret=interpret, name="flash_attention_fwd",
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, 1, T), jnp.float32)],
+        interpret=interpret, compiler_params=_params(backend), name="flash_attention_fwd",
     )(qpos, qseg, kpos, kseg, q, k, v)
 
 
-def _backward(q, k, v, qpos, kpos, qseg, kseg, o, lse, do, m: Mask, bq: int, bk: int, interpret):
+def _backward(q, k, v, qpos, kpos, qseg, kseg, o, lse, do, m: Mask, bq: int, bk: int, backend: str, interpret):
     B, N, T, H = q.shape
     K, S = k.shape[1], k.shape[2]
     G = N // K
-    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, N, T]
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)[:, :, None]  # [B, N, 1, T]
     sp = _specs(B, N, K, T, S, H, bq, bk)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, m=m, bq=bq, bk=bk, self_attention=T == S), grid=(B, N, T // bq),
         in_specs=[sp["qpos"], sp["qpos"], sp["kpos"], sp["kpos"], sp["q"], sp["kv"], sp["kv"], sp["q"], sp["rows"],
                   sp["rows"]],
         out_specs=sp["q"], out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), interpret=interpret,
-        name="flash_attention_dq",
+        compiler_params=_params(backend), name="flash_attention_dq",
     )(qpos, qseg, kpos, kseg, q, k, v, do, lse, delta)
     sq = pl.Squeezed()
     group_q = pl.BlockSpec((sq, G, T, H), lambda b, h, j: (b, h, 0, 0))
-    group_rows = pl.BlockSpec((sq, G, T), lambda b, h, j: (b, h, 0))
+    group_rows = pl.BlockSpec((sq, G, 1, T), lambda b, h, j: (b, h, 0, 0))
     kv_block = pl.BlockSpec((sq, sq, bk, H), lambda b, h, j: (b, h, j, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, m=m, bq=bq, bk=bk, self_attention=T == S), grid=(B, K, S // bk),
-        in_specs=[pl.BlockSpec((sq, T), lambda b, h, j: (b, 0)), pl.BlockSpec((sq, T), lambda b, h, j: (b, 0)),
-                  pl.BlockSpec((sq, bk), lambda b, h, j: (b, j)), pl.BlockSpec((sq, bk), lambda b, h, j: (b, j)),
+        in_specs=[pl.BlockSpec((sq, 1, T), lambda b, h, j: (b, 0, 0)), pl.BlockSpec((sq, 1, T), lambda b, h, j: (b, 0, 0)),
+                  pl.BlockSpec((sq, 1, bk), lambda b, h, j: (b, 0, j)), pl.BlockSpec((sq, 1, bk), lambda b, h, j: (b, 0, j)),
                   group_q, kv_block, kv_block, group_q, group_rows, group_rows],
         out_specs=[kv_block, kv_block],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        interpret=interpret, name="flash_attention_dkv",
+        interpret=interpret, compiler_params=_params(backend), name="flash_attention_dkv",
     )(qpos, qseg, kpos, kseg, q, k, v, do, lse, delta)
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _flash(q, k, v, qpos, kpos, qseg, kseg, m: Mask, bq: int, bk: int, interpret):
-    return _forward(q, k, v, qpos, kpos, qseg, kseg, m, bq, bk, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def _flash(q, k, v, qpos, kpos, qseg, kseg, m: Mask, bq: int, bk: int, backend: str, interpret):
+    return _forward(q, k, v, qpos, kpos, qseg, kseg, m, bq, bk, backend, interpret)[0]
 
 
-def _flash_fwd(q, k, v, qpos, kpos, qseg, kseg, m, bq, bk, interpret):
-    o, lse = _forward(q, k, v, qpos, kpos, qseg, kseg, m, bq, bk, interpret)
+def _flash_fwd(q, k, v, qpos, kpos, qseg, kseg, m, bq, bk, backend, interpret):
+    o, lse = _forward(q, k, v, qpos, kpos, qseg, kseg, m, bq, bk, backend, interpret)
     return o, (q, k, v, qpos, kpos, qseg, kseg, o, lse)
 
 
-def _flash_bwd(m, bq, bk, interpret, res, do):
+def _flash_bwd(m, bq, bk, backend, interpret, res, do):
     q, k, v, qpos, kpos, qseg, kseg, o, lse = res
-    dq, dk, dv = _backward(q, k, v, qpos, kpos, qseg, kseg, o, lse, do, m, bq, bk, interpret)
+    dq, dk, dv = _backward(q, k, v, qpos, kpos, qseg, kseg, o, lse, do, m, bq, bk, backend, interpret)
     return dq, dk, dv, None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def default_block_sizes(T: int, S: int, H: int) -> tuple[int, int]:
-    """Per-backend defaults, never larger than the (rounded) sequence. TPU 128 x 128; GPU (Triton) sized to
-    fit shared memory, as measured on an H100 (experiments/results/bench_kernels_h100.md): 64 x 64 for
-    head_dim <= 64, 32 x 32 for 128, 16 x 16 above; CPU (interpret) 64 x 64."""
-    platform = jax.devices()[0].platform
-    if platform == "tpu":
-        bq = bk = 128
-    elif platform in GPU_PLATFORMS:
-        bq = bk = 64 if H <= 64 else 32 if H <= 128 else 16
-    else:
-        bq = bk = 64
-    return row_tile(T, bq), row_tile(S, bk)
+def default_block_sizes(T: int, S: int, H: int, backend: str) -> tuple[int, int]:
+    """Per-backend defaults, never larger than the (rounded) sequence. TPU 128 x 128 (a lane-wide block of
+    positions); Triton sized to fit shared memory, as measured on an H100
+    (experiments/results/bench_kernels_h100.md): 64 x 64 for head_dim <= 64, 32 x 32 for 128, 16 x 16 above."""
+    if backend == "tpu":
+        return 128, 128
+    bq = bk = 64 if H <= 64 else 32 if H <= 128 else 16
+    return row_tile(T, bq, backend), row_tile(S, bk, backend)
 
 
 def flash_attention(
     q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, q_positions: jax.Array, kv_positions: jax.Array,
     q_segment_ids: jax.Array, kv_segment_ids: jax.Array, causal: bool = True, sliding_window: int | None = None,
     logit_softcap: float | None = None, scale: float | None = None, block_q: int | None = None,
-    block_k: int | None = None, interpret: bool | None = None,
+    block_k: int | None = None, backend: str | None = None, interpret=None,
 ) -> jax.Array:
     """Attention [B, T, N, H] of queries over keys/values [B, S, K, H] (N a multiple of K), positions and
-    segment ids [B, T] / [B, S] int32. Differentiable in q, k, v. `interpret` defaults to True on CPU."""
+    segment ids [B, T] / [B, S] int32. Differentiable in q, k, v. `backend`: triton | tpu (default: the
+    current platform's; interpreted on CPU)."""
     B, T, N, H = q_BTNH.shape
     S, K = k_BSKH.shape[1], k_BSKH.shape[2]
     if N % K:
         raise ValueError(f"query heads {N} must be a multiple of kv heads {K}")
-    dq, dk = default_block_sizes(T, S, H)
+    backend, interpret = resolve(backend, interpret)
+    dq, dk = default_block_sizes(T, S, H, backend)
     bq, bk = block_q or dq, block_k or dk
-    check_gpu_tile("block_q", bq)
-    check_gpu_tile("block_k", bk)
-    if interpret is None:
-        interpret = jax.devices()[0].platform == "cpu"
+    check_tile("block_q", bq, backend)
+    check_tile("block_k", bk, backend)
     m = Mask(causal, sliding_window, logit_softcap, 1.0 / math.sqrt(H) if scale is None else scale)
     if T == S:  # stays square (a multiple of both blocks) so causal block skipping stays valid
         Tp = Sp = -(-T // math.lcm(bq, bk)) * math.lcm(bq, bk)
@@ -298,7 +303,8 @@ def flash_attention(
     qpos, kpos = pad(q_positions.astype(jnp.int32), Tp, 1), pad(kv_positions.astype(jnp.int32), Sp, 1)
     qseg = pad(q_segment_ids.astype(jnp.int32), Tp, 1, _Q_PAD)
     kseg = pad(kv_segment_ids.astype(jnp.int32), Sp, 1, _KV_PAD)
-    out = _flash(q, k, v, qpos, kpos, qseg, kseg, m, bq, bk, interpret)
+    qpos, kpos, qseg, kseg = (a[:, None, :] for a in (qpos, kpos, qseg, kseg))  # [B, 1, T]
+    out = _flash(q, k, v, qpos, kpos, qseg, kseg, m, bq, bk, backend, interpret)
     return out.transpose(0, 2, 1, 3)[:, :T]
 
 

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas.tiling import row_tile
+from kernels_pallas.backend import compiler_params, pow2_at_least, resolve, round_up, row_tile
+from kernels_pallas.choose import matmul_impl
 
 
 def _group_bounds(group_sizes: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -27,16 +28,21 @@ def _group_bounds(group_sizes: jax.Array) -> tuple[jax.Array, jax.Array]:
     return ends - group_sizes.astype(jnp.int32), ends
 
 
-def _gmm_kernel(first_ref, last_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref, *, bm: int, bk: int):
-    m = pl.program_id(0)
+def _gmm_kernel(first_ref, last_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref, *, bm: int, bk: int, bn: int,
+                tiled_refs: bool):
+    """`tiled_refs` (Triton): lhs and rhs are whole arrays in global memory, this program's rows / columns
+    sliced here; otherwise (TPU) the pipeline delivered them as blocks."""
+    m, n = pl.program_id(0), pl.program_id(1)
     rows = m * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+    row_slice = pl.ds(pl.multiple_of(m * bm, bm), bm) if tiled_refs else slice(None)
+    col_slice = pl.ds(pl.multiple_of(n * bn, bn), bn) if tiled_refs else slice(None)
 
     def body(g, acc):
         inside = (rows >= starts_ref[g]) & (rows < ends_ref[g])
 
         def k_step(t, part):  # K in tiles of bk: bounded on-chip memory for any K
             ks = pl.ds(pl.multiple_of(t * bk, bk), bk)
-            return part + jnp.dot(lhs_ref[:, ks], rhs_ref[g, ks, :], preferred_element_type=jnp.float32)
+            return part + jnp.dot(lhs_ref[row_slice, ks], rhs_ref[g, ks, col_slice], preferred_element_type=jnp.float32)
 
         part = lax.fori_loop(0, lhs_ref.shape[1] // bk, k_step, jnp.zeros(out_ref.shape, jnp.float32))
         return acc + jnp.where(inside, part, 0.0)
@@ -45,7 +51,7 @@ def _gmm_kernel(first_ref, last_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
-def _gmm_call(lhs, rhs, group_sizes, bm: int, bk: int, bn: int, interpret):
+def _gmm_call(lhs, rhs, group_sizes, bm: int, bk: int, bn: int, backend: str, interpret):
     M, K = lhs.shape
     G, _, N = rhs.shape
     starts, ends = _group_bounds(group_sizes)
@@ -53,31 +59,39 @@ def _gmm_call(lhs, rhs, group_sizes, bm: int, bk: int, bn: int, interpret):
     first = jnp.searchsorted(ends, tile_start, side="right").astype(jnp.int32)  # first group ending after the tile start
     last = jnp.searchsorted(starts, tile_start + bm, side="left").astype(jnp.int32)  # groups starting before its end
     whole = lambda arr: pl.BlockSpec(arr.shape, lambda m, n: (0,) * arr.ndim)
+    triton = backend == "triton"
+    if triton:
+        operands = [pl.BlockSpec(memory_space=pl.ANY)] * 2
+        params = compiler_params("triton", num_warps=4, num_stages=3)
+    else:
+        operands = [pl.BlockSpec((bm, K), lambda m, n: (m, 0)), pl.BlockSpec((G, K, bn), lambda m, n: (0, 0, n))]
+        params = compiler_params("tpu", dimension_semantics=("parallel", "parallel"))
     return pl.pallas_call(
-        functools.partial(_gmm_kernel, bm=bm, bk=bk), grid=(M // bm, N // bn),
-        in_specs=[whole(first), whole(last), whole(starts), whole(ends), pl.BlockSpec((bm, K), lambda m, n: (m, 0)),
-                  pl.BlockSpec((G, K, bn), lambda m, n: (0, 0, n))],
+        functools.partial(_gmm_kernel, bm=bm, bk=bk, bn=bn, tiled_refs=triton), grid=(M // bm, N // bn),
+        in_specs=[whole(first), whole(last), whole(starts), whole(ends), *operands],
         out_specs=pl.BlockSpec((bm, bn), lambda m, n: (m, n)),
-        out_shape=jax.ShapeDtypeStruct((M, N), lhs.dtype), interpret=interpret, name="gmm",
+        out_shape=jax.ShapeDtypeStruct((M, N), lhs.dtype), interpret=interpret, compiler_params=params, name="gmm",
     )(first, last, starts, ends, lhs, rhs)
 
 
-def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, dout_ref, out_ref, *, bm: int):
-    g = pl.program_id(0)
+def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, dout_ref, out_ref, *, bm: int, bk: int, bn: int, tiled_refs: bool):
+    g, k, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     start, end = starts_ref[g], ends_ref[g]
+    k_slice = pl.ds(pl.multiple_of(k * bk, bk), bk) if tiled_refs else slice(None)
+    n_slice = pl.ds(pl.multiple_of(n * bn, bn), bn) if tiled_refs else slice(None)
 
     def body(t, acc):
         r0 = start + t * bm
         inside = (r0 + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < end
-        x = jnp.where(inside, lhs_ref[pl.ds(r0, bm), :], 0)
-        d = dout_ref[pl.ds(r0, bm), :]
+        x = jnp.where(inside, lhs_ref[pl.ds(r0, bm), k_slice], 0)
+        d = dout_ref[pl.ds(r0, bm), n_slice]
         return acc + lax.dot_general(x, d, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
     acc = lax.fori_loop(0, lax.div(end - start + bm - 1, bm), body, jnp.zeros(out_ref.shape, jnp.float32))
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
-def _tgmm_call(lhs, dout, group_sizes, bm: int, bk: int, bn: int, interpret):
+def _tgmm_call(lhs, dout, group_sizes, bm: int, bk: int, bn: int, backend: str, interpret):
     M, K = lhs.shape
     N = dout.shape[1]
     G = group_sizes.shape[0]
@@ -85,38 +99,45 @@ def _tgmm_call(lhs, dout, group_sizes, bm: int, bk: int, bn: int, interpret):
     lhs = jnp.pad(lhs, ((0, bm), (0, 0)))  # a group's last tile may read past M: zeros, masked anyway
     dout = jnp.pad(dout, ((0, bm), (0, 0)))
     whole = lambda arr: pl.BlockSpec(arr.shape, lambda g, k, n: (0,) * arr.ndim)
+    triton = backend == "triton"
+    if triton:
+        operands = [pl.BlockSpec(memory_space=pl.ANY)] * 2
+        params = compiler_params("triton", num_warps=4, num_stages=3)
+    else:
+        operands = [pl.BlockSpec((M + bm, bk), lambda g, k, n: (0, k)), pl.BlockSpec((M + bm, bn), lambda g, k, n: (0, n))]
+        params = compiler_params("tpu", dimension_semantics=("parallel", "parallel", "parallel"))
     return pl.pallas_call(
-        functools.partial(_tgmm_kernel, bm=bm), grid=(G, K // bk, N // bn),
-        in_specs=[whole(starts), whole(ends), pl.BlockSpec((M + bm, bk), lambda g, k, n: (0, k)),
-                  pl.BlockSpec((M + bm, bn), lambda g, k, n: (0, n))],
+        functools.partial(_tgmm_kernel, bm=bm, bk=bk, bn=bn, tiled_refs=triton), grid=(G, K // bk, N // bn),
+        in_specs=[whole(starts), whole(ends), *operands],
         out_specs=pl.BlockSpec((pl.Squeezed(), bk, bn), lambda g, k, n: (g, k, n)),
-        out_shape=jax.ShapeDtypeStruct((G, K, N), lhs.dtype), interpret=interpret, name="tgmm",
+        out_shape=jax.ShapeDtypeStruct((G, K, N), lhs.dtype), interpret=interpret, compiler_params=params, name="tgmm",
     )(starts, ends, lhs, dout)
 
 
-def _tile(n: int, preferred: int) -> int:
-    """The largest tile <= preferred dividing n (n itself when small)."""
-    for t in range(min(preferred, n), 0, -1):
-        if n % t == 0:
-            return t
-    return n
+def _tile(n: int, preferred: int, backend: str) -> tuple[int, int]:
+    """(tile, n padded to whole tiles). Triton: a power of two >= 16, n padded up to it; elsewhere the largest
+    tile <= preferred dividing n (n itself when small), no padding."""
+    if backend == "triton":
+        t = min(pow2_at_least(preferred), pow2_at_least(n))
+        return t, round_up(n, t)
+    return next(t for t in range(min(preferred, n), 0, -1) if n % t == 0), n
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _gmm(lhs, rhs, group_sizes, tiles, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _gmm(lhs, rhs, group_sizes, tiles, backend, interpret):
     bm, bk, bn = tiles
-    return _gmm_call(lhs, rhs, group_sizes, bm, bk, bn, interpret)
+    return _gmm_call(lhs, rhs, group_sizes, bm, bk, bn, backend, interpret)
 
 
-def _gmm_fwd(lhs, rhs, group_sizes, tiles, interpret):
-    return _gmm(lhs, rhs, group_sizes, tiles, interpret), (lhs, rhs, group_sizes)
+def _gmm_fwd(lhs, rhs, group_sizes, tiles, backend, interpret):
+    return _gmm(lhs, rhs, group_sizes, tiles, backend, interpret), (lhs, rhs, group_sizes)
 
 
-def _gmm_bwd(tiles, interpret, res, dout):
+def _gmm_bwd(tiles, backend, interpret, res, dout):
     lhs, rhs, group_sizes = res
     bm, bk, bn = tiles
-    dlhs = _gmm_call(dout.astype(lhs.dtype), rhs.transpose(0, 2, 1), group_sizes, bm, bn, bk, interpret)
-    drhs = _tgmm_call(lhs, dout.astype(lhs.dtype), group_sizes, bm, bk, bn, interpret)
+    dlhs = _gmm_call(dout.astype(lhs.dtype), rhs.transpose(0, 2, 1), group_sizes, bm, bn, bk, backend, interpret)
+    drhs = _tgmm_call(lhs, dout.astype(lhs.dtype), group_sizes, bm, bk, bn, backend, interpret)
     return dlhs, drhs.astype(rhs.dtype), None
 
 
@@ -147,13 +168,11 @@ def gmm_tiled(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, b
     return jnp.where(inside[:, None], y.reshape(tiles * bm, N).at[dest].get(mode="fill", fill_value=0), 0)
 
 
-def _resolve(impl: str, interpret: bool | None) -> tuple[str, bool]:
-    platform = jax.devices()[0].platform
-    if impl == "auto":
-        impl = "tiled" if platform == "cpu" else "pallas"
+def _resolve(impl: str, backend: str | None, interpret) -> tuple[str, str, object]:
+    impl = matmul_impl(impl, what="grouped matmul", fits=True, cpu="tiled")
     if impl not in ("xla", "tiled", "pallas"):
         raise ValueError(f"grouped matmul impl {impl!r}; choose xla, tiled, pallas or auto")
-    return impl, platform == "cpu" if interpret is None else interpret
+    return (impl, *resolve(backend, interpret))
 
 
 def _padded_rows(x: jax.Array, bm: int) -> jax.Array:
@@ -162,13 +181,14 @@ def _padded_rows(x: jax.Array, bm: int) -> jax.Array:
 
 def gmm(
     lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, *, tiles: tuple[int, int, int] = (64, 128, 128),
-    impl: str = "auto", interpret: bool | None = None,
+    impl: str = "auto", backend: str | None = None, interpret=None,
 ) -> jax.Array:
-    """[M, K] rows sorted by group x [G, K, N] -> [M, N]; `tiles` = preferred (rows, K, N) tile sizes.
+    """[M, K] rows sorted by group x [G, K, N] -> [M, N]; `tiles` = preferred (rows, K, N) tile sizes;
+    `backend` triton | tpu (default: the current platform's).
 
-    impl: pallas (the kernels), xla (`lax.ragged_dot`), tiled (`gmm_tiled`), auto (pallas on GPU/TPU, tiled
-    on CPU, where ragged_dot does G times the work)."""
-    impl, interpret = _resolve(impl, interpret)
+    impl: pallas (the kernels), xla (`lax.ragged_dot`), tiled (`gmm_tiled`), auto (`kernels_pallas.choose`:
+    pallas on GPU/TPU, tiled on CPU, where ragged_dot does G times the work)."""
+    impl, backend, interpret = _resolve(impl, backend, interpret)
     M, K = lhs_MK.shape
     if rhs_GKN.shape[1] != K or rhs_GKN.shape[0] != group_sizes_G.shape[0]:
         raise ValueError(f"gmm: lhs {lhs_MK.shape}, rhs {rhs_GKN.shape} and group_sizes {group_sizes_G.shape} disagree")
@@ -176,22 +196,27 @@ def gmm(
         return lax.ragged_dot(lhs_MK, rhs_GKN, group_sizes_G.astype(jnp.int32))
     if impl == "tiled":
         return gmm_tiled(lhs_MK, rhs_GKN, group_sizes_G)
-    bm = row_tile(M, tiles[0])
-    t = (bm, _tile(K, tiles[1]), _tile(rhs_GKN.shape[2], tiles[2]))
-    out = _gmm(_padded_rows(lhs_MK, bm), rhs_GKN.astype(lhs_MK.dtype), group_sizes_G.astype(jnp.int32), t, interpret)
-    return out[:M]
+    N = rhs_GKN.shape[2]
+    bm = row_tile(M, tiles[0], backend)
+    (bk, Kp), (bn, Np) = _tile(K, tiles[1], backend), _tile(N, tiles[2], backend)
+    lhs = jnp.pad(_padded_rows(lhs_MK, bm), ((0, 0), (0, Kp - K)))
+    rhs = jnp.pad(rhs_GKN.astype(lhs_MK.dtype), ((0, 0), (0, Kp - K), (0, Np - N)))
+    out = _gmm(lhs, rhs, group_sizes_G.astype(jnp.int32), (bm, bk, bn), backend, interpret)
+    return out[:M, :N]
 
 
 def tgmm(
     lhs_MK: jax.Array, dout_MN: jax.Array, group_sizes_G: jax.Array, *, tiles: tuple[int, int, int] = (64, 128, 128),
-    impl: str = "auto", interpret: bool | None = None,
+    impl: str = "auto", backend: str | None = None, interpret=None,
 ) -> jax.Array:
     """Per group g: lhs[rows of g]^T @ dout[rows of g] -> [G, K, N] (zeros for empty groups)."""
-    impl, interpret = _resolve(impl, interpret)
+    impl, backend, interpret = _resolve(impl, backend, interpret)
     K, N, G = lhs_MK.shape[1], dout_MN.shape[1], group_sizes_G.shape[0]
     if impl in ("xla", "tiled"):
         zeros = jnp.zeros((G, K, N), lhs_MK.dtype)
         return jax.grad(lambda w: jnp.sum(gmm(lhs_MK, w, group_sizes_G, impl=impl) * dout_MN))(zeros)
-    bm = row_tile(lhs_MK.shape[0], tiles[0])
-    return _tgmm_call(lhs_MK, dout_MN.astype(lhs_MK.dtype), group_sizes_G.astype(jnp.int32), bm, _tile(K, tiles[1]),
-                      _tile(N, tiles[2]), interpret)
+    bm = row_tile(lhs_MK.shape[0], tiles[0], backend)
+    (bk, Kp), (bn, Np) = _tile(K, tiles[1], backend), _tile(N, tiles[2], backend)
+    lhs = jnp.pad(lhs_MK, ((0, 0), (0, Kp - K)))
+    dout = jnp.pad(dout_MN.astype(lhs_MK.dtype), ((0, 0), (0, Np - N)))
+    return _tgmm_call(lhs, dout, group_sizes_G.astype(jnp.int32), bm, bk, bn, backend, interpret)[:, :K, :N]

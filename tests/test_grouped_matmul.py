@@ -88,6 +88,6 @@ def test_tpu_interpret_mode():
     rhs = jnp.asarray(rng.standard_normal((3, 128, 128)), jnp.float32)
     dout = jnp.asarray(rng.standard_normal((32, 128)), jnp.float32)
     gs = jnp.asarray([10, 0, 22], jnp.int32)
-    kw = dict(tiles=(8, 128, 128), impl="pallas", interpret=pltpu.InterpretParams())
+    kw = dict(tiles=(8, 128, 128), impl="pallas", backend="tpu", interpret=pltpu.InterpretParams())
     np.testing.assert_allclose(gmm(lhs, rhs, gs, **kw), jax.lax.ragged_dot(lhs, rhs, gs), atol=1e-4)
     np.testing.assert_allclose(tgmm(lhs, dout, gs, **kw), _reference_tgmm(lhs, dout, gs), atol=1e-4)

@@ -18,6 +18,8 @@ from jaxllm.models.kv_cache import LayerCache, write_slots
 from jaxllm.models.layers import Dense, RMSNorm
 from jaxllm.models.rope import apply_rope, rope_inv_freq
 from jaxllm.sharding import Rules, constrain
+from kernels_pallas.choose import attention_impl
+from kernels_pallas.flash_attention import flash_attention_sharded
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows stay NaN-free
 
@@ -93,31 +95,33 @@ def attend(
     scale: float | None = None,
     impl: str = "xla",
     rules: Rules = (),
+    packed: bool = True,
 ) -> jax.Array:
     """softmax(q k^T * scale [soft-capped, masked]) v -> [B, T, N, H]. N must be a multiple of K.
 
     `impl`: xla (einsums, below), pallas (the flash attention kernel of kernels_pallas, sharded over the
     current mesh's batch/head axes by `rules`; interpret mode on CPU), cudnn (jax.nn.dot_product_attention
-    on a CUDA GPU), auto (pallas on GPU/TPU, xla on CPU).
+    on a CUDA GPU), auto (`kernels_pallas.choose.attention_impl`: cudnn on GPU for unpacked rows without
+    window or soft-cap, else pallas on GPU/TPU; xla on CPU and for decoding). `packed`: the rows may hold
+    several documents (segment ids given by the caller).
 
     With `causal` and T == S (self-attention), key index j > query index i is never attended, so
     positions must not decrease within a segment (true of packed rows and left padding with
     clipped positions alike, up to the outputs at padding, which carry no loss).
     """
     scale = 1.0 / math.sqrt(q_BTNH.shape[-1]) if scale is None else scale
-    impl = resolve_impl(impl)
+    self_attention = q_BTNH.shape[1] == k_BSKH.shape[1]
+    impl = attention_impl(impl, self_attention=self_attention, packed=packed, window=sliding_window is not None,
+                          softcap=logit_softcap is not None)
     kw = dict(q_positions=q_positions_BT, kv_positions=kv_positions_BS, q_segment_ids=q_segment_ids_BT,
               kv_segment_ids=kv_segment_ids_BS, causal=causal, sliding_window=sliding_window,
               logit_softcap=logit_softcap, scale=scale)
-    self_attention = q_BTNH.shape[1] == k_BSKH.shape[1]
     if impl == "pallas" and self_attention:  # training / full forward; decoding against a cache stays xla
-        from kernels_pallas.flash_attention import flash_attention_sharded
-
         table = dict(rules)
         return flash_attention_sharded(q_BTNH, k_BSKH, v_BSKH, batch_axes=table.get("batch", ()),
                                        head_axes=table.get("act_kv_heads", ()), **kw)
     if impl == "cudnn":
-        return _attend_cudnn(q_BTNH, k_BSKH, v_BSKH, **kw)
+        return _attend_cudnn(q_BTNH, k_BSKH, v_BSKH, packed=packed, **kw)
     outs = []
     for q0, q1, k0, k1 in _causal_blocks(q_BTNH.shape[1], k_BSKH.shape[1], causal, sliding_window):
         mask_BTS = attention_mask(
@@ -129,20 +133,17 @@ def attend(
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
-def resolve_impl(impl: str) -> str:
-    """`auto` -> pallas on GPU/TPU, xla on CPU; other values as given."""
-    if impl != "auto":
-        return impl
-    return "pallas" if jax.devices()[0].platform in ("gpu", "cuda", "rocm", "tpu") else "xla"
-
-
 def _attend_cudnn(q_BTNH, k_BSKH, v_BSKH, *, q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal,
-                  sliding_window, logit_softcap, scale) -> jax.Array:
-    """cuDNN's fused attention through `jax.nn.dot_product_attention`, with jaxllm's mask as a boolean mask."""
+                  sliding_window, logit_softcap, scale, packed: bool) -> jax.Array:
+    """cuDNN's fused attention through `jax.nn.dot_product_attention`: its own causal mask for unpacked
+    rows without a window, else jaxllm's mask as a dense boolean [B, 1, T, S] mask."""
     if jax.devices()[0].platform not in ("gpu", "cuda"):
         raise ValueError("attention.impl=cudnn needs a CUDA GPU; use xla, pallas or auto here")
     if logit_softcap is not None:
         raise ValueError("attention.impl=cudnn has no logit soft-cap; use pallas or xla")
+    if not packed and sliding_window is None and q_BTNH.shape[1] == k_BSKH.shape[1]:
+        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, scale=scale, is_causal=causal,
+                                            implementation="cudnn")
     mask_B1TS = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal=causal,
                                sliding_window=sliding_window)[:, None]
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, scale=scale, implementation="cudnn")
@@ -171,6 +172,7 @@ class Attention(nnx.Module):
         positions_BT: jax.Array,
         segment_ids_BT: jax.Array,
         cache: LayerCache | None = None,
+        packed: bool = True,
     ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """[B, T, D] -> [B, T, D]. With a `cache`, this call's keys/values are written into
         cache.slots and the queries attend over the whole cache; returns (out, (k_cache, v_cache))."""
@@ -194,7 +196,7 @@ class Attention(nnx.Module):
             q_positions_BT=positions_BT, kv_positions_BS=kv_positions_BS,
             q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=kv_segment_ids_BS,
             sliding_window=cfg.attention.sliding_window, logit_softcap=cfg.attention.logit_softcap,
-            impl=cfg.attention.impl, rules=rules,
+            impl=cfg.attention.impl, rules=rules, packed=packed,
         )
         out_BTNH = constrain(out_BTNH, ("batch", "length", "act_heads", "head_dim"), rules)
         out_BTD = self.o(out_BTNH)

@@ -22,6 +22,9 @@ from flax import nnx
 
 from jaxllm.config import ConfigError, MlpConfig, ModelConfig
 from jaxllm.models.layers import make_param
+from kernels_pallas.backend import backend_for, current_platform
+from kernels_pallas.block_sparse_matmul import BlockLayout, block_sparse_matmul, plan
+from kernels_pallas.choose import matmul_impl
 
 
 @dataclass(frozen=True)
@@ -65,10 +68,9 @@ def block_diagonal(x_NI: jax.Array, w_BIO: jax.Array, impl: str) -> jax.Array:
     """x [N, b * i] @ blockdiag(w [b, i, o]) -> [N, b * o]."""
     b, i, o = w_BIO.shape
     if impl == "auto":
-        impl = "xla" if jax.devices()[0].platform == "cpu" else "pallas"
+        fits = plan(x_NI.shape[0], i, o, x_NI.dtype, backend_for(current_platform())).fits
+        impl = matmul_impl(impl, what="block-diagonal matmul", fits=fits)
     if impl == "pallas":
-        from kernels_pallas.block_sparse_matmul import BlockLayout, block_sparse_matmul
-
         return block_sparse_matmul(x_NI, w_BIO, BlockLayout.block_diagonal(b, i, o), impl="pallas")
     y_NBO = jnp.einsum("nbi,bio->nbo", x_NI.reshape(-1, b, i), w_BIO)
     return y_NBO.reshape(-1, b * o)

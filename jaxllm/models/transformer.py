@@ -48,10 +48,11 @@ class Block(nnx.Module):
         else:
             self.mlp = Mlp(cfg, rules, rngs=rngs)
 
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache: LayerCache | None = None, router_state=None):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache: LayerCache | None = None, router_state=None,
+                 packed: bool = True):
         """[B, T, D] -> ([B, T, D], (k_cache, v_cache) or None, MoeStats or None, router state or None).
         `router_state`: a recurrent MoE router's per-token state from the layer below."""
-        attn = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, cache)
+        attn = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, cache, packed=packed)
         attn_BTD, kv = attn if cache is not None else (attn, None)
         x_BTD = x_BTD + attn_BTD
         if isinstance(self.mlp, (MoeFfn, MixLoraFfn)):
@@ -117,6 +118,7 @@ class Transformer(nnx.Module):
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        packed = segment_ids_BT is not None  # static: unpacked rows may use cuDNN's own causal mask
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones((B, T), jnp.int32)
         x_BTD = self.embed(tokens_BT)
@@ -134,7 +136,8 @@ class Transformer(nnx.Module):
                 layer_cache = None
                 if cache is not None:
                     layer_cache = LayerCache(xs[1], xs[2], cache.positions, cache.segment_ids, cache.slots(T))
-                x_BTD, kv, stats, router_state = block(x_BTD, positions_BT, segment_ids_BT, layer_cache, router_state)
+                x_BTD, kv, stats, router_state = block(x_BTD, positions_BT, segment_ids_BT, layer_cache, router_state,
+                                                       packed=packed)
                 return (x_BTD, router_state), (kv, stats)
 
             if cfg.remat != "none" and cache is None:
