@@ -1,18 +1,21 @@
-"""Flash attention, forward and backward, as Pallas kernels (online softmax, logsumexp saved).
+"""Flash attention, forward and backward, as Pallas kernels (online softmax in base 2, log-sum-exp saved).
 
     out_BTNH = flash_attention(q_BTNH, k_BSKH, v_BSKH, q_positions=..., kv_positions=...,
                                q_segment_ids=..., kv_segment_ids=..., causal=True)
 
-Masking is jaxllm's (`attention_reference`): query t sees key s iff they share a segment id, and
-pos_s <= pos_t (causal) and pos_t - pos_s < window; scores are optionally soft-capped. GQA/MQA read
-the shared kv head through the index map, never repeating it. Sequence lengths are padded to the block
-sizes inside (padded keys are masked by a segment id no query has).
+Masking is jaxllm's: query t sees key s iff they share a segment id, and pos_s <= pos_t (causal) and
+|pos_t - pos_s| < window; scores are optionally soft-capped. GQA/MQA read the shared kv head through the
+index map, never repeating it. Sequence lengths are padded to the tiles inside (padded keys carry a segment
+id no query has).
 
-Kernels run one (batch, head, query block) per program and loop over key blocks; with `causal` and
-T == S they skip key blocks after the query block (and, with a window, those before it), which
-assumes positions advance one per index within a segment, as in packed rows. The backward pass is two
-kernels (FlashAttention-2): dq over key blocks per query block, and dk/dv over query blocks and the
-query heads of a kv head per key block. `interpret=True` runs them on CPU.
+Before the kernels run, `block_classes` sorts every (query block, key block) pair of each row into skip /
+full / partial from the blocks' min and max positions and segment ids: skipped pairs cost a branch, full
+ones run without a mask, only partial ones build it (packed rows of many documents skip most pairs). With
+`causal` and T == S the loops also stop at the diagonal (and start at the window), which assumes positions
+advance one per index within a segment, as in packed rows. Scores are scaled by log2(e) so the softmax
+uses exp2. The backward is two kernels (FlashAttention-2): dq over key blocks per query block (3 matmuls
+per pair), dk/dv over (query head of the kv head's group, query block) per key block (4 matmuls). Each
+kernel has its own tiles (`Tiles`). `interpret=True` runs them on CPU.
 """
 
 from __future__ import annotations
@@ -25,11 +28,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
 from kernels_pallas.backend import check_tile, compiler_params, resolve, row_tile
 
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked rows stay NaN-free
 _Q_PAD, _KV_PAD = -1, -2  # segment ids of padding: they never match each other or a real id
+LOG2E = math.log2(math.e)
+SKIP, FULL, PARTIAL = 0, 1, 2
 
 
 class Mask(NamedTuple):
@@ -39,12 +46,20 @@ class Mask(NamedTuple):
     scale: float
 
 
+class Tiles(NamedTuple):
+    """(query rows, key rows) per block for the forward, dq and dk/dv kernels."""
+
+    fwd: tuple[int, int]
+    dq: tuple[int, int]
+    dkv: tuple[int, int]
+
+
 def attention_reference(
     q_BTNH, k_BSKH, v_BSKH, *, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
     causal: bool = True, sliding_window: int | None = None, logit_softcap: float | None = None,
     scale: float | None = None,
 ) -> jax.Array:
-    """The pure-JAX reference: materialised [B, N, T, S] scores, softmax in f32."""
+    """The pure-JAX reference: materialised [B, N, T, S] scores and mask, softmax in f32."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     scale = 1.0 / math.sqrt(H) if scale is None else scale
@@ -53,27 +68,68 @@ def attention_reference(
     s = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH, preferred_element_type=jnp.float32) * scale
     if logit_softcap is not None:
         s = logit_softcap * jnp.tanh(s / logit_softcap)
-    mask = _mask(q_positions[:, None, :, None], kv_positions[:, None, None, :], q_segment_ids[:, None, :, None],
-                 kv_segment_ids[:, None, None, :], causal, sliding_window)
-    p = jax.nn.softmax(jnp.where(mask, s, MASKED), axis=-1)
+    distance_BTS = q_positions[:, :, None] - kv_positions[:, None, :]
+    visible_BTS = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    if causal:
+        visible_BTS &= distance_BTS >= 0
+    if sliding_window is not None:
+        visible_BTS &= jnp.abs(distance_BTS) < sliding_window
+    p = jax.nn.softmax(jnp.where(visible_BTS[:, None], s, MASKED), axis=-1)
     return jnp.einsum("bnts,bsnh->btnh", p.astype(v_BSKH.dtype), v_BSNH)
 
 
-def _mask(q_pos, k_pos, q_seg, k_seg, causal: bool, window: int | None) -> jax.Array:
+def _mask(q_pos, k_pos, q_seg, k_seg, m: Mask) -> jax.Array:
     mask = q_seg == k_seg
-    if causal:
+    if m.causal:
         mask &= q_pos >= k_pos
-    if window is not None:
-        mask &= jnp.abs(q_pos - k_pos) < window
+    if m.window is not None:
+        mask &= jnp.abs(q_pos - k_pos) < m.window
     return mask
 
 
-def _scores(q, k, qpos, kpos, qseg, kseg, m: Mask):
-    """Raw scores [bq, bk] in f32 (before masking), soft-capped scores, and the mask."""
+def block_classes(q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, bq: int, bk: int, m: Mask) -> jax.Array:
+    """int32 [B, T / bq, S / bk]: SKIP where no query of the block sees a key of the other, FULL where every
+    one sees every one, else PARTIAL; from per-block min / max of positions and segment ids (exact for
+    packed rows' pairs on or below the causal diagonal; elsewhere a pair may be called PARTIAL when SKIP or
+    FULL would hold, never the reverse)."""
+    def extent(x_BT, b):
+        x = x_BT.reshape(x_BT.shape[0], -1, b)
+        return x.min(-1), x.max(-1)
+
+    (qp0, qp1), (kp0, kp1) = extent(q_pos_BT, bq), extent(k_pos_BS, bk)
+    (qs0, qs1), (ks0, ks1) = extent(q_seg_BT, bq), extent(k_seg_BS, bk)
+    q = lambda x: x[:, :, None]
+    k = lambda x: x[:, None, :]
+    skip = (q(qs1) < k(ks0)) | (q(qs0) > k(ks1))
+    full = (q(qs0) == q(qs1)) & (k(ks0) == k(ks1)) & (q(qs0) == k(ks0))
+    if m.causal:
+        skip |= q(qp1) < k(kp0)
+        full &= q(qp0) >= k(kp1)
+    if m.window is not None:
+        skip |= (q(qp0) - k(kp1) >= m.window) | (k(kp0) - q(qp1) >= m.window)
+        full &= (q(qp1) - k(kp0) < m.window) & (k(kp1) - q(qp0) < m.window)
+    return jnp.where(skip, SKIP, jnp.where(full, FULL, PARTIAL)).astype(jnp.int32)
+
+
+def _by_class(cls, carry, visit):
+    """carry unchanged for SKIP, visit(carry, masked=False) for FULL, visit(carry, masked=True) for PARTIAL."""
+    return lax.cond(cls == SKIP, lambda c: c,
+                    lambda c: lax.cond(cls == FULL, lambda c: visit(c, False), lambda c: visit(c, True), c), carry)
+
+
+def _scores(q, k, m: Mask):
+    """Raw scores [bq, bk] in f32 and the soft-capped scores in base 2 (times log2 e)."""
     raw = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * m.scale
     capped = m.softcap * jnp.tanh(raw / m.softcap) if m.softcap is not None else raw
-    mask = _mask(qpos[:, None], kpos[None, :], qseg[:, None], kseg[None, :], m.causal, m.window)
-    return raw, capped, mask
+    return raw, capped * LOG2E
+
+
+def _dscores(p, dp, delta, raw, m: Mask):
+    """d loss / d raw scores from the softmax backward (and the soft-cap's tanh derivative)."""
+    ds = p * (dp - delta[:, None])
+    if m.softcap is not None:
+        ds = ds * (1.0 - jnp.square(jnp.tanh(raw / m.softcap)))
+    return ds
 
 
 def _kv_range(qi, bq: int, bk: int, num_kv: int, m: Mask, self_attention: bool):
@@ -94,207 +150,261 @@ def _q_range(kj, bq: int, bk: int, num_q: int, m: Mask, self_attention: bool):
     return lo, hi
 
 
-def _fwd_kernel(qpos_ref, qseg_ref, kpos_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, m: Mask,
-                bq: int, bk: int, self_attention: bool):
-    qi = pl.program_id(2)
+def _class_of(cls_ref, b, row, j, backend: str):
+    """The class of pair (row, j) of batch row b: Triton reads the whole table in global memory, TPU the
+    [1, columns] row delivered to SMEM for this program."""
+    return cls_ref[b, row, j] if backend == "triton" else cls_ref[0, j]
+
+
+def _fwd_kernel(cls_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, m: Mask,
+                bq: int, bk: int, self_attention: bool, backend: str):
+    b, qi = pl.program_id(0), pl.program_id(2)
     q, qpos, qseg = q_ref[...], qpos_ref[0, :], qseg_ref[0, :]
-    num_kv = k_ref.shape[0] // bk
 
     def body(j, carry):
-        acc, m_i, l_i = carry
-        ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
-        _, s, mask = _scores(q, k_ref[ks, :], qpos, kpos_ref[0, ks], qseg, kseg_ref[0, ks], m)
-        s = jnp.where(mask, s, MASKED)
-        m_new = jnp.maximum(m_i, s.max(axis=-1))
-        p = jnp.exp(s - m_new[:, None])
-        corr = jnp.exp(m_i - m_new)
-        v = v_ref[ks, :]
-        acc = corr[:, None] * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return acc, m_new, corr * l_i + p.sum(axis=-1)
+        def visit(carry, masked: bool):
+            acc, m_i, l_i = carry
+            ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
+            _, s = _scores(q, k_ref[ks, :], m)
+            if masked:
+                s = jnp.where(_mask(qpos[:, None], kpos_ref[0, ks][None, :], qseg[:, None], kseg_ref[0, ks][None, :], m),
+                              s, MASKED)
+            m_new = jnp.maximum(m_i, s.max(axis=-1))
+            p = jnp.exp2(s - m_new[:, None])
+            corr = jnp.exp2(m_i - m_new)
+            v = v_ref[ks, :]
+            acc = corr[:, None] * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            return acc, m_new, corr * l_i + p.sum(axis=-1)
 
-    lo, hi = _kv_range(qi, bq, bk, num_kv, m, self_attention)
-    init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32))
+        return _by_class(_class_of(cls_ref, b, qi, j, backend), carry, visit)
+
+    lo, hi = _kv_range(qi, bq, bk, k_ref.shape[0] // bk, m, self_attention)
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), MASKED, jnp.float32), jnp.zeros((bq,), jnp.float32))
     acc, m_i, l_i = lax.fori_loop(lo, hi, body, init)
     l_safe = jnp.where(l_i == 0, 1.0, l_i)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[0, :] = m_i + jnp.log(l_safe)
+    lse_ref[0, :] = m_i + jnp.log2(l_safe)  # base 2
 
 
-def _dq_kernel(qpos_ref, qseg_ref, kpos_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
-               m: Mask, bq: int, bk: int, self_attention: bool):
-    qi = pl.program_id(2)
+def _dq_kernel(cls_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+               *, m: Mask, bq: int, bk: int, self_attention: bool, backend: str):
+    b, qi = pl.program_id(0), pl.program_id(2)
     q, do, qpos, qseg = q_ref[...], do_ref[...], qpos_ref[0, :], qseg_ref[0, :]
     lse, delta = lse_ref[0, :], delta_ref[0, :]
-    num_kv = k_ref.shape[0] // bk
 
     def body(j, dq):
-        ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
-        k, v = k_ref[ks, :], v_ref[ks, :]
-        raw, s, mask = _scores(q, k, qpos, kpos_ref[0, ks], qseg, kseg_ref[0, ks], m)
-        p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
-        dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        ds = _dscores(p, dp, delta, raw, m)
-        return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        def visit(dq, masked: bool):
+            ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
+            k, v = k_ref[ks, :], v_ref[ks, :]
+            raw, s = _scores(q, k, m)
+            p = jnp.exp2(s - lse[:, None])
+            if masked:
+                p = jnp.where(_mask(qpos[:, None], kpos_ref[0, ks][None, :], qseg[:, None], kseg_ref[0, ks][None, :], m),
+                              p, 0.0)
+            dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            return dq + jnp.dot(_dscores(p, dp, delta, raw, m).astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-    lo, hi = _kv_range(qi, bq, bk, num_kv, m, self_attention)
+        return _by_class(_class_of(cls_ref, b, qi, j, backend), dq, visit)
+
+    lo, hi = _kv_range(qi, bq, bk, k_ref.shape[0] // bk, m, self_attention)
     dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * m.scale).astype(dq_ref.dtype)
 
 
-def _dscores(p, dp, delta, raw, m: Mask):
-    """d loss / d raw scores from the softmax backward (and the soft-cap's tanh derivative)."""
-    ds = p * (dp - delta[:, None])
-    if m.softcap is not None:
-        ds = ds * (1.0 - jnp.square(jnp.tanh(raw / m.softcap)))
-    return ds
-
-
-def _dkv_kernel(qpos_ref, qseg_ref, kpos_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, *, m: Mask, bq: int, bk: int, self_attention: bool):
-    kj = pl.program_id(2)
+def _dkv_kernel(cls_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
+                m: Mask, bq: int, bk: int, self_attention: bool, backend: str):
+    """One loop over (query head g of this kv head's group, query block i): GQA folded into the loop. On
+    Triton it also adds each pair's dS K into the f32 dq accumulator (atomically, across key-block
+    programs): 5 matmuls per pair for the whole backward, and no separate dq kernel."""
+    if backend == "triton":
+        _, dk_ref, dv_ref, dq_ref = refs  # refs[0]: the zero dq input, aliased to dq_ref
+    else:
+        dk_ref, dv_ref = refs
+    b, h, kj = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     k, v, kpos, kseg = k_ref[...], v_ref[...], kpos_ref[0, :], kseg_ref[0, :]
-    groups, T = q_ref.shape[0], q_ref.shape[1]
+    lo, hi = _q_range(kj, bq, bk, q_ref.shape[1] // bq, m, self_attention)
+    span = hi - lo
 
-    def body(i, carry):
-        dk, dv = carry
-        qs = pl.ds(pl.multiple_of(i * bq, bq), bq)
-        qpos, qseg = qpos_ref[0, qs], qseg_ref[0, qs]
-        for g in range(groups):  # the query heads sharing this kv head
+    def body(t, carry):
+        g, i = lax.div(t, span), lo + lax.rem(t, span)
+
+        def visit(carry, masked: bool):
+            dk, dv = carry
+            qs = pl.ds(pl.multiple_of(i * bq, bq), bq)
             q, do = q_ref[g, qs, :], do_ref[g, qs, :]
-            raw, s, mask = _scores(q, k, qpos, kpos, qseg, kseg, m)
-            p = jnp.where(mask, jnp.exp(s - lse_ref[g, 0, qs][:, None]), 0.0)
-            dv = dv + lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
-                                      preferred_element_type=jnp.float32)
+            raw, s = _scores(q, k, m)
+            p = jnp.exp2(s - lse_ref[g, 0, qs][:, None])
+            if masked:
+                p = jnp.where(_mask(qpos_ref[0, qs][:, None], kpos[None, :], qseg_ref[0, qs][:, None], kseg[None, :], m),
+                              p, 0.0)
+            dv = dv + lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
             dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
             ds = _dscores(p, dp, delta_ref[g, 0, qs], raw, m)
-            dk = dk + lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
-                                      preferred_element_type=jnp.float32)
-        return dk, dv
+            dk = dk + lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            if backend == "triton":
+                dq = jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * m.scale
+                pltriton.atomic_add(dq_ref, (b, h * q_ref.shape[0] + g, qs, pl.ds(0, dq.shape[1])), dq)
+            return dk, dv
 
-    lo, hi = _q_range(kj, bq, bk, T // bq, m, self_attention)
+        return _by_class(_class_of(cls_ref, b, kj, i, backend), carry, visit)
+
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(lo, hi, body, (zeros, zeros))
+    dk, dv = lax.fori_loop(0, q_ref.shape[0] * span, body, (zeros, zeros))
     dk_ref[...] = (dk * m.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _specs(B, N, K, T, S, H, bq, bk):
-    """BlockSpecs over grid (batch, head, query block) for [B, N, T, H] q, [B, K, S, H] kv, [B, 1, T]
-    positions / segment ids and [B, N, 1, T] row statistics (the unit dims keep every block's last two dims
-    whole or tiles, as Mosaic TPU requires)."""
-    G = N // K
-    sq = pl.Squeezed()
-    return dict(
-        qpos=pl.BlockSpec((sq, 1, bq), lambda b, n, i: (b, 0, i)),
-        kpos=pl.BlockSpec((sq, 1, S), lambda b, n, i: (b, 0, 0)),
-        q=pl.BlockSpec((sq, sq, bq, H), lambda b, n, i: (b, n, i, 0)),
-        kv=pl.BlockSpec((sq, sq, S, H), lambda b, n, i: (b, n // G, 0, 0)),
-        rows=pl.BlockSpec((sq, sq, 1, bq), lambda b, n, i: (b, n, 0, i)),
-    )
-
-
-def _params(backend: str):
-    """Triton pinned (3 stages, 4 warps) or Mosaic TPU with every grid axis parallel."""
+def _class_spec(backend: str, table):
+    """The class table [B, rows, columns] for a grid (batch, head, row): whole in global memory (Triton) or
+    one [1, columns] row per program in SMEM (TPU; the table is passed as [B, rows, 1, columns])."""
     if backend == "triton":
-        return compiler_params("triton", num_warps=4, num_stages=3)
+        return pl.BlockSpec(memory_space=pl.ANY), table
+    B, rows, cols = table.shape
+    spec = pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), 1, cols), lambda b, n, i: (b, i, 0, 0), memory_space=pltpu.SMEM)
+    return spec, table.reshape(B, rows, 1, cols)
+
+
+def _params(backend: str, H: int):
+    """Triton pinned (2 pipeline stages, 4 warps up to head_dim 64, 8 above) or Mosaic TPU with every grid
+    axis parallel."""
+    if backend == "triton":
+        return compiler_params("triton", num_warps=4 if H <= 64 else 8, num_stages=2)
     return compiler_params("tpu", dimension_semantics=("parallel", "parallel", "parallel"))
 
 
-def _forward(q, k, v, qpos, kpos, qseg, kseg, m: Mask, bq: int, bk: int, backend: str, interpret):
+def _forward(q, k, v, qpos, kpos, qseg, kseg, m: Mask, tiles: Tiles, backend: str, interpret):
     B, N, T, H = q.shape
     K, S = k.shape[1], k.shape[2]
-    sp = _specs(B, N, K, T, S, H, bq, bk)
-    kernel = functools.partial(_fwd_kernel, m=m, bq=bq, bk=bk, self_attention=T == S)
+    G, (bq, bk) = N // K, tiles.fwd
+    sq = pl.Squeezed()
+    cls_spec, cls = _class_spec(backend, block_classes(qpos[:, 0], kpos[:, 0], qseg[:, 0], kseg[:, 0], bq, bk, m))
+    qrow = pl.BlockSpec((sq, 1, bq), lambda b, n, i: (b, 0, i))
+    krow = pl.BlockSpec((sq, 1, S), lambda b, n, i: (b, 0, 0))
+    q_block = pl.BlockSpec((sq, sq, bq, H), lambda b, n, i: (b, n, i, 0))
+    kv_whole = pl.BlockSpec((sq, sq, S, H), lambda b, n, i: (b, n // G, 0, 0))
+    stats = pl.BlockSpec((sq, sq, 1, bq), lambda b, n, i: (b, n, 0, i))
+    kernel = functools.partial(_fwd_kernel, m=m, bq=bq, bk=bk, self_attention=T == S, backend=backend)
     return pl.pallas_call(
         kernel, grid=(B, N, T // bq),
-        in_specs=[sp["qpos"], sp["qpos"], sp["kpos"], sp["kpos"], sp["q"], sp["kv"], sp["kv"]],
-        out_specs=[sp["q"], sp["rows"]],
+        in_specs=[cls_spec, qrow, qrow, krow, krow, q_block, kv_whole, kv_whole],
+        out_specs=[q_block, stats],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, 1, T), jnp.float32)],
-        interpret=interpret, compiler_params=_params(backend), name="flash_attention_fwd",
-    )(qpos, qseg, kpos, kseg, q, k, v)
+        interpret=interpret, compiler_params=_params(backend, H), name="flash_attention_fwd",
+    )(cls, qpos, qseg, kpos, kseg, q, k, v)
 
 
-def _backward(q, k, v, qpos, kpos, qseg, kseg, o, lse, do, m: Mask, bq: int, bk: int, backend: str, interpret):
+def _backward(q, k, v, qpos, kpos, qseg, kseg, o, lse, do, m: Mask, tiles: Tiles, backend: str, interpret):
     B, N, T, H = q.shape
     K, S = k.shape[1], k.shape[2]
     G = N // K
-    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)[:, :, None]  # [B, N, 1, T]
-    sp = _specs(B, N, K, T, S, H, bq, bk)
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, m=m, bq=bq, bk=bk, self_attention=T == S), grid=(B, N, T // bq),
-        in_specs=[sp["qpos"], sp["qpos"], sp["kpos"], sp["kpos"], sp["q"], sp["kv"], sp["kv"], sp["q"], sp["rows"],
-                  sp["rows"]],
-        out_specs=sp["q"], out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), interpret=interpret,
-        compiler_params=_params(backend), name="flash_attention_dq",
-    )(qpos, qseg, kpos, kseg, q, k, v, do, lse, delta)
     sq = pl.Squeezed()
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)[:, :, None]  # [B, N, 1, T]
+    ids = (qpos[:, 0], kpos[:, 0], qseg[:, 0], kseg[:, 0])
+
+    bq, bk = tiles.dkv
+    cls_spec, cls = _class_spec(backend, block_classes(*ids, bq, bk, m).transpose(0, 2, 1))  # [B, key blocks, q blocks]
+    qrow = pl.BlockSpec((sq, 1, T), lambda b, h, j: (b, 0, 0))
+    krow = pl.BlockSpec((sq, 1, bk), lambda b, h, j: (b, 0, j))
     group_q = pl.BlockSpec((sq, G, T, H), lambda b, h, j: (b, h, 0, 0))
-    group_rows = pl.BlockSpec((sq, G, 1, T), lambda b, h, j: (b, h, 0, 0))
+    group_stats = pl.BlockSpec((sq, G, 1, T), lambda b, h, j: (b, h, 0, 0))
     kv_block = pl.BlockSpec((sq, sq, bk, H), lambda b, h, j: (b, h, j, 0))
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, m=m, bq=bq, bk=bk, self_attention=T == S), grid=(B, K, S // bk),
-        in_specs=[pl.BlockSpec((sq, 1, T), lambda b, h, j: (b, 0, 0)), pl.BlockSpec((sq, 1, T), lambda b, h, j: (b, 0, 0)),
-                  pl.BlockSpec((sq, 1, bk), lambda b, h, j: (b, 0, j)), pl.BlockSpec((sq, 1, bk), lambda b, h, j: (b, 0, j)),
-                  group_q, kv_block, kv_block, group_q, group_rows, group_rows],
-        out_specs=[kv_block, kv_block],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        interpret=interpret, compiler_params=_params(backend), name="flash_attention_dkv",
-    )(qpos, qseg, kpos, kseg, q, k, v, do, lse, delta)
+    in_specs = [cls_spec, qrow, qrow, krow, krow, group_q, kv_block, kv_block, group_q, group_stats, group_stats]
+    out_specs = [kv_block, kv_block]
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    args = [cls, qpos, qseg, kpos, kseg, q, k, v, do, lse, delta]
+    aliases = {}
+    if backend == "triton":  # dq accumulates in f32 inside this kernel
+        anywhere = pl.BlockSpec(memory_space=pl.ANY)
+        in_specs, out_specs = in_specs + [anywhere], out_specs + [anywhere]
+        out_shape.append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
+        args.append(jnp.zeros(q.shape, jnp.float32))
+        aliases = {len(args) - 1: 2}
+    grads = pl.pallas_call(
+        functools.partial(_dkv_kernel, m=m, bq=bq, bk=bk, self_attention=T == S, backend=backend), grid=(B, K, S // bk),
+        in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, input_output_aliases=aliases,
+        interpret=interpret, compiler_params=_params(backend, H), name="flash_attention_dkv",
+    )(*args)
+    if backend == "triton":
+        dk, dv, dq = grads
+        return dq.astype(q.dtype), dk, dv
+    dk, dv = grads
+
+    bq, bk = tiles.dq  # TPU: no atomics, so dq is a kernel of its own
+    cls_spec, cls = _class_spec(backend, block_classes(*ids, bq, bk, m))
+    qrow = pl.BlockSpec((sq, 1, bq), lambda b, n, i: (b, 0, i))
+    krow = pl.BlockSpec((sq, 1, S), lambda b, n, i: (b, 0, 0))
+    q_block = pl.BlockSpec((sq, sq, bq, H), lambda b, n, i: (b, n, i, 0))
+    kv_whole = pl.BlockSpec((sq, sq, S, H), lambda b, n, i: (b, n // G, 0, 0))
+    stats = pl.BlockSpec((sq, sq, 1, bq), lambda b, n, i: (b, n, 0, i))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, m=m, bq=bq, bk=bk, self_attention=T == S, backend=backend), grid=(B, N, T // bq),
+        in_specs=[cls_spec, qrow, qrow, krow, krow, q_block, kv_whole, kv_whole, q_block, stats, stats],
+        out_specs=q_block, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), interpret=interpret,
+        compiler_params=_params(backend, H), name="flash_attention_dq",
+    )(cls, qpos, qseg, kpos, kseg, q, k, v, do, lse, delta)
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
-def _flash(q, k, v, qpos, kpos, qseg, kseg, m: Mask, bq: int, bk: int, backend: str, interpret):
-    return _forward(q, k, v, qpos, kpos, qseg, kseg, m, bq, bk, backend, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _flash(q, k, v, qpos, kpos, qseg, kseg, m: Mask, tiles: Tiles, backend: str, interpret):
+    return _forward(q, k, v, qpos, kpos, qseg, kseg, m, tiles, backend, interpret)[0]
 
 
-def _flash_fwd(q, k, v, qpos, kpos, qseg, kseg, m, bq, bk, backend, interpret):
-    o, lse = _forward(q, k, v, qpos, kpos, qseg, kseg, m, bq, bk, backend, interpret)
+def _flash_fwd(q, k, v, qpos, kpos, qseg, kseg, m, tiles, backend, interpret):
+    o, lse = _forward(q, k, v, qpos, kpos, qseg, kseg, m, tiles, backend, interpret)
     return o, (q, k, v, qpos, kpos, qseg, kseg, o, lse)
 
 
-def _flash_bwd(m, bq, bk, backend, interpret, res, do):
+def _flash_bwd(m, tiles, backend, interpret, res, do):
     q, k, v, qpos, kpos, qseg, kseg, o, lse = res
-    dq, dk, dv = _backward(q, k, v, qpos, kpos, qseg, kseg, o, lse, do, m, bq, bk, backend, interpret)
+    dq, dk, dv = _backward(q, k, v, qpos, kpos, qseg, kseg, o, lse, do, m, tiles, backend, interpret)
     return dq, dk, dv, None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def default_block_sizes(T: int, S: int, H: int, backend: str) -> tuple[int, int]:
-    """Per-backend defaults, never larger than the (rounded) sequence. TPU 128 x 128 (a lane-wide block of
-    positions); Triton sized to fit shared memory, as measured on an H100
-    (experiments/results/bench_kernels_h100.md): 64 x 64 for head_dim <= 64, 32 x 32 for 128, 16 x 16 above."""
+def default_tiles(T: int, S: int, H: int, backend: str) -> Tiles:
+    """Per-backend defaults, never larger than the (rounded) sequence. TPU 128 x 128 everywhere (a lane-wide
+    block of positions). Triton: the backward tiles measured to fit an H100's shared memory when one pair
+    served all three kernels (64 x 64 up to head_dim 64, 32 x 32 at 128, 16 x 16 above); the forward, which
+    holds one q block and streams k/v, takes 128 query rows (jax's own Triton attention's default) over key
+    blocks of 64 (32 above head_dim 128). Untuned on hardware since the split: sweep with bench_gpu.py."""
     if backend == "tpu":
-        return 128, 128
-    bq = bk = 64 if H <= 64 else 32 if H <= 128 else 16
-    return row_tile(T, bq, backend), row_tile(S, bk, backend)
+        return Tiles((128, 128), (128, 128), (128, 128))
+    b = 64 if H <= 64 else 32 if H <= 128 else 16
+    fit = lambda bq, bk: (row_tile(T, bq, backend), row_tile(S, bk, backend))
+    return Tiles(fit(128, 64 if H <= 128 else 32), fit(b, b), fit(b, b))
 
 
 def flash_attention(
     q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, q_positions: jax.Array, kv_positions: jax.Array,
     q_segment_ids: jax.Array, kv_segment_ids: jax.Array, causal: bool = True, sliding_window: int | None = None,
     logit_softcap: float | None = None, scale: float | None = None, block_q: int | None = None,
-    block_k: int | None = None, backend: str | None = None, interpret=None,
+    block_k: int | None = None, tiles: Tiles | None = None, backend: str | None = None, interpret=None,
 ) -> jax.Array:
     """Attention [B, T, N, H] of queries over keys/values [B, S, K, H] (N a multiple of K), positions and
-    segment ids [B, T] / [B, S] int32. Differentiable in q, k, v. `backend`: triton | tpu (default: the
-    current platform's; interpreted on CPU)."""
+    segment ids [B, T] / [B, S] int32. Differentiable in q, k, v. `block_q` / `block_k` set every kernel's
+    tiles, `tiles` each kernel's (default `default_tiles`). `backend`: triton | tpu (default: the current
+    platform's; interpreted on CPU)."""
     B, T, N, H = q_BTNH.shape
     S, K = k_BSKH.shape[1], k_BSKH.shape[2]
     if N % K:
         raise ValueError(f"query heads {N} must be a multiple of kv heads {K}")
     backend, interpret = resolve(backend, interpret)
-    dq, dk = default_block_sizes(T, S, H, backend)
-    bq, bk = block_q or dq, block_k or dk
-    check_tile("block_q", bq, backend)
-    check_tile("block_k", bk, backend)
+    if tiles is None:
+        tiles = default_tiles(T, S, H, backend)
+        if block_q or block_k:
+            tiles = Tiles(*[(block_q or bq, block_k or bk) for bq, bk in tiles])
+    for name, (bq, bk) in zip(Tiles._fields, tiles):
+        check_tile(f"{name} block_q", bq, backend)
+        check_tile(f"{name} block_k", bk, backend)
     m = Mask(causal, sliding_window, logit_softcap, 1.0 / math.sqrt(H) if scale is None else scale)
-    if T == S:  # stays square (a multiple of both blocks) so causal block skipping stays valid
-        Tp = Sp = -(-T // math.lcm(bq, bk)) * math.lcm(bq, bk)
+    q_tile, k_tile = math.lcm(*(bq for bq, _ in tiles)), math.lcm(*(bk for _, bk in tiles))
+    if T == S:  # stays square (a multiple of every tile) so causal block skipping stays valid
+        Tp = Sp = -(-T // math.lcm(q_tile, k_tile)) * math.lcm(q_tile, k_tile)
     else:
-        Tp, Sp = -(-T // bq) * bq, -(-S // bk) * bk
+        Tp, Sp = -(-T // q_tile) * q_tile, -(-S // k_tile) * k_tile
     pad = lambda x, n, axis, value=0: jnp.pad(x, [(0, n - x.shape[axis]) if a == axis else (0, 0) for a in range(x.ndim)],
                                               constant_values=value)
     q = pad(q_BTNH, Tp, 1).transpose(0, 2, 1, 3)
@@ -304,7 +414,7 @@ def flash_attention(
     qseg = pad(q_segment_ids.astype(jnp.int32), Tp, 1, _Q_PAD)
     kseg = pad(kv_segment_ids.astype(jnp.int32), Sp, 1, _KV_PAD)
     qpos, kpos, qseg, kseg = (a[:, None, :] for a in (qpos, kpos, qseg, kseg))  # [B, 1, T]
-    out = _flash(q, k, v, qpos, kpos, qseg, kseg, m, bq, bk, backend, interpret)
+    out = _flash(q, k, v, qpos, kpos, qseg, kseg, m, tiles, backend, interpret)
     return out.transpose(0, 2, 1, 3)[:, :T]
 
 

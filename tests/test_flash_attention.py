@@ -177,3 +177,101 @@ def test_impl_dispatch_on_cpu():
     kw = dict(q_positions_BT=pos, kv_positions_BS=pos, q_segment_ids_BT=seg, kv_segment_ids_BS=seg)
     with pytest.raises(ValueError, match="attention.impl=cudnn needs a CUDA GPU"):
         attend(q, k, v, impl="cudnn", **kw)
+
+
+# ---------------------------------------------------------------------------- block classes, sweep
+
+from kernels_pallas.flash_attention import FULL, PARTIAL, SKIP, Mask, block_classes  # noqa: E402
+
+
+def _brute_force_classes(pos, seg, bq, bk, causal, window):
+    """Each block pair's class from the materialised [T, S] mask, in numpy."""
+    pos, seg = np.asarray(pos), np.asarray(seg)
+    B, T = pos.shape
+    out = np.zeros((B, T // bq, T // bk), np.int32)
+    for b in range(B):
+        visible = seg[b][:, None] == seg[b][None, :]
+        if causal:
+            visible &= pos[b][:, None] >= pos[b][None, :]
+        if window is not None:
+            visible &= np.abs(pos[b][:, None] - pos[b][None, :]) < window
+        for i in range(T // bq):
+            for j in range(T // bk):
+                blk = visible[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
+                out[b, i, j] = FULL if blk.all() else SKIP if not blk.any() else PARTIAL
+    return out
+
+
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, 24), (False, 24)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_block_classes_against_a_brute_force_mask(causal, window, seed):
+    """Random packed rows (1-12 documents): the classifier is sound everywhere (SKIP only where nothing is
+    visible, FULL only where everything is), and exact for causal rows on and below the diagonal, the pairs
+    the kernels visit there."""
+    T, bq, bk = 128, 16, 32
+    docs = np.random.default_rng(seed).integers(1, 13)
+    _, _, _, pos, seg = _inputs(3, T, 1, 1, 8, int(docs), jnp.float32, seed=seed)
+    got = np.asarray(block_classes(pos, pos, seg, seg, bq, bk, Mask(causal, window, None, 1.0)))
+    want = _brute_force_classes(pos, seg, bq, bk, causal, window)
+    assert ((got == SKIP) <= (want == SKIP)).all() and ((got == FULL) <= (want == FULL)).all()
+    if causal and window is None:
+        below = np.arange(T // bq)[:, None] * bq + bq > np.arange(T // bk)[None, :] * bk  # key block starts before the q block ends
+        np.testing.assert_array_equal(got[:, below], want[:, below])
+    assert (got == SKIP).any() or docs == 1 or not causal  # the classifier does skip work
+
+
+SWEEP = [  # T, head_dim, G (q heads per kv head), causal, documents per row, window, soft-cap, dtype
+    (128, 64, 1, True, 1, None, None, jnp.float32),
+    (200, 128, 4, False, 9, None, 20.0, jnp.bfloat16),
+    (384, 64, 8, True, 9, 48, None, jnp.float32),
+    (200, 64, 8, True, 1, None, 20.0, jnp.bfloat16),
+    (128, 128, 4, True, 9, 40, 30.0, jnp.float32),
+    (384, 128, 1, False, 1, 64, None, jnp.bfloat16),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("T,H,G,causal,docs,window,softcap,dtype", SWEEP, ids=[f"T{s[0]}-H{s[1]}-G{s[2]}" for s in SWEEP])
+def test_default_tiles_sweep(T, H, G, causal, docs, window, softcap, dtype):
+    """Values and gradients at the default (per-kernel, different) tiles: forward 128 x 64, backward 64 x 64
+    or 32 x 32; every T, head_dim, GQA ratio, causal or not, 1 / 9 documents, window, soft-cap, f32 / bf16."""
+    _check(B=1, T=T, N=G, K=1, H=H, docs=docs, causal=causal, window=window, softcap=softcap, dtype=dtype,
+           block_q=None, block_k=None)
+
+
+@pytest.mark.parametrize("backend,want", [
+    ("triton", {"flash_attention_fwd": 2, "flash_attention_dkv": 5}),
+    ("tpu", {"flash_attention_fwd": 2, "flash_attention_dq": 3, "flash_attention_dkv": 4}),
+])
+def test_backward_matmuls_per_block_pair(backend, want):
+    """Matmuls per (query block, key block) pair, counted in the kernels' jaxprs: Triton's backward is one
+    kernel of 5 (dq accumulated atomically across key blocks); TPU has no atomics, so 3 (dq) + 4 (dk/dv)."""
+    q, k, v, pos, seg = _inputs(1, 32, 2, 1, 16, 1, jnp.float32)
+    ids = dict(q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg)
+    fn = lambda q, k, v: flash_attention(q, k, v, block_q=16, block_k=16, backend=backend, **ids)
+    jaxpr = jax.make_jaxpr(lambda q, k, v: jax.vjp(fn, q, k, v)[1](q))(q, k, v).jaxpr
+
+    def dots(j):
+        n = 0
+        for e in j.eqns:
+            n += e.primitive.name == "dot_general"
+            for val in e.params.values():
+                for sub in (val if isinstance(val, (tuple, list)) else (val,)):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns") and e.primitive.name != "cond":
+                        n += dots(inner)
+            if e.primitive.name == "cond":  # count the PARTIAL branch once (FULL is the same matmuls)
+                n += max(dots(b.jaxpr) for b in e.params["branches"])
+        return n
+
+    def kernels(j):
+        for e in j.eqns:
+            if e.primitive.name == "pallas_call":
+                yield str(e.params["name"]).split()[0], dots(e.params["jaxpr"])
+            for val in e.params.values():
+                inner = getattr(val, "jaxpr", val)
+                if hasattr(inner, "eqns"):
+                    yield from kernels(inner)
+
+    counts = dict(kernels(jaxpr))
+    assert counts == want, counts

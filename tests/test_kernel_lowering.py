@@ -62,7 +62,7 @@ def test_flash_attention_lowers_with_positions_and_segments(backend, name, B, T,
 
     fn = lambda q, k, v: attention(q, k, v, jnp.zeros((B, T), jnp.int32), jnp.ones((B, T), jnp.int32))
     calls = _export_fwd_bwd(fn, backend, bf16((B, T, N, H)), bf16((B, T, K, H)), bf16((B, T, K, H)), bf16((B, T, N, H)))
-    assert calls == 3  # forward, dq, dk/dv
+    assert calls == (2 if backend == "triton" else 3)  # forward + fused backward (Triton) / dq + dk/dv (TPU)
 
 
 # mixtral-8x7b's experts (d_model 4096, d_ff 14336, 8 experts) on 16k routed rows.
