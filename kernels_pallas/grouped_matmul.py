@@ -5,7 +5,9 @@
 
 Groups are consecutive row ranges; zero-size groups are fine; rows past sum(group_sizes) give zeros.
 `gmm` runs a program per (row tile, column tile) over the groups that tile overlaps (ranges computed
-outside the kernel); `tgmm` a program per (group, K tile, N tile) over that group's rows. `gmm` is
+outside the kernel); `tgmm` a program per (group, K tile, N tile) over that group's rows. On Triton the
+programs loop over tiles loaded from global memory; on TPU K (gmm) or the (group, row tile) work items
+(tgmm) are the innermost grid axis, accumulated in VMEM, so no block holds a whole K strip. `gmm` is
 differentiable: d lhs = gmm(dout, rhs^T), d rhs = tgmm(lhs, dout). `jax.lax.ragged_dot` is the
 reference and the CPU path (`impl="xla"`).
 """
@@ -18,8 +20,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas.backend import compiler_params, pow2_at_least, resolve, round_up, row_tile
+from kernels_pallas.backend import TPU_VMEM_BUDGET, compiler_params, pow2_at_least, resolve, round_up, row_tile
 from kernels_pallas.choose import matmul_impl
 
 
@@ -28,19 +31,18 @@ def _group_bounds(group_sizes: jax.Array) -> tuple[jax.Array, jax.Array]:
     return ends - group_sizes.astype(jnp.int32), ends
 
 
-def _gmm_kernel(first_ref, last_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref, *, bm: int, bk: int, bn: int,
-                tiled_refs: bool):
-    """`tiled_refs` (Triton): lhs and rhs are whole arrays in global memory, this program's rows / columns
-    sliced here; otherwise (TPU) the pipeline delivered them as blocks."""
+def _gmm_loop_kernel(first_ref, last_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref, *, bm: int, bk: int,
+                     bn: int):
+    """Triton: a program per (row tile, column tile) loops over the groups its rows overlap and over K tiles,
+    loading tiles from the whole arrays in global memory."""
     m, n = pl.program_id(0), pl.program_id(1)
     rows = m * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
-    row_slice = pl.ds(pl.multiple_of(m * bm, bm), bm) if tiled_refs else slice(None)
-    col_slice = pl.ds(pl.multiple_of(n * bn, bn), bn) if tiled_refs else slice(None)
+    row_slice, col_slice = pl.ds(pl.multiple_of(m * bm, bm), bm), pl.ds(pl.multiple_of(n * bn, bn), bn)
 
     def body(g, acc):
         inside = (rows >= starts_ref[g]) & (rows < ends_ref[g])
 
-        def k_step(t, part):  # K in tiles of bk: bounded on-chip memory for any K
+        def k_step(t, part):
             ks = pl.ds(pl.multiple_of(t * bk, bk), bk)
             return part + jnp.dot(lhs_ref[row_slice, ks], rhs_ref[g, ks, col_slice], preferred_element_type=jnp.float32)
 
@@ -51,6 +53,27 @@ def _gmm_kernel(first_ref, last_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
+def _gmm_grid_kernel(first_ref, last_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, out_ref, acc_ref, *, bm: int):
+    """TPU: K is the innermost grid axis; each step adds the overlapping groups' (bm, bk) x (bk, bn)
+    products into a VMEM accumulator (rhs block: every group's (bk, bn) tile)."""
+    m, k = pl.program_id(0), pl.program_id(2)
+    rows = m * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+
+    @pl.when(k == 0)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    def body(g, acc):
+        inside = (rows >= starts_ref[g]) & (rows < ends_ref[g])
+        return acc + jnp.where(inside, jnp.dot(lhs_ref[...], rhs_ref[g], preferred_element_type=jnp.float32), 0.0)
+
+    acc_ref[...] += lax.fori_loop(first_ref[m], last_ref[m], body, jnp.zeros(acc_ref.shape, jnp.float32))
+
+    @pl.when(k == pl.num_programs(2) - 1)
+    def _():
+        out_ref[...] = acc_ref[...].astype(out_ref.dtype)
+
+
 def _gmm_call(lhs, rhs, group_sizes, bm: int, bk: int, bn: int, backend: str, interpret):
     M, K = lhs.shape
     G, _, N = rhs.shape
@@ -58,27 +81,30 @@ def _gmm_call(lhs, rhs, group_sizes, bm: int, bk: int, bn: int, backend: str, in
     tile_start = jnp.arange(M // bm, dtype=jnp.int32) * bm
     first = jnp.searchsorted(ends, tile_start, side="right").astype(jnp.int32)  # first group ending after the tile start
     last = jnp.searchsorted(starts, tile_start + bm, side="left").astype(jnp.int32)  # groups starting before its end
-    whole = lambda arr: pl.BlockSpec(arr.shape, lambda m, n: (0,) * arr.ndim)
-    triton = backend == "triton"
-    if triton:
-        operands = [pl.BlockSpec(memory_space=pl.ANY)] * 2
-        params = compiler_params("triton", num_warps=4, num_stages=3)
-    else:
-        operands = [pl.BlockSpec((bm, K), lambda m, n: (m, 0)), pl.BlockSpec((G, K, bn), lambda m, n: (0, 0, n))]
-        params = compiler_params("tpu", dimension_semantics=("parallel", "parallel"))
+    out_shape = jax.ShapeDtypeStruct((M, N), lhs.dtype)
+    if backend == "triton":
+        anywhere = pl.BlockSpec(memory_space=pl.ANY)
+        return pl.pallas_call(
+            functools.partial(_gmm_loop_kernel, bm=bm, bk=bk, bn=bn), grid=(M // bm, N // bn), in_specs=[anywhere] * 6,
+            out_specs=pl.BlockSpec((bm, bn), lambda m, n: (m, n)), out_shape=out_shape, interpret=interpret,
+            compiler_params=compiler_params("triton", num_warps=4, num_stages=3), name="gmm",
+        )(first, last, starts, ends, lhs, rhs)
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=4, grid=(M // bm, N // bn, K // bk),
+        in_specs=[pl.BlockSpec((bm, bk), lambda m, n, k, *_: (m, k)), pl.BlockSpec((G, bk, bn), lambda m, n, k, *_: (0, k, n))],
+        out_specs=pl.BlockSpec((bm, bn), lambda m, n, k, *_: (m, n)), scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
+    )
     return pl.pallas_call(
-        functools.partial(_gmm_kernel, bm=bm, bk=bk, bn=bn, tiled_refs=triton), grid=(M // bm, N // bn),
-        in_specs=[whole(first), whole(last), whole(starts), whole(ends), *operands],
-        out_specs=pl.BlockSpec((bm, bn), lambda m, n: (m, n)),
-        out_shape=jax.ShapeDtypeStruct((M, N), lhs.dtype), interpret=interpret, compiler_params=params, name="gmm",
+        functools.partial(_gmm_grid_kernel, bm=bm), grid_spec=grid_spec, out_shape=out_shape, interpret=interpret,
+        compiler_params=compiler_params("tpu", dimension_semantics=("parallel", "parallel", "arbitrary")), name="gmm",
     )(first, last, starts, ends, lhs, rhs)
 
 
-def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, dout_ref, out_ref, *, bm: int, bk: int, bn: int, tiled_refs: bool):
+def _tgmm_loop_kernel(starts_ref, ends_ref, lhs_ref, dout_ref, out_ref, *, bm: int, bk: int, bn: int):
+    """Triton: a program per (group, K tile, N tile) loops over the group's rows from its first row."""
     g, k, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     start, end = starts_ref[g], ends_ref[g]
-    k_slice = pl.ds(pl.multiple_of(k * bk, bk), bk) if tiled_refs else slice(None)
-    n_slice = pl.ds(pl.multiple_of(n * bn, bn), bn) if tiled_refs else slice(None)
+    k_slice, n_slice = pl.ds(pl.multiple_of(k * bk, bk), bk), pl.ds(pl.multiple_of(n * bn, bn), bn)
 
     def body(t, acc):
         r0 = start + t * bm
@@ -91,36 +117,84 @@ def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, dout_ref, out_ref, *, bm: int, b
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
+def _tgmm_grid_kernel(group_ref, tile_ref, flags_ref, starts_ref, ends_ref, lhs_ref, dout_ref, out_ref, acc_ref, *,
+                      bm: int):
+    """TPU: one grid step per (group, row tile) work item (innermost axis; megablox-style), accumulated in
+    VMEM from a group's first tile to its last. flags: 1 valid, 2 first of its group, 4 last."""
+    i = pl.program_id(2)
+    flags, g = flags_ref[i], group_ref[i]
+
+    @pl.when(flags & 2 != 0)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(flags & 1 != 0)
+    def _():
+        rows = tile_ref[i] * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+        x = jnp.where((rows >= starts_ref[g]) & (rows < ends_ref[g]), lhs_ref[...], 0)
+        acc_ref[...] += lax.dot_general(x, dout_ref[...], (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    @pl.when(flags & 4 != 0)
+    def _():
+        out_ref[...] = acc_ref[...].astype(out_ref.dtype)
+
+
+def _work_items(starts, ends, tiles: int, bm: int):
+    """(group, row tile, flags) per work item, [tiles + G] int32 each: every group's row tiles in order; the
+    items past the last repeat it with flags 0 (nothing fetched, nothing computed)."""
+    G = starts.shape[0]
+    count = jnp.where(ends > starts, (ends - 1) // bm - starts // bm + 1, 0)
+    offset_end = jnp.cumsum(count)
+    item = jnp.arange(tiles + G)
+    valid = item < offset_end[-1]
+    last_valid = jnp.maximum(offset_end[-1] - 1, 0)
+    item = jnp.where(valid, item, last_valid)
+    group = jnp.minimum(jnp.searchsorted(offset_end, item, side="right"), G - 1)
+    t = item - (offset_end - count)[group]
+    tile = jnp.minimum(starts[group] // bm + t, tiles - 1)
+    first, last = valid & (t == 0), valid & (t == count[group] - 1)
+    flags = valid.astype(jnp.int32) | (first.astype(jnp.int32) << 1) | (last.astype(jnp.int32) << 2)
+    return group.astype(jnp.int32), tile.astype(jnp.int32), flags
+
+
 def _tgmm_call(lhs, dout, group_sizes, bm: int, bk: int, bn: int, backend: str, interpret):
     M, K = lhs.shape
     N = dout.shape[1]
     G = group_sizes.shape[0]
     starts, ends = _group_bounds(group_sizes)
-    lhs = jnp.pad(lhs, ((0, bm), (0, 0)))  # a group's last tile may read past M: zeros, masked anyway
-    dout = jnp.pad(dout, ((0, bm), (0, 0)))
-    whole = lambda arr: pl.BlockSpec(arr.shape, lambda g, k, n: (0,) * arr.ndim)
-    triton = backend == "triton"
-    if triton:
-        operands = [pl.BlockSpec(memory_space=pl.ANY)] * 2
-        params = compiler_params("triton", num_warps=4, num_stages=3)
-    else:
-        operands = [pl.BlockSpec((M + bm, bk), lambda g, k, n: (0, k)), pl.BlockSpec((M + bm, bn), lambda g, k, n: (0, n))]
-        params = compiler_params("tpu", dimension_semantics=("parallel", "parallel", "parallel"))
-    return pl.pallas_call(
-        functools.partial(_tgmm_kernel, bm=bm, bk=bk, bn=bn, tiled_refs=triton), grid=(G, K // bk, N // bn),
-        in_specs=[whole(starts), whole(ends), *operands],
-        out_specs=pl.BlockSpec((pl.Squeezed(), bk, bn), lambda g, k, n: (g, k, n)),
-        out_shape=jax.ShapeDtypeStruct((G, K, N), lhs.dtype), interpret=interpret, compiler_params=params, name="tgmm",
-    )(starts, ends, lhs, dout)
+    out_shape = jax.ShapeDtypeStruct((G, K, N), lhs.dtype)
+    if backend == "triton":
+        lhs = jnp.pad(lhs, ((0, bm), (0, 0)))  # a group's last tile may read past M: zeros, masked anyway
+        dout = jnp.pad(dout, ((0, bm), (0, 0)))
+        anywhere = pl.BlockSpec(memory_space=pl.ANY)
+        return pl.pallas_call(
+            functools.partial(_tgmm_loop_kernel, bm=bm, bk=bk, bn=bn), grid=(G, K // bk, N // bn), in_specs=[anywhere] * 4,
+            out_specs=pl.BlockSpec((pl.Squeezed(), bk, bn), lambda g, k, n: (g, k, n)), out_shape=out_shape,
+            interpret=interpret, compiler_params=compiler_params("triton", num_warps=4, num_stages=3), name="tgmm",
+        )(starts, ends, lhs, dout)
+    lhs, dout = _padded_rows(lhs, bm), _padded_rows(dout, bm)
+    group, tile, flags = _work_items(starts, ends, lhs.shape[0] // bm, bm)
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=5, grid=(K // bk, N // bn, group.shape[0]),
+        in_specs=[pl.BlockSpec((bm, bk), lambda k, n, i, group, tile, *_: (tile[i], k)),
+                  pl.BlockSpec((bm, bn), lambda k, n, i, group, tile, *_: (tile[i], n))],
+        out_specs=pl.BlockSpec((pl.Squeezed(), bk, bn), lambda k, n, i, group, *_: (group[i], k, n)),
+        scratch_shapes=[pltpu.VMEM((bk, bn), jnp.float32)],
+    )
+    out = pl.pallas_call(
+        functools.partial(_tgmm_grid_kernel, bm=bm), grid_spec=grid_spec, out_shape=out_shape, interpret=interpret,
+        compiler_params=compiler_params("tpu", dimension_semantics=("parallel", "parallel", "arbitrary")), name="tgmm",
+    )(group, tile, flags, starts, ends, lhs, dout)
+    return jnp.where((group_sizes > 0)[:, None, None], out, 0)  # empty groups' blocks are never written
 
 
 def _tile(n: int, preferred: int, backend: str) -> tuple[int, int]:
-    """(tile, n padded to whole tiles). Triton: a power of two >= 16, n padded up to it; elsewhere the largest
-    tile <= preferred dividing n (n itself when small), no padding."""
+    """(tile, n padded to whole tiles). Triton: a power of two >= 16, n padded up to it; TPU: the largest
+    multiple of 128 up to max(preferred, 512) dividing n, else n whole (a block dim Mosaic accepts)."""
     if backend == "triton":
         t = min(pow2_at_least(preferred), pow2_at_least(n))
         return t, round_up(n, t)
-    return next(t for t in range(min(preferred, n), 0, -1) if n % t == 0), n
+    return next((t for t in range(max(preferred, 512), 127, -128) if n % t == 0), n), n  # TPU lanes: 128s or whole
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -199,6 +273,9 @@ def gmm(
     N = rhs_GKN.shape[2]
     bm = row_tile(M, tiles[0], backend)
     (bk, Kp), (bn, Np) = _tile(K, tiles[1], backend), _tile(N, tiles[2], backend)
+    while backend == "tpu" and 2 * rhs_GKN.shape[0] * bk * bn * lhs_MK.dtype.itemsize > TPU_VMEM_BUDGET // 2 \
+            and bk % 256 == 0:  # every group's (bk, bn) weight tile is in VMEM, double-buffered
+        bk //= 2
     lhs = jnp.pad(_padded_rows(lhs_MK, bm), ((0, 0), (0, Kp - K)))
     rhs = jnp.pad(rhs_GKN.astype(lhs_MK.dtype), ((0, 0), (0, Kp - K), (0, Np - N)))
     out = _gmm(lhs, rhs, group_sizes_G.astype(jnp.int32), (bm, bk, bn), backend, interpret)

@@ -7,6 +7,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import dataclasses  # noqa: E402
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from jaxllm.config import AttentionConfig, MlpConfig, ModelConfig  # noqa: E402
@@ -40,3 +41,26 @@ VARIANTS = {
 @pytest.fixture(params=sorted(VARIANTS), ids=sorted(VARIANTS))
 def variant(request) -> ModelConfig:
     return VARIANTS[request.param]
+
+
+def pallas_block_shapes(fn, *args) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(block shape, array shape) of every BlockSpec of every pallas_call in fn's jaxpr (arrays left in
+    memory_space=ANY have no blocks: the kernel loads tiles itself)."""
+    def eqns(jaxpr):
+        for e in jaxpr.eqns:
+            yield e
+            for v in e.params.values():
+                for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        yield from eqns(inner)
+
+    found = []
+    for e in eqns(jax.make_jaxpr(fn)(*args).jaxpr):
+        if e.primitive.name == "pallas_call":
+            for bm in e.params["grid_mapping"].block_mappings:
+                if str(bm.transformed_block_aval.memory_space) == "any":
+                    continue
+                shape = tuple(getattr(d, "block_size", 1) for d in bm.block_shape)
+                found.append((shape, bm.array_aval.shape))
+    return found

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import pallas_block_shapes
 from kernels_pallas.block_sparse_matmul import BlockLayout, block_sparse_matmul, block_sparse_reference, plan
 
 # f32: |kernel - reference| <= 1e-5 * sqrt(reduction length) (both accumulate in f32; only the summation order
@@ -130,29 +131,6 @@ def test_plan_stays_within_on_chip_budgets(backend, dtype):
                 assert max(p.tm, p.tk, p.tn, p.dw_tm) <= largest
 
 
-def _pallas_block_shapes(fn, *args):
-    """(block shape, array shape) of every BlockSpec of every pallas_call in fn's jaxpr (arrays left in
-    memory_space=ANY have no blocks: the kernel loads tiles itself)."""
-    def eqns(jaxpr):
-        for e in jaxpr.eqns:
-            yield e
-            for v in e.params.values():
-                for sub in (v if isinstance(v, (tuple, list)) else (v,)):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        yield from eqns(inner)
-
-    found = []
-    for e in eqns(jax.make_jaxpr(fn)(*args).jaxpr):
-        if e.primitive.name == "pallas_call":
-            for bm in e.params["grid_mapping"].block_mappings:
-                if str(bm.transformed_block_aval.memory_space) == "any":
-                    continue
-                shape = tuple(getattr(d, "block_size", 1) for d in bm.block_shape)
-                found.append((shape, bm.array_aval.shape))
-    return found
-
-
 @pytest.mark.parametrize("backend", ["triton", "tpu"])
 def test_no_block_spec_covers_a_block_the_weight_or_a_k_strip(backend):
     """Forward and backward at blocks larger than any tile: every block a program receives is a tile."""
@@ -163,7 +141,7 @@ def test_no_block_spec_covers_a_block_the_weight_or_a_k_strip(backend):
         y, vjp = jax.vjp(lambda x, b: block_sparse_matmul(x, b, layout, backend=backend, interpret=False), x, b)
         return y, vjp(dy)
 
-    shapes = _pallas_block_shapes(fwd_bwd, jnp.zeros((256, K), jnp.bfloat16), jnp.zeros((2, 1024, 2048), jnp.bfloat16),
+    shapes = pallas_block_shapes(fwd_bwd, jnp.zeros((256, K), jnp.bfloat16), jnp.zeros((2, 1024, 2048), jnp.bfloat16),
                                   jnp.zeros((256, N), jnp.bfloat16))
     assert len(shapes) >= 3
     for block, array in shapes:

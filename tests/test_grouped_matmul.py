@@ -80,14 +80,17 @@ def test_xla_path_and_errors():
         gmm(lhs, rhs, gs, impl="triton")
 
 
-def test_tpu_interpret_mode():
+@pytest.mark.parametrize("sizes", [[10, 0, 22], [0, 0, 35], [0, 0, 0], [5, 27, 3]])
+def test_tpu_interpret_mode(sizes):
+    """The TPU-style kernels (K innermost for gmm, (group, row tile) work items for tgmm, VMEM accumulators)
+    in TPU interpret mode: 5 K tiles, rows past the groups, empty groups and no rows at all."""
     from jax.experimental.pallas import tpu as pltpu
 
     rng = np.random.default_rng(0)
-    lhs = jnp.asarray(rng.standard_normal((32, 128)), jnp.float32)
-    rhs = jnp.asarray(rng.standard_normal((3, 128, 128)), jnp.float32)
-    dout = jnp.asarray(rng.standard_normal((32, 128)), jnp.float32)
-    gs = jnp.asarray([10, 0, 22], jnp.int32)
+    lhs = jnp.asarray(rng.standard_normal((37, 640)), jnp.float32)
+    rhs = jnp.asarray(rng.standard_normal((3, 640, 128)), jnp.float32)
+    dout = jnp.asarray(rng.standard_normal((37, 128)), jnp.float32)
+    gs = jnp.asarray(sizes, jnp.int32)
     kw = dict(tiles=(8, 128, 128), impl="pallas", backend="tpu", interpret=pltpu.InterpretParams())
     np.testing.assert_allclose(gmm(lhs, rhs, gs, **kw), jax.lax.ragged_dot(lhs, rhs, gs), atol=1e-4)
     np.testing.assert_allclose(tgmm(lhs, dout, gs, **kw), _reference_tgmm(lhs, dout, gs), atol=1e-4)

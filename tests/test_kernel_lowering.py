@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 from jax._src.pallas.mosaic import tpu_info
 
+from conftest import pallas_block_shapes
 from kernels_pallas.block_sparse_matmul import BlockLayout, block_sparse_matmul, plan
 from kernels_pallas.flash_attention import flash_attention
 from kernels_pallas.grouped_matmul import gmm
@@ -71,7 +72,15 @@ def test_flash_attention_lowers_with_positions_and_segments(backend, name, B, T,
 def test_grouped_matmul_lowers_at_mixtral_shapes(backend, K, N):
     sizes = jnp.full((8,), 2048, jnp.int32)
     fn = lambda lhs, rhs: gmm(lhs, rhs, sizes, impl="pallas", backend=backend, interpret=False)
-    assert _export_fwd_bwd(fn, backend, bf16((16384, K)), bf16((8, K, N)), bf16((16384, N))) == 3  # gmm, dlhs, tgmm
+    shapes = bf16((16384, K)), bf16((8, K, N)), bf16((16384, N))
+    assert _export_fwd_bwd(fn, backend, *shapes) == 3  # gmm, dlhs, tgmm
+
+    def fwd_bwd(lhs, rhs, dout):
+        out, vjp = jax.vjp(fn, lhs, rhs)
+        return out, vjp(dout)
+
+    blocks = pallas_block_shapes(fwd_bwd, *shapes)
+    assert blocks and all(max(block) <= 512 for block, _ in blocks), blocks  # tiles, never a whole K / N strip
 
 
 def _structured_llama_layouts():
