@@ -13,9 +13,11 @@ full / partial from the blocks' min and max positions and segment ids: skipped p
 ones run without a mask, only partial ones build it (packed rows of many documents skip most pairs). With
 `causal` and T == S the loops also stop at the diagonal (and start at the window), which assumes positions
 advance one per index within a segment, as in packed rows. Scores are scaled by log2(e) so the softmax
-uses exp2. The backward is two kernels (FlashAttention-2): dq over key blocks per query block (3 matmuls
-per pair), dk/dv over (query head of the kv head's group, query block) per key block (4 matmuls). Each
-kernel has its own tiles (`Tiles`). `interpret=True` runs them on CPU.
+uses exp2. The backward on Triton is one kernel per key block looping over (query head of the kv head's
+group, query block): dk, dv and dq (added to an f32 accumulator with atomics) at 5 matmuls per pair; TPU
+has no atomics, so there dq is its own kernel over key blocks per query block (3 + 4 matmuls). Each
+kernel has its own tiles (`Tiles`). On Triton the kernels read and write the model's [B, T, heads, H]
+layout in place (no transposes); TPU blocks need [B, heads, T, H]. `interpret=True` runs them on CPU.
 """
 
 from __future__ import annotations
@@ -222,7 +224,9 @@ def _dkv_kernel(cls_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, q_ref, k_ref, v
         dk_ref, dv_ref = refs
     b, h, kj = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     k, v, kpos, kseg = k_ref[...], v_ref[...], kpos_ref[0, :], kseg_ref[0, :]
-    lo, hi = _q_range(kj, bq, bk, q_ref.shape[1] // bq, m, self_attention)
+    seq_major = _seq_major(backend)
+    (T, G) = q_ref.shape[:2] if seq_major else q_ref.shape[1::-1]  # q_ref: [T, G, H] or [G, T, H]
+    lo, hi = _q_range(kj, bq, bk, T // bq, m, self_attention)
     span = hi - lo
 
     def body(t, carry):
@@ -231,7 +235,8 @@ def _dkv_kernel(cls_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, q_ref, k_ref, v
         def visit(carry, masked: bool):
             dk, dv = carry
             qs = pl.ds(pl.multiple_of(i * bq, bq), bq)
-            q, do = q_ref[g, qs, :], do_ref[g, qs, :]
+            at = (qs, g, slice(None)) if seq_major else (g, qs, slice(None))
+            q, do = q_ref[at], do_ref[at]
             raw, s = _scores(q, k, m)
             p = jnp.exp2(s - lse_ref[g, 0, qs][:, None])
             if masked:
@@ -243,13 +248,13 @@ def _dkv_kernel(cls_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, q_ref, k_ref, v
             dk = dk + lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
             if backend == "triton":
                 dq = jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * m.scale
-                pltriton.atomic_add(dq_ref, (b, h * q_ref.shape[0] + g, qs, pl.ds(0, dq.shape[1])), dq)
+                pltriton.atomic_add(dq_ref, (b, qs, h * G + g, pl.ds(0, dq.shape[1])), dq)  # Triton: seq-major
             return dk, dv
 
         return _by_class(_class_of(cls_ref, b, kj, i, backend), carry, visit)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(0, q_ref.shape[0] * span, body, (zeros, zeros))
+    dk, dv = lax.fori_loop(0, G * span, body, (zeros, zeros))
     dk_ref[...] = (dk * m.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -272,16 +277,38 @@ def _params(backend: str, H: int):
     return compiler_params("tpu", dimension_semantics=("parallel", "parallel", "parallel"))
 
 
+def _seq_major(backend: str) -> bool:
+    """Triton reads the model's [B, T, heads, H] layout in place (strided blocks); Mosaic TPU needs a block's
+    last two dims whole or tiled, so TPU kernels get [B, heads, T, H] (transposed outside)."""
+    return backend == "triton"
+
+
+def _dims(q, k, backend: str) -> tuple[int, int, int, int, int, int]:
+    """(B, N, T, H, K, S) of q and k in the backend's layout."""
+    if _seq_major(backend):
+        (B, T, N, H), (S, K) = q.shape, k.shape[1:3]
+    else:
+        (B, N, T, H), (K, S) = q.shape, k.shape[1:3]
+    return B, N, T, H, K, S
+
+
+def _head_block(backend: str, rows: int, H: int, index):
+    """BlockSpec of `rows` sequence rows of one head; index(grid ids) -> (batch, head, row block)."""
+    sq = pl.Squeezed()
+    if _seq_major(backend):
+        return pl.BlockSpec((sq, rows, sq, H), lambda *ids: (lambda b, n, r: (b, r, n, 0))(*index(*ids)))
+    return pl.BlockSpec((sq, sq, rows, H), lambda *ids: (lambda b, n, r: (b, n, r, 0))(*index(*ids)))
+
+
 def _forward(q, k, v, qpos, kpos, qseg, kseg, m: Mask, tiles: Tiles, backend: str, interpret):
-    B, N, T, H = q.shape
-    K, S = k.shape[1], k.shape[2]
+    B, N, T, H, K, S = _dims(q, k, backend)
     G, (bq, bk) = N // K, tiles.fwd
     sq = pl.Squeezed()
     cls_spec, cls = _class_spec(backend, block_classes(qpos[:, 0], kpos[:, 0], qseg[:, 0], kseg[:, 0], bq, bk, m))
     qrow = pl.BlockSpec((sq, 1, bq), lambda b, n, i: (b, 0, i))
     krow = pl.BlockSpec((sq, 1, S), lambda b, n, i: (b, 0, 0))
-    q_block = pl.BlockSpec((sq, sq, bq, H), lambda b, n, i: (b, n, i, 0))
-    kv_whole = pl.BlockSpec((sq, sq, S, H), lambda b, n, i: (b, n // G, 0, 0))
+    q_block = _head_block(backend, bq, H, lambda b, n, i: (b, n, i))
+    kv_whole = _head_block(backend, S, H, lambda b, n, i: (b, n // G, 0))
     stats = pl.BlockSpec((sq, sq, 1, bq), lambda b, n, i: (b, n, 0, i))
     kernel = functools.partial(_fwd_kernel, m=m, bq=bq, bk=bk, self_attention=T == S, backend=backend)
     return pl.pallas_call(
@@ -294,20 +321,21 @@ def _forward(q, k, v, qpos, kpos, qseg, kseg, m: Mask, tiles: Tiles, backend: st
 
 
 def _backward(q, k, v, qpos, kpos, qseg, kseg, o, lse, do, m: Mask, tiles: Tiles, backend: str, interpret):
-    B, N, T, H = q.shape
-    K, S = k.shape[1], k.shape[2]
+    B, N, T, H, K, S = _dims(q, k, backend)
     G = N // K
     sq = pl.Squeezed()
-    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)[:, :, None]  # [B, N, 1, T]
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, T, N] or [B, N, T]
+    delta = (delta.transpose(0, 2, 1) if _seq_major(backend) else delta)[:, :, None]  # [B, N, 1, T]
     ids = (qpos[:, 0], kpos[:, 0], qseg[:, 0], kseg[:, 0])
 
     bq, bk = tiles.dkv
     cls_spec, cls = _class_spec(backend, block_classes(*ids, bq, bk, m).transpose(0, 2, 1))  # [B, key blocks, q blocks]
     qrow = pl.BlockSpec((sq, 1, T), lambda b, h, j: (b, 0, 0))
     krow = pl.BlockSpec((sq, 1, bk), lambda b, h, j: (b, 0, j))
-    group_q = pl.BlockSpec((sq, G, T, H), lambda b, h, j: (b, h, 0, 0))
+    group_q = (pl.BlockSpec((sq, T, G, H), lambda b, h, j: (b, 0, h, 0)) if _seq_major(backend)
+               else pl.BlockSpec((sq, G, T, H), lambda b, h, j: (b, h, 0, 0)))
     group_stats = pl.BlockSpec((sq, G, 1, T), lambda b, h, j: (b, h, 0, 0))
-    kv_block = pl.BlockSpec((sq, sq, bk, H), lambda b, h, j: (b, h, j, 0))
+    kv_block = _head_block(backend, bk, H, lambda b, h, j: (b, h, j))
     in_specs = [cls_spec, qrow, qrow, krow, krow, group_q, kv_block, kv_block, group_q, group_stats, group_stats]
     out_specs = [kv_block, kv_block]
     out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
@@ -333,8 +361,8 @@ def _backward(q, k, v, qpos, kpos, qseg, kseg, o, lse, do, m: Mask, tiles: Tiles
     cls_spec, cls = _class_spec(backend, block_classes(*ids, bq, bk, m))
     qrow = pl.BlockSpec((sq, 1, bq), lambda b, n, i: (b, 0, i))
     krow = pl.BlockSpec((sq, 1, S), lambda b, n, i: (b, 0, 0))
-    q_block = pl.BlockSpec((sq, sq, bq, H), lambda b, n, i: (b, n, i, 0))
-    kv_whole = pl.BlockSpec((sq, sq, S, H), lambda b, n, i: (b, n // G, 0, 0))
+    q_block = _head_block(backend, bq, H, lambda b, n, i: (b, n, i))
+    kv_whole = _head_block(backend, S, H, lambda b, n, i: (b, n // G, 0))
     stats = pl.BlockSpec((sq, sq, 1, bq), lambda b, n, i: (b, n, 0, i))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, m=m, bq=bq, bk=bk, self_attention=T == S, backend=backend), grid=(B, N, T // bq),
@@ -407,15 +435,14 @@ def flash_attention(
         Tp, Sp = -(-T // q_tile) * q_tile, -(-S // k_tile) * k_tile
     pad = lambda x, n, axis, value=0: jnp.pad(x, [(0, n - x.shape[axis]) if a == axis else (0, 0) for a in range(x.ndim)],
                                               constant_values=value)
-    q = pad(q_BTNH, Tp, 1).transpose(0, 2, 1, 3)
-    k = pad(k_BSKH, Sp, 1).transpose(0, 2, 1, 3)
-    v = pad(v_BSKH, Sp, 1).transpose(0, 2, 1, 3)
+    heads_major = (lambda x: x) if _seq_major(backend) else (lambda x: x.transpose(0, 2, 1, 3))
+    q, k, v = heads_major(pad(q_BTNH, Tp, 1)), heads_major(pad(k_BSKH, Sp, 1)), heads_major(pad(v_BSKH, Sp, 1))
     qpos, kpos = pad(q_positions.astype(jnp.int32), Tp, 1), pad(kv_positions.astype(jnp.int32), Sp, 1)
     qseg = pad(q_segment_ids.astype(jnp.int32), Tp, 1, _Q_PAD)
     kseg = pad(kv_segment_ids.astype(jnp.int32), Sp, 1, _KV_PAD)
     qpos, kpos, qseg, kseg = (a[:, None, :] for a in (qpos, kpos, qseg, kseg))  # [B, 1, T]
     out = _flash(q, k, v, qpos, kpos, qseg, kseg, m, tiles, backend, interpret)
-    return out.transpose(0, 2, 1, 3)[:, :T]
+    return heads_major(out)[:, :T]
 
 
 def flash_attention_sharded(

@@ -275,3 +275,30 @@ def test_backward_matmuls_per_block_pair(backend, want):
 
     counts = dict(kernels(jaxpr))
     assert counts == want, counts
+
+
+def test_triton_kernels_read_the_model_layout_without_transposes():
+    """On Triton no [B, T, heads, H] tensor is transposed around the kernels (forward or backward); the TPU
+    style transposes q, k, v and the output to heads-major."""
+    q, k, v, pos, seg = _inputs(1, 32, 4, 2, 16, 2, jnp.float32)
+    ids = dict(q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg)
+
+    def rank4_transposes(backend):
+        fn = lambda q, k, v: flash_attention(q, k, v, block_q=16, block_k=16, backend=backend, **ids)
+        jaxpr = jax.make_jaxpr(lambda q, k, v: jax.vjp(fn, q, k, v)[1](q))(q, k, v).jaxpr
+
+        def count(j):
+            n = 0
+            for e in j.eqns:
+                if e.primitive.name == "pallas_call":
+                    continue
+                n += e.primitive.name == "transpose" and e.invars[0].aval.ndim == 4
+                for val in e.params.values():
+                    inner = getattr(val, "jaxpr", val)
+                    if hasattr(inner, "eqns"):
+                        n += count(inner)
+            return n
+        return count(jaxpr)
+
+    assert rank4_transposes("triton") == 0
+    assert rank4_transposes("tpu") >= 4
