@@ -68,10 +68,10 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def row_tile(n: int, cap: int, backend: str) -> int:
-    """Tile for n rows, at most `cap`: n rounded up to a power of two >= 16 for Triton, to a multiple of 8
-    for TPU (the caller pads n to a multiple of the tile)."""
+    """Tile for n rows, at most `cap`: n rounded up to a power of two for Triton (never below its minimum of 16,
+    whatever the cap), to a multiple of 8 for TPU (the caller pads n to a multiple of the tile)."""
     if backend == "triton":
-        return min(cap, pow2_at_least(n))
+        return max(16, min(1 << (max(cap, 1).bit_length() - 1), pow2_at_least(n)))
     return min(cap, max(8, round_up(n, 8)))
 
 
