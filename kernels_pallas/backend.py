@@ -12,7 +12,10 @@ so a kernel can be lowered (`jax.export`) for a GPU or TPU on a CPU-only machine
   VMEM scratch accumulator (checked against `TPU_VMEM_BUDGET`).
 
 On CPU the kernels run in interpret mode (`interpret=True` for the Triton-style kernels,
-`pltpu.InterpretParams()` for the TPU-style ones).
+`pltpu.InterpretParams()` for the TPU-style ones). Learned on the way: Mosaic TPU's (8, 128) block rule holds
+for SMEM blocks too (per-row tables travel as [B, rows, 1, cols]); `pl.program_id` must be read at a kernel's
+top level (the interpreter cannot lower it inside a `lax.cond` branch); Triton's `atomic_add` runs in
+interpret mode, so kernels that use it are tested on CPU.
 """
 
 from __future__ import annotations
