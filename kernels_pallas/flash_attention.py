@@ -300,16 +300,22 @@ def _head_block(backend: str, rows: int, H: int, index):
     return pl.BlockSpec((sq, sq, rows, H), lambda *ids: (lambda b, n, r: (b, n, r, 0))(*index(*ids)))
 
 
+def _query_block_specs(backend: str, bq: int, S: int, H: int, G: int):
+    """Specs over grid (batch, head, query block), shared by the forward and dq kernels: this block's
+    positions / segment ids [1, bq], all keys' [1, S], the q block, the whole K or V of the head's kv head,
+    and this block's row statistics [1, bq]."""
+    sq = pl.Squeezed()
+    return (pl.BlockSpec((sq, 1, bq), lambda b, n, i: (b, 0, i)), pl.BlockSpec((sq, 1, S), lambda b, n, i: (b, 0, 0)),
+            _head_block(backend, bq, H, lambda b, n, i: (b, n, i)),
+            _head_block(backend, S, H, lambda b, n, i: (b, n // G, 0)),
+            pl.BlockSpec((sq, sq, 1, bq), lambda b, n, i: (b, n, 0, i)))
+
+
 def _forward(q, k, v, qpos, kpos, qseg, kseg, m: Mask, tiles: Tiles, backend: str, interpret):
     B, N, T, H, K, S = _dims(q, k, backend)
     G, (bq, bk) = N // K, tiles.fwd
-    sq = pl.Squeezed()
     cls_spec, cls = _class_spec(backend, block_classes(qpos[:, 0], kpos[:, 0], qseg[:, 0], kseg[:, 0], bq, bk, m))
-    qrow = pl.BlockSpec((sq, 1, bq), lambda b, n, i: (b, 0, i))
-    krow = pl.BlockSpec((sq, 1, S), lambda b, n, i: (b, 0, 0))
-    q_block = _head_block(backend, bq, H, lambda b, n, i: (b, n, i))
-    kv_whole = _head_block(backend, S, H, lambda b, n, i: (b, n // G, 0))
-    stats = pl.BlockSpec((sq, sq, 1, bq), lambda b, n, i: (b, n, 0, i))
+    qrow, krow, q_block, kv_whole, stats = _query_block_specs(backend, bq, S, H, G)
     kernel = functools.partial(_fwd_kernel, m=m, bq=bq, bk=bk, self_attention=T == S, backend=backend)
     return pl.pallas_call(
         kernel, grid=(B, N, T // bq),
@@ -359,11 +365,7 @@ def _backward(q, k, v, qpos, kpos, qseg, kseg, o, lse, do, m: Mask, tiles: Tiles
 
     bq, bk = tiles.dq  # TPU: no atomics, so dq is a kernel of its own
     cls_spec, cls = _class_spec(backend, block_classes(*ids, bq, bk, m))
-    qrow = pl.BlockSpec((sq, 1, bq), lambda b, n, i: (b, 0, i))
-    krow = pl.BlockSpec((sq, 1, S), lambda b, n, i: (b, 0, 0))
-    q_block = _head_block(backend, bq, H, lambda b, n, i: (b, n, i))
-    kv_whole = _head_block(backend, S, H, lambda b, n, i: (b, n // G, 0))
-    stats = pl.BlockSpec((sq, sq, 1, bq), lambda b, n, i: (b, n, 0, i))
+    qrow, krow, q_block, kv_whole, stats = _query_block_specs(backend, bq, S, H, G)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, m=m, bq=bq, bk=bk, self_attention=T == S, backend=backend), grid=(B, N, T // bq),
         in_specs=[cls_spec, qrow, qrow, krow, krow, q_block, kv_whole, kv_whole, q_block, stats, stats],
