@@ -28,14 +28,18 @@ def _x(B=2, T=9, D=32, seed=1):
 def _naive(layer: MoeFfn, x_BTD):
     """Per token, per chosen expert: weight * SwiGLU_e(x), summed (null experts add nothing)."""
     x = np.asarray(x_BTD.reshape(-1, x_BTD.shape[-1]), np.float64)
-    r = route(jnp.asarray(x, jnp.float32), layer.router[...], layer.cfg.moe.top_k)
+    router = np.asarray(layer.router[...], np.float64)  # [D, experts + null slots]
     g, u, d = (np.asarray(w[...], np.float64) for w in (layer.gate, layer.up, layer.down))
     silu = lambda z: z / (1 + np.exp(-z))
     out = np.zeros_like(x)
     for n in range(x.shape[0]):
-        for e, w in zip(np.asarray(r.expert_NK[n]), np.asarray(r.weight_NK[n])):
-            if e < g.shape[0]:
-                out[n] += w * ((silu(x[n] @ g[e]) * (x[n] @ u[e])) @ d[e])
+        logits = x[n] @ router
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        chosen = np.argsort(-p, kind="stable")[:layer.cfg.moe.top_k]  # ties: the lower slot first
+        for e in chosen:
+            if e < g.shape[0]:  # a null slot adds nothing but keeps its share of the renormalised weight
+                out[n] += p[e] / p[chosen].sum() * ((silu(x[n] @ g[e]) * (x[n] @ u[e])) @ d[e])
     return out.reshape(x_BTD.shape)
 
 
@@ -43,6 +47,7 @@ def _naive(layer: MoeFfn, x_BTD):
 def test_dropless_equals_a_naive_loop_including_zero_token_experts(null):
     layer = _layer(null_experts=null)
     layer.router.value = layer.router[...].at[:, 3].set(-10.0)  # with x > 0: expert 3 gets no token
+    layer.router.value = layer.router[...].at[:, 2].set(layer.router[:, 1])  # experts 1 and 2 tie on every token
     x = jnp.abs(_x())
     y, stats, _ = layer(x)
     assert float(stats.expert_load[3]) == 0.0

@@ -14,7 +14,7 @@ from flax import nnx
 from jaxllm.config import ConfigError, MlpConfig, load_config
 from jaxllm.generate import generate
 from jaxllm.language_model import LanguageModel, build
-from jaxllm.models.structured import StructuredLinear, structure_sizes, structured_params
+from jaxllm.models.structured import Sizes, StructuredLinear, structure_sizes, structured_params
 from jaxllm.sharding import make_mesh
 
 from conftest import tiny_model
@@ -28,16 +28,71 @@ def _map(structure, i, o, impl="xla", **sizes):
     return StructuredLinear(cfg, i, o, ("embed", "mlp"), std=0.02, rngs=nnx.Rngs(0))
 
 
+def _shuffle_matrix(n: int, groups: int) -> np.ndarray:
+    """Monarch's channel shuffle as an explicit permutation matrix P [n, n] (row vectors: y = x P): channel
+    j * (n / groups) + k of the [groups, n / groups] view moves to k * groups + j."""
+    P = np.zeros((n, n))
+    for j in range(groups):
+        for k in range(n // groups):
+            P[j * (n // groups) + k, k * groups + j] = 1
+    return P
+
+
+def _block_diag(blocks: np.ndarray) -> np.ndarray:
+    """The block-diagonal matrix of blocks [b, r, c], assembled block by block."""
+    b, r, c = blocks.shape
+    M = np.zeros((b * r, b * c))
+    for j in range(b):
+        M[j * r:(j + 1) * r, j * c:(j + 1) * c] = blocks[j]
+    return M
+
+
+def dense_matrix(structure: str, v: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """The dense [in, out] matrix a structured map's factors define (the module docstring's formulas), in numpy."""
+    v, u = np.asarray(v, np.float64), np.asarray(u, np.float64)
+    if structure == "lowrank":
+        return v @ u
+    if structure == "blockdense":
+        return _block_diag(v) @ u
+    b = v.shape[0]
+    mid, out = b * v.shape[2], b * u.shape[2]
+    # x -> P^-1 BD(P BD(x, V), U): the inverse shuffle on the outputs is the [out/b, b] -> [b, out/b] view change
+    return _block_diag(v) @ _shuffle_matrix(mid, b) @ _block_diag(u) @ _shuffle_matrix(out, out // b)
+
+
+def _map_case(structure, i, o, impl="xla", **sizes):
+    layer = _map(structure, i, o, impl, **sizes)
+    return layer, dense_matrix(structure, layer.v[...], layer.u[...])
+
+
 @pytest.mark.parametrize("i, o", [(32, 64), (64, 32)])
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_each_structure_equals_its_dense_matrix(structure, i, o):
-    layer = _map(structure, i, o)
+    layer, w = _map_case(structure, i, o)
     x = jax.random.normal(jax.random.key(1), (3, 5, i))
-    w = layer.dense_kernel()
-    np.testing.assert_allclose(layer(x), x @ w, atol=TOL, rtol=0)
+    np.testing.assert_allclose(layer(x), np.asarray(x, np.float64) @ w, atol=TOL, rtol=0)
+    np.testing.assert_allclose(layer.dense_kernel(), w, atol=TOL, rtol=0)  # what merging and the guide start from
     # the init keeps the dense init's scale (std 0.02) within sampling error
-    assert 0.012 < float(jnp.std(w)) < 0.03
+    assert 0.012 < float(np.std(w)) < 0.03
     assert layer.num_params == sum(p.size for p in jax.tree.leaves(nnx.state(layer, nnx.Param)))
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_each_structure_has_its_rank_and_block_pattern(structure):
+    """The map is what its name says: rank r (lowrank, blockdense); Monarch (blockshuffle): every (input
+    block, output block) tile has rank <= the paths linking them, (in/b) * (out/b) / (min(in, out) / b^2)."""
+    i, o = 32, 64
+    layer, w = _map_case(structure, i, o, rank=4 if structure != "blockshuffle" else None, blocks=4)
+    if structure in ("lowrank", "blockdense"):
+        assert np.linalg.matrix_rank(w, tol=1e-8) == layer.rank == 4
+        return
+    b, paths = layer.blocks, min(i, o) // layer.blocks ** 2
+    out_of = _shuffle_matrix(o, o // b).argmax(1)  # where each column of BD(U) lands after P^-1
+    for j in range(b):
+        for l in range(b):
+            tile = w[j * i // b:(j + 1) * i // b][:, out_of[l * o // b:(l + 1) * o // b]]
+            assert np.linalg.matrix_rank(tile, tol=1e-8) == paths, (j, l)
+    assert np.linalg.matrix_rank(w, tol=1e-8) == min(i, o)  # the blocks mix: full rank overall
 
 
 @pytest.mark.parametrize("structure", ["blockdense", "blockshuffle"])
@@ -54,20 +109,30 @@ def test_kernel_path_gradients_equal_the_einsum_path(structure):
     chex.assert_trees_all_close(outs["pallas"][1], outs["xla"][1], atol=TOL)
 
 
-@pytest.mark.parametrize("fraction", [0.63, 0.32])
+def _allowed_sizes(structure: str, i: int, o: int):
+    """Every size the structure admits for an [i -> o] map (at the default 4 blocks for blockdense)."""
+    if structure == "lowrank":
+        return [Sizes(r, None) for r in range(1, min(i, o) + 1)]
+    if structure == "blockdense":
+        return [Sizes(r, 4) for r in range(4, i * o // (i // 4 + o) + 8, 4)]  # up to the dense count
+    return [Sizes(None, b) for b in range(1, min(i, o) + 1) if i % b == 0 and o % b == 0]
+
+
+@pytest.mark.parametrize("fraction", [0.63, 0.32, 0.1])
 @pytest.mark.parametrize("structure", STRUCTURES)
-def test_param_fraction_sizing(structure, fraction):
+def test_param_fraction_picks_the_nearest_size(structure, fraction):
+    """The sizing rule's promise: of the sizes the structure admits, the one whose parameter count is
+    nearest fraction * in * out (found here by enumerating them all)."""
     mlp = MlpConfig(d_ff=1536, structure=structure, param_fraction=fraction)
-    for i, o in ((512, 1536), (1536, 512)):
-        sizes = structure_sizes(mlp, i, o)
-        got = structured_params(structure, sizes, i, o) / (i * o)
-        assert abs(got - fraction) < 0.12, (structure, sizes, got)
+    for i, o in ((512, 1536), (1536, 512), (96, 160)):
+        got = structured_params(structure, structure_sizes(mlp, i, o), i, o)
+        best = min(abs(structured_params(structure, s, i, o) - fraction * i * o) for s in _allowed_sizes(structure, i, o))
+        assert abs(got - fraction * i * o) == pytest.approx(best), (i, o, got)
 
 
 def test_sizes_set_directly_and_their_errors():
     assert structure_sizes(MlpConfig(structure="lowrank", rank=7), 32, 64).rank == 7
-    assert structure_sizes(MlpConfig(structure="blockdense", rank=16, blocks=8), 32, 64) == structure_sizes(
-        MlpConfig(structure="blockdense", rank=16, blocks=8), 32, 64)
+    assert structure_sizes(MlpConfig(structure="blockdense", rank=16, blocks=8), 32, 64) == Sizes(16, 8)
     with pytest.raises(ConfigError, match="rank=40 exceeds min"):
         structure_sizes(MlpConfig(structure="lowrank", rank=40), 32, 64)
     with pytest.raises(ConfigError, match="blocks=3 must divide"):
@@ -88,6 +153,10 @@ def test_model_accounting_and_merged_model(structure):
     params = lm.init(jax.random.key(0))
     tokens = np.random.default_rng(0).integers(0, 97, (2, 11))
     merged = lm.merge_params(params)
+    for name, factors in params["blocks"]["mlp"].items():  # each merged kernel is the numpy matrix of its factors
+        for layer in range(cfg.num_layers):
+            want = dense_matrix(structure, factors["v"][layer], factors["u"][layer])
+            np.testing.assert_allclose(merged["blocks"]["mlp"][name]["kernel"][layer], want, atol=TOL, err_msg=name)
     np.testing.assert_allclose(lm.merged_model.apply(merged, tokens), lm.apply(params, tokens), atol=TOL)
 
 

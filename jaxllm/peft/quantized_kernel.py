@@ -86,12 +86,5 @@ def quantized_logical_axes(axes: tuple[str | None, ...], kind: str) -> Quantized
     return QuantizedKernel(codes=(*axes, None), scales=tuple(axes), kind=kind)  # type: ignore[arg-type]
 
 
-def max_error(kind: str) -> float:
-    """Worst-case |dequantised - original| / block absmax: half the widest gap between levels."""
-    if kind == "int8":
-        return 0.5 / 127.0
-    return max(b - a for a, b in zip(NF4_LEVELS, NF4_LEVELS[1:])) / 2
-
-
 def num_bytes(q: QuantizedKernel) -> int:
     return int(math.prod(q.codes.shape)) * q.codes.dtype.itemsize + int(math.prod(q.scales.shape)) * 4
