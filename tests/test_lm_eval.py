@@ -1,5 +1,6 @@
 """The lm-eval adapter on a tiny jaxllm model and a tiny local task (copying on the synthetic language)."""
 
+import json
 from pathlib import Path
 
 import jax
@@ -45,12 +46,23 @@ def _req(kind, *args):
     return Instance(request_type=kind, doc={}, arguments=args, idx=0)
 
 
+def _direct_logp(adapter, text: str) -> tuple[list[int], np.ndarray]:
+    """(ids of BOS + text, log p [len - 1, vocab] of each next token): the model applied once, unbatched."""
+    ids = [adapter.tok.bos_id] + adapter.tok.encode(text)
+    return ids, np.asarray(jax.nn.log_softmax(adapter.lm.apply(adapter.params, np.asarray([ids[:-1]])), axis=-1)[0])
+
+
+def _direct_loglikelihood(adapter, ctx: str, cont: str) -> float:
+    """sum log p(cont | ctx), the character tokenizer's tokens of cont being the last len(cont)."""
+    ids, logp = _direct_logp(adapter, ctx + cont)
+    return sum(float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1 - len(cont), len(ids) - 1))
+
+
 def test_loglikelihood_equals_a_direct_computation(adapter):
     tok = adapter.tok
     ctx, cont = "|abcdef", "gh"
-    ids = [tok.bos_id] + tok.encode(ctx + cont)
-    logp = jax.nn.log_softmax(adapter.lm.apply(adapter.params, np.asarray([ids[:-1]])), axis=-1)[0]
-    expected = sum(float(logp[i, ids[i + 1]]) for i in range(len(ids) - 3, len(ids) - 1))
+    ids, logp = _direct_logp(adapter, ctx + cont)
+    expected = _direct_loglikelihood(adapter, ctx, cont)
     (score, _), = adapter.loglikelihood([_req("loglikelihood", ctx, cont)])
     assert score == pytest.approx(expected, abs=1e-4)
     greedy = tok.decode([int(np.argmax(logp[len(ids) - 3]))])  # the argmax right after ctx
@@ -72,5 +84,12 @@ def test_simple_evaluate_on_a_tiny_local_task(adapter, tmp_path):
     (tmp_path / "copy.yaml").write_text(TASK_YAML.format(path=TASK_DATA))
     manager = TaskManager(include_path=str(tmp_path))
     out = lm_eval.simple_evaluate(model=adapter, tasks=["jaxllm_copy"], task_manager=manager, bootstrap_iters=0)
-    acc = out["results"]["jaxllm_copy"]["acc,none"]
-    assert 0.0 <= acc <= 1.0 and out["n-samples"]["jaxllm_copy"]["effective"] == 6
+    # the accuracy by hand: a doc counts when its label's choice (after lm-eval's " " delimiter) scores highest
+    docs = [json.loads(line) for line in TASK_DATA.read_text().splitlines()]
+    scores = [[_direct_loglikelihood(adapter, d["context"], " " + c) for c in d["choices"]] for d in docs]
+    right = [int(np.argmax(s)) == d["label"] for s, d in zip(scores, docs)]
+    for sample in out["samples"]["jaxllm_copy"]:  # and each choice's score lm-eval saw is the direct one
+        got = [float(ll) for ll, _ in sample["filtered_resps"]]
+        np.testing.assert_allclose(got, scores[sample["doc_id"]], atol=1e-4)
+    assert out["n-samples"]["jaxllm_copy"]["effective"] == len(docs) == 6
+    assert out["results"]["jaxllm_copy"]["acc,none"] == pytest.approx(np.mean(right))
