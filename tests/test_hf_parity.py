@@ -91,6 +91,40 @@ def test_import_generate_export_round_trip(family, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params2, params)
 
 
+@pytest.mark.parametrize("family", ["llama", "llama3_scaled_rope"])
+def test_sharp_attention_parity_would_catch_a_wrong_rotation(family, tmp_path):
+    """At std-0.02 init attention is nearly uniform: a RoPE mistake moves logits by ~1e-3, close to TOL. With q/k
+    scaled to std 0.5 attention is sharp: the import still matches within TOL, while a copy of the mapping with
+    one sign flipped (the second half of every q/k head negated: the rotation runs backwards) and, for llama3,
+    the same checkpoint read without its rope scaling, both miss by ~0.2, over 100 x TOL."""
+    import dataclasses
+
+    from jaxllm.config import RopeScalingConfig
+
+    model = _hf_model(family)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(25.0)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    lm, params, _ = load_hf_checkpoint(tmp_path / "hf")
+    tokens, mask, positions = _batch()
+    real = mask.astype(bool)
+    ref = _hf_logits(model, tokens, mask, positions)[real]
+    miss = lambda lm, params: float(np.max(np.abs(np.asarray(lm.apply(params, tokens, positions, mask))[real] - ref)))
+    assert miss(lm, params) < TOL
+
+    attn = params["blocks"]["attn"]
+    half = attn["q"]["kernel"].shape[-1] // 2
+    flip = lambda w: w.at[..., half:].multiply(-1)  # kernels [layers, D, heads, head_dim]
+    flipped = {**params, "blocks": {**params["blocks"], "attn": {
+        **attn, "q": {"kernel": flip(attn["q"]["kernel"])}, "k": {"kernel": flip(attn["k"]["kernel"])}}}}
+    assert miss(lm, flipped) > 100 * TOL
+    if family == "llama3_scaled_rope":
+        unscaled = LanguageModel(dataclasses.replace(lm.cfg, rope_scaling=RopeScalingConfig()))
+        assert miss(unscaled, params) > 100 * TOL
+
+
 def test_sharded_import_places_params_on_the_mesh(tmp_path):
     from jaxllm.config import MeshConfig
     from jaxllm.sharding import make_mesh
