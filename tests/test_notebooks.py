@@ -1,4 +1,6 @@
-"""Every notebook in notebooks/ runs top to bottom on tiny settings (cell errors fail the test)."""
+"""Every notebook in notebooks/ runs top to bottom on tiny settings; each asserts in its own cells what it
+claims (loss well below a uniform guess, merged == factored, the adapter beats the base on held-out prompts),
+so a cell error or a broken claim fails the test."""
 
 from pathlib import Path
 
@@ -7,7 +9,7 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
-TINY = "STEPS = 15\nPRESET = 'tiny'"
+TINY = "STEPS = 15\nPRESET = 'tiny'\nFT_STEPS = 40"  # lora_finetune: enough steps on the tiny base for its held-out claim
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
@@ -18,7 +20,7 @@ def test_notebook_runs(path, tmp_path):
     params[0].source = TINY
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "step 15: loss" in outputs
+    assert "step 15" in outputs  # trained to the end (each notebook asserts its own claims in its cells)
 
 
 def test_there_are_notebooks():
