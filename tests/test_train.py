@@ -22,6 +22,8 @@ from jaxllm.train.optimizer import decay_mask, make_schedule
 from jaxllm.train.step import init_state, make_train_step
 from jaxllm.train.trainer import train
 
+from conftest import FAST_COMPILE
+
 FAST = ["data.synthetic_docs=600", "train.log_every=1", "checkpoint.async_save=false"]
 
 
@@ -85,7 +87,7 @@ def test_checkpoint_of_a_different_model_shape_is_a_clear_error(trained_run, tmp
 
 def _run_cli(run_dir, *overrides, wait=True):
     cmd = [sys.executable, "-m", "jaxllm.cli", "train", "--config", "tiny", f"checkpoint.run_dir={run_dir}", *FAST, *overrides]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     if wait:
         out, _ = proc.communicate(timeout=300)
