@@ -19,8 +19,8 @@ def test_notebook_runs(path, tmp_path):
     assert params, f"{path.name} needs a cell tagged 'parameters' so tests can shrink it"
     params[0].source = TINY
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "step 15" in outputs  # trained to the end (each notebook asserts its own claims in its cells)
+    # every cell ran (each notebook asserts its own claims in its cells, so a broken claim is a cell error)
+    assert all(c.execution_count for c in nb.cells if c.cell_type == "code" and c.source.strip())
 
 
 def test_there_are_notebooks():
