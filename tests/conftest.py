@@ -67,3 +67,12 @@ def pallas_block_shapes(fn, *args) -> list[tuple[tuple[int, ...], tuple[int, ...
                 shape = tuple(getattr(d, "block_size", 1) for d in bm.block_shape)
                 found.append((shape, bm.array_aval.shape))
     return found
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests sharing a module-scoped fixture (a trained run, a compiled model) run on one xdist worker
+    (`--dist loadgroup`), so the fixture is built once; every other test goes wherever a worker is free."""
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        if defs and any(d.scope == "module" for ds in defs.name2fixturedefs.values() for d in ds):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

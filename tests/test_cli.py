@@ -19,13 +19,13 @@ def test_info_and_config_errors(capsys):
 def test_default_train_lowers_the_loss_then_generate_convert_eval(tmp_path, capsys):
     run = tmp_path / "run"
     # the default preset (small), shortened
-    assert main(["train", f"checkpoint.run_dir={run}", "train.steps=30", "train.warmup_steps=5", "train.log_every=1",
+    assert main(["train", f"checkpoint.run_dir={run}", "train.steps=20", "train.warmup_steps=3", "train.log_every=1",
                  "data.synthetic_docs=2000", "checkpoint.async_save=false"]) == 0
     out = capsys.readouterr().out
-    assert "done: step 30" in out and "floor" in out
+    assert "done: step 20" in out and "floor" in out
     losses = [json.loads(line)["train/loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
               if "train/loss" in line]
-    assert losses[-1] < 0.6 * losses[0]
+    assert losses[-1] < 0.6 * losses[0], losses
 
     assert main(["generate", "--model", str(run), "--prompt", "|abc", "--max-new-tokens", "24"]) == 0
     text = capsys.readouterr().out.strip()

@@ -101,7 +101,7 @@ def test_checkpoint_of_two_processes_restores_in_one_process_on_another_mesh(run
     np.testing.assert_allclose(out, jax.jit(ref_setup.lm.apply)(ref.params, tokens), atol=1e-4)
 
 
-def test_killed_process_stops_the_survivor_and_the_pair_resumes(runs, tmp_path):
+def test_killed_process_stops_the_survivor_and_the_pair_resumes(tmp_path):
     run, steps, timeout = tmp_path / "killed", "train.steps=30", "--heartbeat-timeout=10"
     procs = _train(run, steps, timeout, processes=2, devices=4, wait=False)
     deadline = time.time() + 240
