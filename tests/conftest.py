@@ -9,6 +9,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import dataclasses  # noqa: E402
+import gc  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -69,10 +70,9 @@ def pallas_block_shapes(fn, *args) -> list[tuple[tuple[int, ...], tuple[int, ...
     return found
 
 
-def pytest_collection_modifyitems(config, items):
-    """Tests sharing a module-scoped fixture (a trained run, a compiled model) run on one xdist worker
-    (`--dist loadgroup`), so the fixture is built once; every other test goes wherever a worker is free."""
-    for item in items:
-        defs = getattr(item, "_fixtureinfo", None)
-        if defs and any(d.scope == "module" for ds in defs.name2fixturedefs.values() for d in ds):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+def pytest_runtest_teardown(item, nextitem):
+    """After a module's last test (on this worker), drop JAX's compiled programs: a worker otherwise grows
+    past 5 GiB over the suite."""
+    if nextitem is None or nextitem.module is not item.module:
+        jax.clear_caches()
+        gc.collect()
