@@ -1,5 +1,7 @@
-"""Flash attention (Pallas, interpret mode on CPU) against its pure-JAX reference: values and gradients over
-awkward shapes -- odd lengths, GQA ratios 1/4/8, many short documents per row, windows, soft-cap on/off."""
+"""Flash attention (Pallas, interpret mode on CPU) against attention written from its definition in this file
+(`_definition`: its own visibility rule from positions and segment ids, independent of `kernels_pallas`): values
+and gradients over awkward shapes -- odd lengths, GQA ratios 1/4/8, many short documents per row, windows,
+soft-cap on/off. The module's own `attention_reference` is checked against the same definition."""
 
 import dataclasses
 
@@ -12,6 +14,29 @@ import pytest
 from kernels_pallas.flash_attention import attention_reference, flash_attention
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}  # max abs difference of outputs and of gradients
+
+
+def _definition(q_BTNH, k_BSKH, v_BSKH, *, q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal=True,
+                sliding_window=None, logit_softcap=None):
+    """softmax(q.k / sqrt(H), capped as c * tanh(s / c)) over the keys query t may see, in f32: key s is visible
+    iff it is in t's document (equal segment ids), not after t by position when causal, and |pos_t - pos_s| <
+    window when windowed. Query head n reads key/value head n // (N // K). No masking constant: invisible keys
+    get exactly zero weight."""
+    B, T, N, H = q_BTNH.shape
+    kv_head_N = jnp.arange(N) // (N // k_BSKH.shape[2])
+    k_BSNH, v_BSNH = (x[:, :, kv_head_N].astype(jnp.float32) for x in (k_BSKH, v_BSKH))
+    s_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH.astype(jnp.float32), k_BSNH) / np.sqrt(H)
+    if logit_softcap is not None:
+        s_BNTS = logit_softcap * jnp.tanh(s_BNTS / logit_softcap)
+    q_pos, k_pos = q_positions[:, :, None], kv_positions[:, None, :]
+    visible_BTS = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    if causal:
+        visible_BTS = visible_BTS & (k_pos <= q_pos)
+    if sliding_window is not None:
+        visible_BTS = visible_BTS & (jnp.abs(q_pos - k_pos) < sliding_window)
+    e_BNTS = jnp.where(visible_BTS[:, None], jnp.exp(s_BNTS - s_BNTS.max(-1, keepdims=True)), 0.0)
+    p_BNTS = e_BNTS / e_BNTS.sum(-1, keepdims=True)
+    return jnp.einsum("bnts,bsnh->btnh", p_BNTS, v_BSNH).astype(q_BTNH.dtype)
 
 
 def _inputs(B, T, N, K, H, docs, dtype, seed=0):
@@ -42,11 +67,11 @@ def _check(B=2, T=40, N=4, K=2, H=32, docs=1, causal=True, window=None, softcap=
 
     flash = lambda q, k, v, **kw: flash_attention(q, k, v, block_q=block_q, block_k=block_k, **kw)
     out = flash(q, k, v, **kw)
-    ref = attention_reference(q, k, v, **kw)
+    ref = _definition(q, k, v, **kw)
     tol = TOL[dtype]
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=0)
     grads = jax.grad(loss(flash), argnums=(0, 1, 2))(q, k, v)
-    ref_grads = jax.grad(loss(attention_reference), argnums=(0, 1, 2))(q, k, v)
+    ref_grads = jax.grad(loss(_definition), argnums=(0, 1, 2))(q, k, v)
     for g, r, name in zip(grads, ref_grads, "qkv"):
         scale = max(1.0, float(jnp.abs(r.astype(jnp.float32)).max()))
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), atol=tol * scale, rtol=0,
@@ -96,7 +121,16 @@ def test_cross_attention_lengths():
     kw = dict(q_positions=jnp.arange(S - T, S)[None], kv_positions=jnp.arange(S)[None],
               q_segment_ids=jnp.ones((B, T), jnp.int32), kv_segment_ids=jnp.ones((B, S), jnp.int32))
     np.testing.assert_allclose(flash_attention(q, k, v, block_q=16, block_k=16, **kw),
-                               attention_reference(q, k, v, **kw), atol=2e-5)
+                               _definition(q, k, v, **kw), atol=2e-5)
+
+
+@pytest.mark.parametrize("causal, window, softcap", [(True, None, None), (False, 6, 7.0), (True, 3, None)])
+def test_module_reference_is_the_definition(causal, window, softcap):
+    """`attention_reference` (the pure-JAX reference shipped beside the kernel) against `_definition`."""
+    q, k, v, pos, seg = _inputs(2, 29, 4, 2, 16, 3, jnp.float32)
+    kw = dict(q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg, causal=causal,
+              sliding_window=window, logit_softcap=softcap)
+    np.testing.assert_allclose(attention_reference(q, k, v, **kw), _definition(q, k, v, **kw), atol=2e-6)
 
 
 @pytest.mark.slow
@@ -112,9 +146,9 @@ def test_tpu_interpret_mode():
     q, k, v, pos, seg = _inputs(1, 32, 4, 2, 128, 2, jnp.float32)
     kw = dict(q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg, logit_softcap=10.0)
     run = lambda q, k, v: flash_attention(q, k, v, block_q=16, block_k=8, backend="tpu", interpret=pltpu.InterpretParams(), **kw)
-    np.testing.assert_allclose(run(q, k, v), attention_reference(q, k, v, **kw), atol=2e-5)
+    np.testing.assert_allclose(run(q, k, v), _definition(q, k, v, **kw), atol=2e-5)
     g = jax.grad(lambda *a: run(*a).sum(), argnums=(0, 1, 2))(q, k, v)
-    r = jax.grad(lambda *a: attention_reference(*a, **kw).sum(), argnums=(0, 1, 2))(q, k, v)
+    r = jax.grad(lambda *a: _definition(*a, **kw).sum(), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g, r):
         np.testing.assert_allclose(a, b, atol=1e-4)
 
