@@ -11,9 +11,23 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxllm.config import CheckpointConfig, ConfigError
+
+# Orbax saves an array held by several replicas in parallel slices, one per replica; below this many bytes per
+# slice that buys nothing and costs a dispatch and a compiled `slice` per shape (the first save of a tiny model
+# on 8 CPU devices: 2.8 s of 8.7 s of a 12-step run).
+REPLICA_PARALLEL_MIN_BYTES = 1 << 20
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """Orbax's pytree handler, its jax.Array handler set to slice for replica-parallel saves only large arrays."""
+    arrays = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)
+    others = [(t, ocp.type_handlers.get_type_handler(t)) for t in (int, float, np.number, np.ndarray)]
+    registry = ocp.type_handlers.create_type_handler_registry(*others, (jax.Array, arrays))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 class Checkpointer:
@@ -23,12 +37,12 @@ class Checkpointer:
             max_to_keep=cfg.keep_last, keep_period=cfg.keep_every,
             enable_async_checkpointing=cfg.async_save, create=True,
         )
-        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+        handlers = {"state": _state_handler(), "data": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
 
     def save(self, step: int, state: Any, data_state: dict[str, Any], *, force: bool = False) -> None:
         """Save (asynchronously if configured) at `step`; `force` saves even off the interval."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+        args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state))
         self.manager.save(step, args=args, force=force)
 
     def wait(self) -> None:
@@ -47,7 +61,9 @@ class Checkpointer:
                 self._check_shapes(step, abstract_state)
                 restored = self.manager.restore(
                     step,
-                    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
+                    args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                        abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
+                        data=ocp.args.JsonRestore()),
                 )
             except ConfigError:
                 raise
