@@ -20,6 +20,8 @@ from jaxllm.data.synthetic import document_entropy, generate_documents
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer
 
 
+READ_IN_CALLER = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+
 # document -> (token ids [n] int32, loss weight of each token as a target [n] f32)
 Encoder = Callable[[Any], tuple[np.ndarray, np.ndarray]]
 
@@ -126,7 +128,9 @@ def make_batches(
     ds = grain.MapDataset.source(list(docs))
     if repeat:
         ds = ds.shuffle(seed=seed).repeat()
-    ds = ds.map(encode or text_encoder(tokenizer)).to_iter_dataset()
+    # documents are in memory and encoding holds the GIL: read in the calling thread, as grain advises (its
+    # default, 16 threads prefetching 500 documents, costs each of RowStreams' per-row streams its own pool)
+    ds = ds.map(encode or text_encoder(tokenizer)).to_iter_dataset(READ_IN_CALLER)
     ds = grain.experimental.FlatMapIterDataset(ds, _Windows(seq_len))
     ds = grain.experimental.FirstFitPackIterDataset(
         ds, length_struct={"inputs": seq_len, "targets": seq_len, "weights": seq_len}, num_packing_bins=max(4, batch_size),
