@@ -108,7 +108,7 @@ def _losses(run_dir):
 
 @pytest.mark.slow
 def test_exact_resume_after_sigkill(tmp_path):
-    steps = ["train.steps=60", "checkpoint.save_every=10"]
+    steps = ["train.steps=30", "checkpoint.save_every=6"]
     rc, out = _run_cli(tmp_path / "straight", *steps)
     assert rc == 0, out
     straight = _losses(tmp_path / "straight")
@@ -116,23 +116,23 @@ def test_exact_resume_after_sigkill(tmp_path):
     run = tmp_path / "killed"
     proc = _run_cli(run, *steps, wait=False)
     deadline = time.time() + 240
-    while not (run / "checkpoints" / "30" / "commit_success.txt").exists():
+    while not (run / "checkpoints" / "12" / "commit_success.txt").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before the kill"
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     killed = _losses(run)
-    assert max(killed) < 60, "the kill came after the run finished"
+    assert max(killed) < 30, "the kill came after the run finished"
 
-    rc, out = _run_cli(run, "train.steps=60")  # same dir: resumes with the saved config
+    rc, out = _run_cli(run, "train.steps=30")  # same dir: resumes with the saved config
     assert rc == 0, out
     assert "resuming from step" in out
     resumed = _losses(run)
     for step, values in resumed.items():  # every logged value (before and after the kill) matches
         for v in values:
             assert v == pytest.approx(straight[step][0], abs=1e-6), step
-    assert sorted(resumed) == list(range(1, 61))
+    assert sorted(resumed) == list(range(1, 31))
 
 
 @pytest.mark.slow
