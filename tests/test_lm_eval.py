@@ -82,7 +82,7 @@ def test_generate_until_stops_at_the_until_string(adapter):
 
 def test_simple_evaluate_on_a_tiny_local_task(adapter, tmp_path):
     (tmp_path / "copy.yaml").write_text(TASK_YAML.format(path=TASK_DATA))
-    manager = TaskManager(include_path=str(tmp_path))
+    manager = TaskManager(include_path=str(tmp_path), include_defaults=False)  # not lm-eval's thousands of tasks
     out = lm_eval.simple_evaluate(model=adapter, tasks=["jaxllm_copy"], task_manager=manager, bootstrap_iters=0)
     # the accuracy by hand: a doc counts when its label's choice (after lm-eval's " " delimiter) scores highest
     docs = [json.loads(line) for line in TASK_DATA.read_text().splitlines()]
