@@ -4,6 +4,7 @@ and gradients over awkward shapes -- odd lengths, GQA ratios 1/4/8, many short d
 soft-cap on/off. The module's own `attention_reference` is checked against the same definition."""
 
 import dataclasses
+from functools import partial
 
 import chex
 import jax
@@ -66,12 +67,12 @@ def _check(B=2, T=40, N=4, K=2, H=32, docs=1, causal=True, window=None, softcap=
         return lambda q, k, v: jnp.sum((fn(q, k, v, **kw).astype(jnp.float32)) * dout.astype(jnp.float32))
 
     flash = lambda q, k, v, **kw: flash_attention(q, k, v, block_q=block_q, block_k=block_k, **kw)
-    out = flash(q, k, v, **kw)
+    out = jax.jit(partial(flash, **kw))(q, k, v)
     ref = _definition(q, k, v, **kw)
     tol = TOL[dtype]
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=0)
-    grads = jax.grad(loss(flash), argnums=(0, 1, 2))(q, k, v)
-    ref_grads = jax.grad(loss(_definition), argnums=(0, 1, 2))(q, k, v)
+    grads = jax.jit(jax.grad(loss(flash), argnums=(0, 1, 2)))(q, k, v)
+    ref_grads = jax.jit(jax.grad(loss(_definition), argnums=(0, 1, 2)))(q, k, v)
     for g, r, name in zip(grads, ref_grads, "qkv"):
         scale = max(1.0, float(jnp.abs(r.astype(jnp.float32)).max()))
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), atol=tol * scale, rtol=0,
@@ -146,9 +147,9 @@ def test_tpu_interpret_mode():
     q, k, v, pos, seg = _inputs(1, 32, 4, 2, 128, 2, jnp.float32)
     kw = dict(q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg, logit_softcap=10.0)
     run = lambda q, k, v: flash_attention(q, k, v, block_q=16, block_k=8, backend="tpu", interpret=pltpu.InterpretParams(), **kw)
-    np.testing.assert_allclose(run(q, k, v), _definition(q, k, v, **kw), atol=2e-5)
-    g = jax.grad(lambda *a: run(*a).sum(), argnums=(0, 1, 2))(q, k, v)
-    r = jax.grad(lambda *a: _definition(*a, **kw).sum(), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(jax.jit(run)(q, k, v), _definition(q, k, v, **kw), atol=2e-5)
+    g = jax.jit(jax.grad(lambda *a: run(*a).sum(), argnums=(0, 1, 2)))(q, k, v)
+    r = jax.jit(jax.grad(lambda *a: _definition(*a, **kw).sum(), argnums=(0, 1, 2)))(q, k, v)
     for a, b in zip(g, r):
         np.testing.assert_allclose(a, b, atol=1e-4)
 
@@ -181,9 +182,10 @@ def test_model_with_pallas_attention_equals_xla(name):
     params = xla.init(jax.random.key(0))
     batch = _packed_batch()
     args = (batch["inputs"], batch["positions"], batch["segment_ids"])
-    np.testing.assert_allclose(pallas.apply(params, *args), xla.apply(params, *args), atol=2e-5, rtol=0)
-    g_pallas = jax.grad(lambda p: pallas.loss(p, batch)[0])(params)
-    g_xla = jax.grad(lambda p: xla.loss(p, batch)[0])(params)
+    np.testing.assert_allclose(jax.jit(pallas.apply)(params, *args), jax.jit(xla.apply)(params, *args), atol=2e-5,
+                               rtol=0)
+    g_pallas = jax.jit(jax.grad(lambda p: pallas.loss(p, batch)[0]))(params)
+    g_xla = jax.jit(jax.grad(lambda p: xla.loss(p, batch)[0]))(params)
     chex.assert_trees_all_close(g_pallas, g_xla, atol=2e-6, rtol=1e-4)
 
 
