@@ -1,6 +1,8 @@
 """Grouped matmul kernels (interpret mode) against a numpy loop over groups (and `jax.lax.ragged_dot`): values
 and gradients over property-based group sizes, zero-size groups and rows past the last group included."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +35,13 @@ def _np_tgmm(lhs, dout, sizes):
     return out
 
 
+@partial(jax.jit, static_argnames="tiles")
+def _pallas_values_and_grads(lhs, rhs, dout, gs, tiles):
+    """gmm, tgmm and gmm's gradients, compiled once per shape and reused across the group sizes drawn."""
+    grads = jax.grad(lambda a, b: jnp.sum(gmm(a, b, gs, tiles=tiles, impl="pallas") * dout), argnums=(0, 1))(lhs, rhs)
+    return gmm(lhs, rhs, gs, tiles=tiles, impl="pallas"), tgmm(lhs, dout, gs, tiles=tiles, impl="pallas"), grads
+
+
 # Shapes are few (M 64, 4 groups, two (K, N), two row tiles: 4 compiled kernels) while the group sizes, which
 # the kernels read at run time, vary freely: empty groups, groups across tile edges, rows past the last group.
 @settings(max_examples=15, deadline=None)
@@ -49,10 +58,9 @@ def test_gmm_and_tgmm_match_a_numpy_loop(sizes, KN, bm, seed):
     gs = jnp.asarray(sizes, jnp.int32)
     tiles = (bm, 8, 8)
     want = _np_gmm(lhs, rhs, sizes)
-    np.testing.assert_allclose(gmm(lhs, rhs, gs, tiles=tiles, impl="pallas"), want, atol=TOL * np.sqrt(K))
-    np.testing.assert_allclose(tgmm(lhs, dout, gs, tiles=tiles, impl="pallas"), _np_tgmm(lhs, dout, sizes),
-                               atol=TOL * np.sqrt(M))
-    d_lhs, d_rhs = jax.grad(lambda a, b: jnp.sum(gmm(a, b, gs, tiles=tiles, impl="pallas") * dout), argnums=(0, 1))(lhs, rhs)
+    out, t_out, (d_lhs, d_rhs) = _pallas_values_and_grads(lhs, rhs, dout, gs, tiles)
+    np.testing.assert_allclose(out, want, atol=TOL * np.sqrt(K))
+    np.testing.assert_allclose(t_out, _np_tgmm(lhs, dout, sizes), atol=TOL * np.sqrt(M))
     np.testing.assert_allclose(d_lhs, _np_gmm(dout, np.swapaxes(np.asarray(rhs), 1, 2), sizes), atol=TOL * np.sqrt(N))
     np.testing.assert_allclose(d_rhs, _np_tgmm(lhs, dout, sizes), atol=TOL * np.sqrt(M))
     # the plain-XLA tiled path (the CPU default): same values (its gradients: test_xla_path_and_errors)

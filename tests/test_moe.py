@@ -156,7 +156,7 @@ def test_moe_model_capacity_equals_dropless_and_counts_active_flops():
     params = dropless.init(jax.random.key(0))
     rng = np.random.default_rng(0)
     batch = {"inputs": jnp.asarray(rng.integers(0, 97, (2, 12))), "targets": jnp.asarray(rng.integers(0, 97, (2, 12)))}
-    losses = [jax.value_and_grad(lambda p, lm=lm: lm.loss(p, batch)[0])(params) for lm in (dropless, capacity)]
+    losses = [jax.jit(jax.value_and_grad(lambda p, lm=lm: lm.loss(p, batch)[0]))(params) for lm in (dropless, capacity)]
     np.testing.assert_allclose(losses[0][0], losses[1][0], rtol=1e-6)
     chex.assert_trees_all_close(losses[0][1], losses[1][1], atol=1e-6)
     dense = LanguageModel(tiny_model())
@@ -184,7 +184,7 @@ def test_expert_parallel_equals_single_device(mesh_sizes):
     rng = np.random.default_rng(0)
     batch = {"inputs": rng.integers(0, 320, (8, 16)), "targets": rng.integers(0, 320, (8, 16))}
     loss_fn = lambda p: lm.loss(p, batch)[0]
-    want_loss, want_grads = jax.value_and_grad(loss_fn)(params)
+    want_loss, want_grads = jax.jit(jax.value_and_grad(loss_fn))(params)
     mesh = make_mesh(cfg.mesh)
     shardings = lm.param_shardings(mesh)
     assert shardings["blocks"]["mlp"]["gate"].spec[1] == "expert"  # [layers, E, D, F]: experts split
@@ -294,7 +294,7 @@ def test_recurrent_router_is_a_gru_whose_state_crosses_layers():
     lm = _moe_model(router="recurrent", router_state_dim=8)
     params = lm.init(jax.random.key(0))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 12)))
-    grads = jax.grad(lambda p: lm.loss(p, {"inputs": tokens, "targets": tokens})[0])(params)
+    grads = jax.jit(jax.grad(lambda p: lm.loss(p, {"inputs": tokens, "targets": tokens})[0]))(params)
     g_h = np.asarray(grads["blocks"]["mlp"]["router"]["w_h"])
     assert np.abs(g_h[0]).max() == 0.0 and np.abs(g_h[1]).max() > 0
 

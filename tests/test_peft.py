@@ -23,6 +23,8 @@ TOL = 1e-5  # max abs logit difference, f32
 @pytest.fixture(scope="module")
 def model():
     lm = LanguageModel(tiny_model(tie_embeddings=False))
+    # jitted once for the module: one compiled program per param-tree shape instead of op-by-op dispatch
+    lm.apply, lm.loss = jax.jit(lm.apply), jax.jit(lm.loss)
     return lm, lm.init(jax.random.key(0)), np.random.default_rng(0).integers(0, 97, (2, 12))
 
 
