@@ -85,7 +85,8 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
 
 
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
+# glibc's malloc_trim; absent on macOS and musl, where freed memory is left as it is
+_MALLOC_TRIM = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", lambda _pad: 0)
 
 
 def pytest_runtest_teardown(item, nextitem):
@@ -94,4 +95,4 @@ def pytest_runtest_teardown(item, nextitem):
     if nextitem is None or nextitem.module is not item.module:
         jax.clear_caches()
         gc.collect()
-    _LIBC.malloc_trim(0)
+    _MALLOC_TRIM(0)
