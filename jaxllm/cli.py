@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jaxllm.config import Config, ConfigError, load_config
+from jaxllm.data.tokenizer import Tokenizer
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # logs: no truncated names
 
@@ -107,23 +108,64 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    """Stream a continuation of --prompt from a Hugging Face or jaxllm run directory."""
+    """Stream a continuation of --prompt (or, with --chat / --messages, the model's reply) from a Hugging Face
+    or jaxllm run directory; the prompt is tokenized by the tokenizer's own rule, as transformers does."""
     from jaxllm.generate import Sampling, stream
     from jaxllm.interop.models import load_model
 
-    m = load_model(args.model)
+    if args.prompt is None and args.messages is None:
+        raise ConfigError("give --prompt TEXT or --messages FILE")
+    m = load_model(args.model, args.adapter)
     if m.tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer.json: cannot turn the prompt into tokens")
     tok = m.tokenizer
-    ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(args.prompt)
+    chat = args.chat or args.messages is not None
+    if chat:
+        ids = _chat_prompt_ids(tok, _read_messages(args.messages) if args.messages else
+                               [{"role": "user", "content": args.prompt}], args.model)
+    else:
+        ids = tok.encode(args.prompt, add_special_tokens=True)
+        _write(args.prompt)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    stops = (tok.eos_id,) if tok.eos_id is not None else ()
-    console.print(args.prompt, end="", style="bold", highlight=False)
-    for token in stream(m.lm, m.params, [ids], args.max_new_tokens, sampling, stop_ids=stops, seed=args.seed):
-        if int(token[0]) in stops:
+    new: list[int] = []
+    shown = ""
+    for token in stream(m.lm, m.params, [ids], args.max_new_tokens, sampling, stop_ids=tok.stop_ids, seed=args.seed):
+        if int(token[0]) in tok.stop_ids:
             break
-        console.print(tok.decode([int(token[0])]), end="", highlight=False, markup=False)
-    console.print()
+        new.append(int(token[0]))
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):  # a character's bytes not all decoded yet: wait for the rest
+            _write(text[len(shown):])
+            shown = text
+    _write(tok.decode(new)[len(shown):] + "\n")
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _read_messages(path: str) -> list[dict[str, str]]:
+    """A JSON file holding a list of {role, content} messages, or {"messages": [...]}."""
+    import json
+    from pathlib import Path
+
+    from jaxllm.data.sft import to_messages
+
+    try:
+        record = json.loads(Path(path).read_text())
+        return to_messages(record.get("messages") if isinstance(record, dict) else record)
+    except (OSError, json.JSONDecodeError, ValueError) as err:
+        raise ConfigError(f"--messages {path}: {err}") from err
+
+
+def _chat_prompt_ids(tok: Tokenizer, messages: list[dict[str, str]], model: str) -> list[int]:
+    """The messages rendered with the model's chat template, ending in its generation prompt."""
+    from jaxllm.data.sft import ChatEncoder
+
+    if not tok.chat_template:
+        raise ConfigError(f"{model} has no chat_template in tokenizer_config.json: prompt it with --prompt alone")
+    return ChatEncoder(tok, tok.chat_template, max_tokens=0).prompt_ids(messages)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -134,24 +176,26 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    """Loss and perplexity of a model on a local text/jsonl/parquet file (every document)."""
+    """Loss and perplexity of a model on a local text/jsonl/parquet file (every document, tokenized as
+    transformers does: the tokenizer's own special tokens, no EOS added)."""
     import json
     import math
 
     import jax
 
-    from jaxllm.data.pipeline import make_batches
+    from jaxllm.data.pipeline import make_batches, text_encoder
     from jaxllm.data.sources import read_documents
     from jaxllm.interop.models import load_model
 
-    m = load_model(args.model)
+    m = load_model(args.model, args.adapter)
     if m.tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer.json")
     docs, report = read_documents(args.data, args.text_field)
     seq = min(args.seq_len, m.lm.cfg.max_seq_len)
     loss_sums = jax.jit(m.lm.loss_sums)
     total = count = 0.0
-    for batch in make_batches(docs, m.tokenizer, seq_len=seq, batch_size=args.batch_size, seed=0, repeat=False):
+    for batch in make_batches(docs, m.tokenizer, seq_len=seq, batch_size=args.batch_size, seed=0, repeat=False,
+                              encode=text_encoder(m.tokenizer, end_with_eos=False)):
         s, _, n = loss_sums(m.params, batch)
         total, count = total + float(s), count + float(n)
     loss = total / max(count, 1.0)
@@ -182,7 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("generate", help="stream a continuation from a HF or jaxllm run directory")
     p.add_argument("--model", required=True, help="Hugging Face directory or jaxllm run directory")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", help="text to continue (with --chat: the user's message)")
+    p.add_argument("--chat", action="store_true", help="send --prompt as a user turn through the chat template")
+    p.add_argument("--messages", help="JSON file of [{role, content}, ...] to answer through the chat template")
+    p.add_argument("--adapter", help="peft LoRA adapter directory to apply to a Hugging Face --model")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -197,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, help=".txt/.jsonl/.parquet file or directory")
     p.add_argument("--text-field", default="text")
+    p.add_argument("--adapter", help="peft LoRA adapter directory to apply to a Hugging Face --model")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(fn=cmd_eval)

@@ -2,23 +2,11 @@
 one CPU device), generate, convert both ways, eval (in-process), and config errors as exit code 2 with the message."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+from cli_process import jaxllm_process
 from jaxllm.cli import main
-
-
-def _jaxllm_process(*args: str) -> str:
-    """`jaxllm ARGS` in a fresh process that sees one CPU device and XLA's default optimisation, as a user's
-    shell would; its output, after checking it exited 0."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    done = subprocess.run([sys.executable, "-m", "jaxllm.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return done.stdout
 
 
 def test_info_and_config_errors(capsys):
@@ -32,7 +20,7 @@ def test_info_and_config_errors(capsys):
 def test_default_train_lowers_the_loss_then_generate_convert_eval(tmp_path, capsys):
     run = tmp_path / "run"
     # the default preset (small), shortened
-    out = _jaxllm_process("train", f"checkpoint.run_dir={run}", "train.steps=20", "train.warmup_steps=3",
+    out = jaxllm_process("train", f"checkpoint.run_dir={run}", "train.steps=20", "train.warmup_steps=3",
                           "train.log_every=1", "data.synthetic_docs=2000", "checkpoint.async_save=false")
     assert "done: step 20" in out and "floor" in out
     losses = [json.loads(line)["train/loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
@@ -54,11 +42,11 @@ def test_default_train_lowers_the_loss_then_generate_convert_eval(tmp_path, caps
     data.write_text("|abcdefghijklmnop#abcdefghijklmnop\n\n|ponmlkjihgfedcba")
     assert main(["eval", "--model", str(run), "--data", str(data), "--seq-len", "64"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["documents"] == 2 and result["tokens"] == 34 + 1 + 17 + 1
+    assert result["documents"] == 2 and result["tokens"] == 34 + 17  # every character after BOS; no EOS added
     assert 0 < result["loss"] < 10 and result["perplexity"] == pytest.approx(2.718281828 ** result["loss"])
 
     # resuming a converted checkpoint continues training from its weights (step 0, no iterator state)
-    out = _jaxllm_process("train", f"checkpoint.run_dir={tmp_path / 'run2'}", "train.steps=2", "train.warmup_steps=1",
+    out = jaxllm_process("train", f"checkpoint.run_dir={tmp_path / 'run2'}", "train.steps=2", "train.warmup_steps=1",
                           "data.synthetic_docs=2000", "checkpoint.async_save=false")
     assert "resuming from step 0" in out
 

@@ -26,12 +26,17 @@ READ_IN_CALLER = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 Encoder = Callable[[Any], tuple[np.ndarray, np.ndarray]]
 
 
-def text_encoder(tokenizer: Tokenizer) -> Encoder:
-    """Plain documents: BOS + tokens + EOS, every token a target."""
-    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+def text_encoder(tokenizer: Tokenizer, *, end_with_eos: bool = True) -> Encoder:
+    """Plain documents: tokens with the tokenizer's own special tokens (`add_special_tokens=True`, as
+    transformers tokenizes), then EOS when `end_with_eos` and the rule did not end with it; every token a target.
+    Training ends documents with EOS so the model learns where text stops; `jaxllm eval` scores text exactly
+    as transformers tokenizes it."""
+    eos = tokenizer.eos_id if end_with_eos else None
 
     def encode(text: str) -> tuple[np.ndarray, np.ndarray]:
-        ids = ([bos] if bos is not None else []) + tokenizer.encode(text) + ([eos] if eos is not None else [])
+        ids = tokenizer.encode(text, add_special_tokens=True)
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
         return np.asarray(ids, np.int32), np.ones(len(ids), np.float32)
 
     return encode

@@ -3,14 +3,13 @@ rendered with a chat template, tokenized with a per-token loss weight of 1 on as
 
 Templates are Jinja, rendered in a sandbox as Hugging Face does (`messages`, `add_generation_prompt`,
 `bos_token`, `eos_token`); the tokenizer's own template (tokenizer_config.json) is used when it has one.
-The tokens an assistant turn adds are found by rendering the conversation up to that turn twice, with and
+The text an assistant turn adds is found by rendering the conversation up to that turn twice, with and
 without the turn: the template must render each conversation as an extension of its prefixes.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,29 +58,37 @@ def read_conversations(source: str | Path) -> tuple[list[Conversation], ReadRepo
 
 
 def to_conversation(record: Any) -> Conversation:
-    """A record as a list of {role, content} messages, or ValueError saying what is wrong with it."""
+    """A training record as a list of {role, content} messages with an assistant turn to learn from, or
+    ValueError saying what is wrong with it."""
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
     if "messages" in record:
-        msgs = record["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise ValueError("'messages' must be a non-empty list")
-        for m in msgs:
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise ValueError(f"each message needs a role in {list(ROLES)} and string content")
-        if not any(m["role"] == "assistant" for m in msgs):
+        conv = to_messages(record["messages"])
+        if not any(m["role"] == "assistant" for m in conv):
             raise ValueError("no assistant message to learn from")
-        return [{"role": m["role"], "content": m["content"]} for m in msgs]
+        return conv
     if isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
         return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
     raise ValueError("needs 'messages' or string 'prompt' and 'response' fields")
+
+
+def to_messages(msgs: Any) -> Conversation:
+    """A non-empty list of {role, content} messages (roles in ROLES, string content), or ValueError."""
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError("'messages' must be a non-empty list")
+    for m in msgs:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"each message needs a role in {list(ROLES)} and string content")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
 @dataclass
 class ChatEncoder:
     """conversation -> (token ids [n] int32, loss weights [n] f32: 1 where the token is an assistant token).
 
-    `max_tokens` truncates longer examples (counted in `truncated`).
+    The whole conversation is rendered and tokenized at once, so the ids are transformers'
+    `apply_chat_template(messages, tokenize=True)`; a token is an assistant token when it starts inside
+    the text an assistant turn adds. `max_tokens` truncates longer examples (counted in `truncated`).
     """
 
     tokenizer: Tokenizer
@@ -98,28 +105,18 @@ class ChatEncoder:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
         self._template = env.from_string(self.template)
-        tok = self.tokenizer
-        self._specials = {t: i for t, i in ((special_text(tok, tok.bos_id), tok.bos_id),
-                                            (special_text(tok, tok.eos_id), tok.eos_id)) if t}
-        self._split = re.compile("(" + "|".join(map(re.escape, self._specials)) + ")") if self._specials else None
 
     def render(self, messages: Conversation, add_generation_prompt: bool = False) -> str:
         tok = self.tokenizer
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=special_text(tok, tok.bos_id), eos_token=special_text(tok, tok.eos_id))
+                                     bos_token=tok.special_text(tok.bos_id), eos_token=tok.special_text(tok.eos_id))
 
-    def encode_text(self, text: str) -> list[int]:
-        """Tokens of rendered text, the BOS/EOS markers mapped to their ids."""
-        if self._split is None:
-            return self.tokenizer.encode(text)
-        ids: list[int] = []
-        for piece in self._split.split(text):
-            ids.extend([self._specials[piece]] if piece in self._specials else self.tokenizer.encode(piece))
-        return ids
+    def prompt_ids(self, messages: Conversation) -> list[int]:
+        """Tokens that ask the model for the next assistant turn (the template's generation prompt)."""
+        return self.tokenizer.encode_with_offsets(self.render(messages, add_generation_prompt=True))[0]
 
     def __call__(self, conv: Conversation) -> tuple[np.ndarray, np.ndarray]:
-        ids: list[int] = []
-        weights: list[float] = []
+        spans: list[tuple[int, int]] = []  # character ranges the assistant turns add to the rendering
         done = ""
         for i, m in enumerate(conv):
             if m["role"] != "assistant":
@@ -128,27 +125,14 @@ class ChatEncoder:
             if not prefix.startswith(done) or not full.startswith(prefix):
                 raise ConfigError("the chat template does not render a conversation as an extension of its "
                                   "prefixes, so response tokens cannot be located; use another data.chat_template")
-            for text, w in ((prefix[len(done):], 0.0), (full[len(prefix):], 1.0)):
-                piece = self.encode_text(text)
-                ids += piece
-                weights += [w] * len(piece)
+            spans.append((len(prefix), len(full)))
             done = full
-        rest = self.encode_text(self.render(conv)[len(done):])
-        ids += rest
-        weights += [0.0] * len(rest)
+        ids, starts = self.tokenizer.encode_with_offsets(self.render(conv))
+        weights = [float(any(a <= s < b for a, b in spans)) for s in starts]
         if len(ids) > self.max_tokens:
             self.truncated += 1
             ids, weights = ids[: self.max_tokens], weights[: self.max_tokens]
         return np.asarray(ids, np.int32), np.asarray(weights, np.float32)
-
-
-def special_text(tokenizer: Tokenizer, token_id: int | None) -> str:
-    """How a special token is written in a template: its vocabulary string (HF) or <|bos|>/<|eos|> (bytes)."""
-    if token_id is None:
-        return ""
-    if hasattr(tokenizer, "id_to_token"):
-        return tokenizer.id_to_token(token_id) or ""
-    return {tokenizer.bos_id: "<|bos|>", tokenizer.eos_id: "<|eos|>"}.get(token_id, "")
 
 
 def load_template(path: str, tokenizer: Tokenizer) -> str:

@@ -2,6 +2,7 @@
 
     import lm_eval, jaxllm.interop.lm_eval_adapter   # registers model name "jaxllm"
     lm_eval.simple_evaluate(model="jaxllm", model_args="pretrained=runs/xyz", tasks=[...])
+    # a peft LoRA adapter on a Hugging Face base: model_args="pretrained=HF_DIR,adapter=PEFT_DIR"
 
 Scoring pads each request to a multiple of `bucket` tokens, so a handful of shapes are compiled.
 """
@@ -22,9 +23,10 @@ from jaxllm.interop.models import load_model
 
 @register_model("jaxllm")
 class JaxLLMEvalModel(LM):
-    def __init__(self, pretrained: str, max_length: int | None = None, bucket: int = 64, **_: Any):
+    def __init__(self, pretrained: str, max_length: int | None = None, bucket: int = 64, adapter: str | None = None,
+                 **_: Any):
         super().__init__()
-        loaded = load_model(pretrained)
+        loaded = load_model(pretrained, adapter)
         if loaded.tokenizer is None:
             raise ValueError(f"{pretrained} has no tokenizer: lm-eval needs text in and out")
         self.lm, self.params, self.tok = loaded.lm, loaded.params, loaded.tokenizer
@@ -50,7 +52,8 @@ class JaxLLMEvalModel(LM):
         return float(np.sum(np.asarray(logp)[0, sl])), bool(np.all(np.asarray(greedy)[0, sl]))
 
     def _context_ids(self, text: str) -> list[int]:
-        return ([self.tok.bos_id] if self.tok.bos_id is not None else []) + self.tok.encode(text)
+        """Text as transformers tokenizes it: with the tokenizer's own special tokens (BOS or none)."""
+        return self.tok.encode(text, add_special_tokens=True)
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         """(sum log p(continuation | context), is the continuation the greedy one) per request."""
@@ -74,8 +77,7 @@ class JaxLLMEvalModel(LM):
             ids = self._context_ids(context)
             new = min(int(kwargs.get("max_gen_toks", 64)), self.lm.cfg.max_seq_len - len(ids))
             sampling = Sampling(temperature=float(kwargs.get("temperature", 0.0)))
-            stops = (self.tok.eos_id,) if self.tok.eos_id is not None else ()
-            text = self.tok.decode(generate(self.lm, self.params, [ids], new, sampling, stop_ids=stops)[0])
+            text = self.tok.decode(generate(self.lm, self.params, [ids], new, sampling, stop_ids=self.tok.stop_ids)[0])
             cut = min([text.find(u) for u in until if u in text], default=len(text))
             out.append(text[:cut])
         return out

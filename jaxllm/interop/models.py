@@ -24,18 +24,29 @@ class LoadedModel:
     params: Params
     tokenizer: Tokenizer | None
     config: Config  # for HF directories: defaults with this model config
+    family: str | None = None  # Hugging Face model_type (HF directories only)
 
 
 def is_run_dir(path: Path) -> bool:
     return (path / "config.yaml").exists() and (path / "checkpoints").is_dir()
 
 
-def load_model(path: str | Path) -> LoadedModel:
+def load_model(path: str | Path, adapter: str | Path | None = None) -> LoadedModel:
+    """A model with its params and tokenizer; `adapter`: a peft LoRA directory merged into a Hugging Face base
+    (as peft's merge_and_unload does)."""
     path = Path(path)
     if (path / "config.json").exists():
-        lm, params, _ = load_hf_checkpoint(path)
+        lm, params, family = load_hf_checkpoint(path)
         tok = HFTokenizer(path / "tokenizer.json") if (path / "tokenizer.json").exists() else None
-        return LoadedModel(lm, params, tok, Config(model=lm.cfg))
+        if adapter is not None:
+            from jaxllm.interop.peft_adapter import load_peft_adapter
+
+            lora_adapter, lora = load_peft_adapter(adapter, lm, family)
+            params = jax.jit(lora_adapter.merge)(params, lora)
+        return LoadedModel(lm, params, tok, Config(model=lm.cfg), family)
+    if adapter is not None:
+        raise ConfigError(f"a peft adapter applies to a Hugging Face base directory; {path} is not one "
+                          "(`jaxllm convert` a jaxllm run to one first)")
     if is_run_dir(path):
         from jaxllm.models.structured import with_guide
         from jaxllm.train.checkpoint import Checkpointer
