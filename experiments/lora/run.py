@@ -50,7 +50,7 @@ def exact_match(run_dir: Path, examples: list[dict[str, str]]) -> float:
 
     m = load_model(run_dir)
     enc = ChatEncoder(m.tokenizer, DEFAULT_TEMPLATE, max_tokens=10_000)
-    prompts = [enc.encode_text(enc.render([{"role": "user", "content": e["prompt"]}], add_generation_prompt=True))
+    prompts = [enc.prompt_ids([{"role": "user", "content": e["prompt"]}])
                for e in examples]
     outs = generate(m.lm, m.params, prompts, 16, stop_ids=(m.tokenizer.eos_id,))  # ends before EOS
     return sum(m.tokenizer.decode(out) == e["response"] and len(out) < 16 for e, out in zip(examples, outs)) / len(examples)
