@@ -35,9 +35,9 @@ from jaxllm.models.attention import attention_mask
 from jaxllm.models.mlp import Mlp
 from jaxllm.models.structured import block_diagonal, structure_sizes
 from jaxllm.train.bench import bench, median_seconds
+from jaxllm.train.peak_flops import spec_peak
 from kernels_pallas.flash_attention import flash_attention
 
-BF16_DENSE_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}  # TFLOP/s, no sparsity
 STRUCTURES = [("dense", 1.0), ("lowrank", 0.63), ("lowrank", 0.32), ("blockdense", 0.63), ("blockdense", 0.32),
               ("blockshuffle", 0.63), ("blockshuffle", 0.32)]
 
@@ -183,7 +183,7 @@ def main(argv=None) -> dict:
     on_gpu = device.platform == "gpu"
     dtype = jnp.float32 if args.smoke else jnp.bfloat16
     reps = 2 if args.smoke else args.reps
-    peak = next((v for k, v in BF16_DENSE_PEAK.items() if k in device.device_kind), None)
+    peak = spec_peak(device.device_kind, "bfloat16")  # datasheet, dense
     t0 = time.time()
     if args.smoke:
         M, D, F, seqs, head_dims, tokens, steps = 64, 64, 256, (128,), (64,), 256, 2

@@ -147,13 +147,10 @@ class LanguageModel:
         n = self.cfg.vocab_size * self.cfg.d_model
         return n + (self.cfg.max_seq_len * self.cfg.d_model if self.cfg.position == "learned" else 0)
 
-    def flops_per_token(self, seq_len: int, *, training: bool = True) -> float:
-        """Matmul FLOPs per token for a row of `seq_len` tokens (causal; 3x forward when training).
-
-        Forward = 2 * (matmul params, including the output head even when tied)
-                + 4 * layers * heads * head_dim * (mean keys attended per query: causal, windowed).
-        Norms, softmax and elementwise work are not counted.
-        """
+    @property
+    def active_matmul_params(self) -> int:
+        """Weights a token passes through in matmuls (the output head even when tied; MoE: the experts it
+        runs): forward FLOPs per token = 2 x this + attention."""
         c = self.cfg
         matmul_params = self.num_params - self.num_embedding_params
         if c.tie_embeddings:  # the shared table is also the output head's matmul
@@ -166,10 +163,21 @@ class LanguageModel:
         elif m.num_experts:  # a token runs top_k of the experts (at most: null experts run none)
             per_expert = 3 * c.d_model * (m.d_ff or c.mlp.d_ff)
             matmul_params -= moe_layers * (m.num_experts - min(m.top_k, m.num_experts)) * per_expert
+        return matmul_params
+
+    def flops_per_token(self, seq_len: int, *, training: bool = True, frozen_matmul_params: int = 0) -> float:
+        """Matmul FLOPs per token for a row of `seq_len` tokens (causal).
+
+        Forward = 2 * active_matmul_params + 4 * layers * heads * head_dim * (mean keys attended per query:
+        causal, windowed). Training adds the input gradients (= forward) and the weight gradients
+        (2 per weight), except for `frozen_matmul_params` of those weights, whose gradients are never
+        computed: 3 * forward - 2 * frozen. Norms, softmax and elementwise work are not counted.
+        """
+        c = self.cfg
         window = c.attention.sliding_window or seq_len
         mean_keys = sum(min(i + 1, window) for i in range(seq_len)) / seq_len
-        forward = 2 * matmul_params + 4 * c.num_layers * c.num_heads * c.resolved_head_dim * mean_keys
-        return 3 * forward if training else forward
+        forward = 2 * self.active_matmul_params + 4 * c.num_layers * c.num_heads * c.resolved_head_dim * mean_keys
+        return 3 * forward - 2 * frozen_matmul_params if training else forward
 
     def param_shardings(self, mesh: Mesh) -> Any:
         """NamedSharding tree matching `init`'s output under this model's logical-axis rules."""

@@ -1,12 +1,15 @@
 """Test setup: 8 fake CPU devices (must be set before JAX initialises) and tiny model configs."""
 
 import os
+import tempfile
 
 # 8 fake CPU devices; LLVM's cheap pipeline: the suite's tiny programs spend far longer compiling than running
 # (measured on test_train + test_structured: 273 s -> 205 s, same results)
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {FAST_COMPILE}"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# the MFU peak's recorded measurement (jaxllm/train/peak_flops.py) goes to a scratch directory, not ~/.cache
+os.environ.setdefault("JAXLLM_CACHE", tempfile.mkdtemp(prefix="jaxllm-test-cache-"))
 
 import ctypes  # noqa: E402
 import ctypes.util  # noqa: E402

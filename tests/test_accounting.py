@@ -41,3 +41,24 @@ def test_flops_tied_gpt2_style_with_window():
     mean_keys = sum(min(i + 1, 4) for i in range(T)) / T  # (1+2+3+4*7)/10 = 3.4
     matmul = L * (4 * D * N * H + 2 * D * F) + D * V  # tied head still costs a matmul
     assert lm.flops_per_token(T, training=False) == pytest.approx(2 * matmul + 4 * L * N * H * mean_keys)
+
+
+def test_mfu_peak_is_a_record_not_a_new_measurement(tmp_path, monkeypatch):
+    """A CPU's peak is measured once and recorded: a later run on a busy machine divides by the same peak."""
+    import json
+
+    from jaxllm.train import peak_flops as pf
+
+    monkeypatch.setenv("JAXLLM_CACHE", str(tmp_path))
+    readings = iter([100e9, 40e9])  # an idle machine, then a busy one
+    monkeypatch.setattr(pf, "measure_matmul_flops", lambda dtype: next(readings))
+    first, second = pf.peak_flops("float32"), pf.peak_flops("float32")
+    assert first.flops_per_s == second.flops_per_s == 100e9 * jax.process_count()
+    record = json.loads((tmp_path / "peak_flops.json").read_text())[pf.machine_key("float32")]
+    assert record["flops_per_s"] == 100e9 and record["measured"] and record["jax"] == jax.__version__
+    assert pf.peak_flops("bfloat16").flops_per_s == 40e9  # another dtype: its own measurement
+    # accelerators: the datasheet's dense figure for the device kind jax reports
+    assert pf.spec_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4e12
+    assert pf.spec_peak("NVIDIA H100 PCIe", "float32") == 378e12
+    assert (pf.spec_peak("TPU v5 lite", "bfloat16"), pf.spec_peak("TPU v5p", "bfloat16")) == (197e12, 459e12)
+    assert pf.spec_peak("AMD EPYC 7B13", "float32") is None

@@ -70,6 +70,19 @@ def test_only_adapter_params_train(base_and_data):
     assert sum(x.size for x in moments) == 2 * setup.adapter.num_params < setup.lm.num_params
 
 
+def test_lora_flops_per_token_leave_out_the_frozen_weights_gradients(base_and_data):
+    """Full fine-tuning computes every weight's gradient; LoRA none of the base's (2 FLOPs per weight and
+    token fewer) and adds its adapters' forward, input and weight gradients (6 per adapter weight)."""
+    base, data = base_and_data
+    T, r = 64, 4
+    full = setup_step(_finetune_cfg(base, data, "finetune.method=full"))
+    lora = setup_step(_finetune_cfg(base, data, f"finetune.lora.rank={r}"))
+    V, D, L, N, K, H, F = 320, 64, 2, 4, 2, 16, 128  # the tiny preset: head_dim 64 / 4
+    kernels = L * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F) + D * V  # q, k, v, o, gate, up, down; head
+    adapters = L * r * ((D + N * H) + 2 * (D + K * H) + (N * H + D) + 2 * (D + F) + (F + D))
+    assert full.flops_per_token(T) - lora.flops_per_token(T) == pytest.approx(2 * kernels - 6 * adapters, abs=1e-3)
+
+
 def test_prompt_targets_do_not_change_the_loss(base_and_data):
     base, data = base_and_data
     cfg = _finetune_cfg(base, data)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from jaxllm.config import Config
-from jaxllm.train.metrics import measured_peak_flops
+from jaxllm.train.peak_flops import peak_flops
 from jaxllm.train.setup import setup_step
 
 
@@ -27,7 +27,7 @@ def median_seconds(fn, *args, reps: int = 10) -> float:
 
 
 def bench(cfg: Config, steps: int = 5, warmup: int = 1) -> dict[str, Any]:
-    """Compile time, median step time, tokens/s, MFU (vs the measured matmul peak), peak memory."""
+    """Compile time, median step time, tokens/s, MFU (vs `peak_flops`: datasheet or recorded measurement), peak memory."""
     s = setup_step(cfg)
     B, T = cfg.train.batch_size, cfg.data.seq_len
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (B, T + 1), dtype=np.int32)
@@ -48,7 +48,7 @@ def bench(cfg: Config, steps: int = 5, warmup: int = 1) -> dict[str, Any]:
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     tokens_per_s = B * T / step_s
-    peak = measured_peak_flops(cfg.model.dtype if cfg.model.dtype != "float16" else "float32") * jax.device_count()
+    peak = peak_flops(cfg.model.dtype)
     mem = jax.devices()[0].memory_stats() or {}
     return {
         "params": s.lm.num_params,
@@ -60,8 +60,9 @@ def bench(cfg: Config, steps: int = 5, warmup: int = 1) -> dict[str, Any]:
         "step_s": round(step_s, 4),
         "step_s_all": [round(t, 4) for t in times],
         "tokens_per_s": round(tokens_per_s, 1),
-        "mfu": round(s.lm.flops_per_token(T) * tokens_per_s / peak, 4),
-        "peak_flops": round(peak / 1e9, 1),
+        "mfu": round(s.flops_per_token(T) * tokens_per_s / peak.flops_per_s, 4),
+        "peak_flops": round(peak.flops_per_s / 1e9, 1),
+        "peak_source": peak.source,
         "peak_memory_bytes": mem.get("peak_bytes_in_use"),
         "loss": float(m["loss"]),
     }

@@ -1,15 +1,12 @@
-"""Metrics: tensorboard event files (no TensorFlow needed), a JSONL log, and the device's measured peak."""
+"""Metrics: tensorboard event files (no TensorFlow needed) and a JSONL log."""
 
 from __future__ import annotations
 
 import json
 import time
-from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary, SummaryMetadata
 from tensorboard.compat.proto.tensor_pb2 import TensorProto
@@ -58,17 +55,3 @@ class MetricsWriter:
         if self.enabled:
             self._tb.close()
             self._jsonl.close()
-
-
-@lru_cache(maxsize=None)
-def measured_peak_flops(dtype: str = "float32", n: int = 2048) -> float:
-    """FLOP/s of a jitted n x n matmul on the default device: the denominator of MFU."""
-    x = jnp.ones((n, n), jnp.dtype(dtype))
-    f = jax.jit(lambda a: a @ a)
-    f(x).block_until_ready()
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best

@@ -64,6 +64,22 @@ class StepSetup:
         """The step's non-trained input: the frozen params, or in the self-guided phase the guide weight a."""
         return jnp.float32(self.guide_alpha(step)) if self.guide_alpha is not None else self.frozen
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token that this step performs: frozen weights get no weight gradient (dW);
+        LoRA adds its adapters' forward, input- and weight-gradient matmuls (6 per adapter weight)."""
+        lm = self.lm
+        if self.adapter is not None:
+            lora_matmul = sum(int(x.size) for p, x in jax.tree_util.tree_leaves_with_path(self.adapter.param_shapes)
+                              if getattr(p[-1], "key", None) in ("a", "b"))
+            return lm.flops_per_token(seq_len, frozen_matmul_params=lm.active_matmul_params) + 6 * lora_matmul
+        if self.join is not None:  # MixLoRA: the router and the chosen experts' deltas train
+            c = lm.cfg
+            m = c.moe
+            trained = (c.num_layers // m.every) * (c.d_model * m.num_experts
+                                                   + m.top_k * 3 * m.lora_rank * (c.d_model + c.mlp.d_ff))
+            return lm.flops_per_token(seq_len, frozen_matmul_params=lm.active_matmul_params - trained)
+        return lm.flops_per_token(seq_len)
+
     def global_batch(self, local: dict[str, Any]) -> dict[str, jax.Array]:
         """This process's rows -> global arrays sharded over the batch axes."""
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), local)

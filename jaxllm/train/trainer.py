@@ -21,7 +21,8 @@ from jaxllm.config import Config, ConfigError, load_config, to_yaml, validate
 from jaxllm.data.pipeline import Corpus, RowStreams, load_corpus, local_rows
 from jaxllm.distributed import all_processes_agree, check_same_config, merged_state
 from jaxllm.train.checkpoint import Checkpointer
-from jaxllm.train.metrics import MetricsWriter, measured_peak_flops
+from jaxllm.train.metrics import MetricsWriter
+from jaxllm.train.peak_flops import peak_flops
 from jaxllm.train.setup import drop_guide_state, guide_decay_steps, setup_step, without_guides
 
 
@@ -161,8 +162,8 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
     writer = MetricsWriter(run_dir, enabled=main)
     writer.text(start, "config", "```\n" + to_yaml(cfg) + "\n```")
     tokens_per_step = t.batch_size * d.seq_len
-    flops_per_step = lm.flops_per_token(d.seq_len) * tokens_per_step
-    peak = measured_peak_flops(cfg.model.dtype if cfg.model.dtype != "float16" else "float32") * jax.device_count()
+    flops_per_step = setup.flops_per_token(d.seq_len) * tokens_per_step
+    peak = peak_flops(cfg.model.dtype)
     result = TrainResult(run_dir=run_dir, start_step=start, end_step=start, floor=corpus.floor)
     size = f"{lm.num_params:,} params"
     if setup.adapter is not None:
@@ -174,7 +175,9 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
         size = f"{n:,} trainable MixLoRA params (router + LoRA experts) on a frozen {lm.num_params - n:,}-param base"
     console.print(
         f"run dir [bold]{run_dir}[/]: {size}, mesh {dict(mesh.shape)}, "
-        f"{len(corpus.train_docs):,} train / {len(corpus.eval_docs):,} eval docs, steps {start}->{t.steps}"
+        f"{len(corpus.train_docs):,} train / {len(corpus.eval_docs):,} eval docs, steps {start}->{t.steps}; "
+        f"MFU of {setup.flops_per_token(d.seq_len):.4g} FLOPs/token against {peak.flops_per_s / 1e9:,.0f} GFLOP/s "
+        f"({peak.source})"
     )
 
     progress = Progress(
@@ -196,7 +199,7 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
                 setup = after_guides
                 state = drop_guide_state(state, setup)
                 lm = setup.lm
-                flops_per_step = lm.flops_per_token(d.seq_len) * tokens_per_step
+                flops_per_step = setup.flops_per_token(d.seq_len) * tokens_per_step
                 console.print(f"step {step}: self-guided phase over, dense guides dropped "
                               f"({before:,} -> {setup.lm.num_params:,} params)")
             if step % t.log_every == 0 or step == t.steps or stop.signal:
@@ -208,7 +211,7 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
                 step_time = (now - last_log_time) / (step - last_log_step)
                 last_log_time, last_log_step = now, step
                 m.update(step_time=step_time, tokens_per_second=tokens_per_step / step_time,
-                         mfu=flops_per_step / step_time / peak)
+                         mfu=flops_per_step / step_time / peak.flops_per_s)
                 writer.scalars(step, m, prefix="train/")
                 result.losses[step] = m["loss"]
                 result.tokens_per_second, result.mfu = m["tokens_per_second"], m["mfu"]
