@@ -134,7 +134,7 @@ class ModelConfig:
     remat: str = "dots"  # keep matmul outputs, recompute the rest: measured fastest on CPU too
     scan_layers: bool = True  # False unrolls the layer loop (same stacked params)
     init_std: float = 0.02
-    loss_chunk: int = 128  # sequence positions per chunk of the output head + loss (bounds f32 logits)
+    loss_chunk_tokens: int = 1024  # tokens per chunk of the output head + loss (bounds f32 logits to this x vocab)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -425,7 +425,7 @@ def check_values(cfg: Config) -> None:
 
         for i, o in ((m.d_model, m.mlp.d_ff), (m.mlp.d_ff, m.d_model)):
             structure_sizes(m.mlp, i, o)  # raises ConfigError naming the size that does not fit
-    _positive("model.loss_chunk", m.loss_chunk)
+    _positive("model.loss_chunk_tokens", m.loss_chunk_tokens)
     _positive("model.head_dim", m.head_dim, allow_none=True)
     _positive("model.attention.sliding_window", m.attention.sliding_window, allow_none=True)
     _positive("model.attention.logit_softcap", m.attention.logit_softcap, allow_none=True)

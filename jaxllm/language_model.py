@@ -94,7 +94,8 @@ class LanguageModel:
     def loss_sums(self, params: Params, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(sum of token cross entropies, sum of logsumexp^2, token count) over unmasked targets.
 
-        The output head and loss run `cfg.loss_chunk` positions at a time (never the full logits).
+        The output head and loss run about `cfg.loss_chunk_tokens` tokens at a time (all rows, a slice of
+        positions): the full f32 logits of a big batch are never held.
         """
         return self.loss_terms(params, batch)[:3]
 
@@ -103,7 +104,8 @@ class LanguageModel:
         model: Transformer = nnx.merge(self.graphdef, params)
         hidden_BTD, _, stats = model.run(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
         sums = chunked_cross_entropy_sums(
-            hidden_BTD, model.logits, batch["targets"], batch.get("loss_mask"), self.cfg.loss_chunk
+            hidden_BTD, model.logits, batch["targets"], batch.get("loss_mask"),
+            max(1, self.cfg.loss_chunk_tokens // hidden_BTD.shape[0]),
         )
         return (*sums, stats)
 

@@ -51,7 +51,8 @@ def chunked_cross_entropy_sums(
     """`cross_entropy_sums(head(hidden), ...)` computed `chunk` sequence positions at a time.
 
     Each chunk's logits [B, chunk, V] are rematerialised in the backward pass, so the full f32
-    logits [B, T, V] are never held: less memory traffic, and faster on CPU (experiments/README.md).
+    logits [B, T, V] are never held; the price is one more head matmul in the backward pass, so a batch
+    that fits one chunk runs unchunked.
     """
     B, T, _ = hidden_BTD.shape
     mask_BT = jnp.ones((B, T), jnp.float32) if loss_mask_BT is None else loss_mask_BT.astype(jnp.float32)

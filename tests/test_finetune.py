@@ -214,3 +214,14 @@ def test_finetune_config_errors(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(["finetune/lora"], [override])
     assert message in str(err.value)
+
+
+def test_execution_knobs_may_differ_from_the_base_but_not_the_architecture(base_and_data):
+    """How the base runs (remat, loss chunks, attention kernel, compute dtype) is the run's choice; what it
+    computes (its architecture) must be the base's."""
+    base, data = base_and_data
+    setup = setup_step(_finetune_cfg(base, data, "model.remat=none", "model.loss_chunk_tokens=64",
+                                     "model.attention.impl=xla", "model.scan_layers=false"))
+    assert (setup.lm.cfg.remat, setup.lm.cfg.loss_chunk_tokens, setup.lm.cfg.scan_layers) == ("none", 64, False)
+    with pytest.raises(ConfigError, match="model config differs from finetune.base"):
+        setup_step(_finetune_cfg(base, data, "model.mlp.d_ff=96"))

@@ -191,7 +191,7 @@ def test_blocked_causal_attention_equals_one_tile(window):
 def test_chunked_loss_equals_full_logits_loss():
     from jaxllm.losses import cross_entropy
 
-    cfg = tiny_model(loss_chunk=5)  # 12 positions: chunks of 5, 5 and a padded 2
+    cfg = tiny_model(loss_chunk_tokens=10)  # 2 rows x 12 positions: chunks of 5, 5 and a padded 2 positions
     lm, params = _model_and_params(cfg)
     tokens = jax.random.randint(jax.random.key(10), (2, 12), 0, cfg.vocab_size)
     mask = (jax.random.uniform(jax.random.key(11), (2, 12)) < 0.7).astype(jnp.float32)

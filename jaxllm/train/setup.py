@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxllm.config import Config, ConfigError, validate
+from jaxllm.config import Config, ConfigError, ModelConfig, validate
 from jaxllm.language_model import LanguageModel, build
 from jaxllm.models.mixlora import from_dense, split_trainable
 from jaxllm.models.mixlora import join as join_mixlora
@@ -183,7 +183,7 @@ def _load_base(cfg: Config, lm: LanguageModel, mesh: Mesh) -> Any:
     loaded = load_model(cfg.finetune.base)
     if cfg.finetune.method == "mixlora":  # a dense base for the MixLoRA model: compare all but model.moe
         dense = dataclasses.replace(cfg.model, moe=loaded.lm.cfg.moe)
-        if loaded.lm.cfg != dense or loaded.lm.cfg.moe.num_experts:
+        if with_execution_of(loaded.lm.cfg, dense) != dense or loaded.lm.cfg.moe.num_experts:
             raise ConfigError(f"finetune.method=mixlora needs a dense base with this architecture; "
                               f"{cfg.finetune.base!r} differs")
         return jax.device_put(loaded.params, LanguageModel(dense, lm.rules).param_shardings(mesh))
@@ -191,8 +191,18 @@ def _load_base(cfg: Config, lm: LanguageModel, mesh: Mesh) -> Any:
         key = jax.random.fold_in(jax.random.key(cfg.train.seed), 1)
         params = jax.jit(lambda p, k: upcycle(p, loaded.lm.cfg, cfg.model, k))(loaded.params, key)
         return jax.device_put(params, lm.param_shardings(mesh))
-    if loaded.lm.cfg != cfg.model:
-        diff = {k: (getattr(cfg.model, k), getattr(loaded.lm.cfg, k)) for k in vars(cfg.model)
-                if getattr(cfg.model, k) != getattr(loaded.lm.cfg, k)}
+    base_cfg = with_execution_of(loaded.lm.cfg, cfg.model)
+    if base_cfg != cfg.model:
+        diff = {k: (getattr(cfg.model, k), getattr(base_cfg, k)) for k in vars(cfg.model)
+                if getattr(cfg.model, k) != getattr(base_cfg, k)}
         raise ConfigError(f"model config differs from finetune.base={cfg.finetune.base!r} (config, base): {diff}")
     return jax.device_put(loaded.params, lm.param_shardings(mesh))
+
+
+def with_execution_of(base: ModelConfig, run: ModelConfig) -> ModelConfig:
+    """The base model's architecture run the way `run` runs a model: compute dtype, remat, layer scan, loss
+    chunk and attention / grouped-matmul kernels may differ from the base without changing its function."""
+    return dataclasses.replace(
+        base, dtype=run.dtype, remat=run.remat, scan_layers=run.scan_layers, loss_chunk_tokens=run.loss_chunk_tokens,
+        attention=dataclasses.replace(base.attention, impl=run.attention.impl),
+        moe=dataclasses.replace(base.moe, impl=run.moe.impl))

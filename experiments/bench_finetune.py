@@ -1,0 +1,187 @@
+"""LoRA fine-tuning throughput and peak memory: jaxllm vs Hugging Face transformers + peft, same run, same shape.
+
+Shape: SmolLM2-135M's architecture (Llama: vocab 49152, d_model 576, d_ff 1536, 30 layers, 9 heads / 3 kv heads,
+tied embeddings), random weights saved locally as a Hugging Face directory; LoRA rank 8, alpha 16, no dropout,
+on all 7 projections (q, k, v, o, gate, up, down); 4 x 256 random tokens per step, every token a target; f32;
+AdamW on the adapters. Each peer runs in its own process, alternating, `--rounds` times; tokens/s is the
+median of `--steps` timed steps after one warm-up step; peak memory is the process's peak resident set
+(model loading included, for both). Writes experiments/results/bench_finetune.{md,json}.
+
+    python experiments/bench_finetune.py [--rounds 2] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+             num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=100000.0)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BATCH, SEQ, RANK, ALPHA = 4, 256, 8, 16
+
+
+def make_base(directory: Path) -> None:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE)).save_pretrained(directory, safe_serialization=True)
+
+
+def _tokens():
+    import numpy as np
+
+    return np.random.default_rng(0).integers(0, SHAPE["vocab_size"], (BATCH, SEQ + 1), dtype=np.int64)
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def torch_peer(base: Path, steps: int) -> dict:
+    import peft
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa", dtype=torch.float32)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                                                       target_modules=TARGETS, task_type="CAUSAL_LM")).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+    tokens = torch.from_numpy(_tokens())
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def step():
+        logits = model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    times, loss = _timed(step, steps)
+    return {"step_s_all": times, "loss": loss, "threads": torch.get_num_threads(), "peak_rss_bytes": _peak_rss_bytes()}
+
+
+def jaxllm_peer(base: Path, steps: int) -> dict:
+    import jax
+
+    from jaxllm.train.setup import setup_step
+    from jaxllm.train.trainer import resolve_finetune_config
+
+    cfg = resolve_finetune_config(str(base), ["finetune/lora"], [
+        f"finetune.lora.rank={RANK}", f"finetune.lora.alpha={ALPHA}", "finetune.lora.dropout=0.0",
+        "finetune.lora.lr_ratio=1.0", "train.learning_rate=1e-4", "train.weight_decay=0.0", "train.grad_clip=0.0",
+        f"train.batch_size={BATCH}", f"data.seq_len={SEQ}", "data.format=text"])
+    s = setup_step(cfg)
+    tokens = _tokens().astype("int32")
+    batch = s.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
+    with jax.set_mesh(s.mesh):
+        state = [s.init()]
+
+        def step():
+            state[0], m = s.train_step(state[0], batch, s.frozen)
+            return float(m["loss"])
+
+        times, loss = _timed(step, steps)
+    return {"step_s_all": times, "loss": loss, "flops_per_token": s.flops_per_token(SEQ),
+            "trainable_params": s.adapter.num_params, "peak_rss_bytes": _peak_rss_bytes()}
+
+
+def _timed(step, steps: int) -> tuple[list[float], float]:
+    loss = step()  # warm-up (and compile)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        loss = step()
+        times.append(round(time.perf_counter() - t, 4))
+    return times, loss
+
+
+def run(peer: str, base: Path, steps: int) -> dict:
+    cmd = [sys.executable, __file__, "--peer", peer, "--base", str(base), "--steps", str(steps)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    res["step_s"] = statistics.median(res["step_s_all"])
+    res["tokens_per_s"] = round(BATCH * SEQ / res["step_s"], 1)
+    return res
+
+
+def meta(args: argparse.Namespace) -> dict:
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"command": f"python experiments/bench_finetune.py --rounds {args.rounds} --steps {args.steps}",
+            "commit": git("rev-parse", "--short", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()}, {cpu}, {os.cpu_count()} cores",
+            **{pkg: metadata.version(pkg) for pkg in ("jax", "flax", "torch", "transformers", "peft")}}
+
+
+def write(result: dict) -> str:
+    m, rows = result["meta"], result["rows"]
+    med = result["median_tokens_per_s"]
+    mem = result["median_peak_rss_gib"]
+    lines = ["# LoRA fine-tuning: jaxllm vs transformers + peft", "",
+             f"`{m['command']}` at commit {m['commit']}{' (dirty)' if m['dirty'] else ''}, {m['date']}, {m['machine']}; "
+             f"jax {m['jax']}, flax {m['flax']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}.",
+             "", "SmolLM2-135M architecture (random weights), LoRA r=8 alpha=16 on q, k, v, o, gate, up, down; "
+             f"{BATCH} x {SEQ} tokens per step; f32; AdamW on the adapters.", "",
+             "| round | peer | median step (s) | tokens/s | peak RSS (GiB) | loss after warm-up + steps |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['round']} | {r['peer']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['loss']:.4f} |")
+    lines += ["", f"Median tokens/s: jaxllm {med['jaxllm']:.0f}, transformers + peft {med['torch']:.0f}: "
+                  f"**{result['speedup']:.2f}x**. Peak memory: jaxllm {mem['jaxllm']:.2f} GiB, transformers + peft "
+                  f"{mem['torch']:.2f} GiB ({mem['jaxllm'] / mem['torch']:.2f}x)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--peer", choices=["torch", "jaxllm"], help=argparse.SUPPRESS)
+    ap.add_argument("--base", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.peer:
+        peer = torch_peer if args.peer == "torch" else jaxllm_peer
+        print(json.dumps(peer(Path(args.base), args.steps)))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "base"
+        make_base(base)
+        for r in range(args.rounds):
+            for peer in ("torch", "jaxllm") if r % 2 == 0 else ("jaxllm", "torch"):
+                res = run(peer, base, args.steps)
+                rows.append({"round": r + 1, "peer": peer, **res})
+                print(f"round {r + 1} {peer}: {res['tokens_per_s']} tokens/s, "
+                      f"peak RSS {res['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+    med = {p: statistics.median(r["tokens_per_s"] for r in rows if r["peer"] == p) for p in ("torch", "jaxllm")}
+    mem = {p: statistics.median(r["peak_rss_bytes"] for r in rows if r["peer"] == p) / 2**30 for p in ("torch", "jaxllm")}
+    result = {"meta": meta(args), "rows": rows, "median_tokens_per_s": med, "median_peak_rss_gib": mem,
+              "speedup": med["jaxllm"] / med["torch"]}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bench_finetune.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "bench_finetune.md").write_text(write(result))
+    print(write(result))
+
+
+if __name__ == "__main__":
+    main()
