@@ -148,7 +148,12 @@ def write(result: dict) -> str:
                      f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['loss']:.4f} |")
     lines += ["", f"Median tokens/s: jaxllm {med['jaxllm']:.0f}, transformers + peft {med['torch']:.0f}: "
                   f"**{result['speedup']:.2f}x**. Peak memory: jaxllm {mem['jaxllm']:.2f} GiB, transformers + peft "
-                  f"{mem['torch']:.2f} GiB ({mem['jaxllm'] / mem['torch']:.2f}x)."]
+                  f"{mem['torch']:.2f} GiB ({mem['jaxllm'] / mem['torch']:.2f}x).", "",
+              f"MFU ({result['flops_per_token']:.4g} FLOPs per token: forward and input gradients of the frozen "
+              f"base, all three matmuls of the adapters; peak {result['peak_flops'] / 1e9:.0f} GFLOP/s f32, "
+              f"{result['peak_source']}): jaxllm {100 * result['mfu']['jaxllm']:.0f}%, transformers + peft "
+              f"{100 * result['mfu']['torch']:.0f}%. 1.5x transformers + peft would take an MFU of "
+              f"{150 * result['mfu']['torch']:.0f}%."]
     return "\n".join(lines) + "\n"
 
 
@@ -175,8 +180,14 @@ def main() -> None:
                       f"peak RSS {res['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
     med = {p: statistics.median(r["tokens_per_s"] for r in rows if r["peer"] == p) for p in ("torch", "jaxllm")}
     mem = {p: statistics.median(r["peak_rss_bytes"] for r in rows if r["peer"] == p) / 2**30 for p in ("torch", "jaxllm")}
+    from jaxllm.train.peak_flops import peak_flops
+
+    peak = peak_flops("float32")
+    flops = next(r["flops_per_token"] for r in rows if r["peer"] == "jaxllm")  # the same model FLOPs for both
+    mfu = {p: flops * med[p] / peak.flops_per_s for p in med}
     result = {"meta": meta(args), "rows": rows, "median_tokens_per_s": med, "median_peak_rss_gib": mem,
-              "speedup": med["jaxllm"] / med["torch"]}
+              "speedup": med["jaxllm"] / med["torch"], "flops_per_token": flops, "peak_flops": peak.flops_per_s,
+              "peak_source": peak.source, "mfu": mfu}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_finetune.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "bench_finetune.md").write_text(write(result))

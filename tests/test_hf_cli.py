@@ -196,3 +196,18 @@ def test_generate_input_errors(models, tmp_path, capsys):
     (tmp_path / "plain" / "tokenizer_config.json").write_text("{}")
     assert main(["generate", "--model", str(tmp_path / "plain"), "--chat", "--prompt", "x"]) == 2
     assert "no chat_template" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_lm_eval_and_pretraining_tokenize_like_transformers(models, kind):
+    """The lm-eval adapter scores contexts as transformers tokenizes them; continued pretraining reads a
+    document as transformers tokenizes it, then EOS (where the model learns that text ends)."""
+    pytest.importorskip("lm_eval")
+    from jaxllm.data.pipeline import text_encoder
+    from jaxllm.interop.lm_eval_adapter import JaxLLMEvalModel
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(models[kind])
+    ids = hf_tok(TEXT[1])["input_ids"]
+    assert JaxLLMEvalModel(pretrained=str(models[kind]))._context_ids(TEXT[1]) == ids
+    tokens, weights = text_encoder(HFTokenizer(models[kind] / "tokenizer.json"))(TEXT[1])
+    assert tokens.tolist() == ids + [hf_tok.eos_token_id] and weights.tolist() == [1.0] * (len(ids) + 1)
