@@ -203,6 +203,28 @@ def cmd_eval(args: argparse.Namespace) -> None:
                       "skipped": report.skipped}))
 
 
+def cmd_tokenizer(args: argparse.Namespace) -> None:
+    """Train a byte-level BPE tokenizer on the training documents of a config's data (`data.source`)."""
+    from jaxllm.data.pipeline import load_corpus
+    from jaxllm.data.tokenizer_training import train_tokenizer
+
+    corpus = load_corpus(_load(args).data)
+    if not all(isinstance(d, str) for d in corpus.train_docs):
+        raise ConfigError("tokenizer training reads plain-text documents (data.format=text)")
+    path = train_tokenizer(corpus.train_docs, args.vocab_size, args.out, show_progress=sys.stderr.isatty())
+    console.print(f"{path}: {args.vocab_size:,} tokens learned from {len(corpus.train_docs):,} training documents "
+                  f"(held-out documents unseen); use it with data.tokenizer={path.parent}")
+
+
+def cmd_docstring_task(args: argparse.Namespace) -> None:
+    """Write the stdlib docstring task (function code -> its docstring's first sentence) as SFT jsonl."""
+    from jaxllm.data.stdlib import docstring_task
+
+    counts = docstring_task(args.out, args.held_out)
+    console.print(f"{args.out}/train.jsonl: {counts['train']:,} examples from {counts['train_modules']} modules; "
+                  f"{args.out}/held_out.jsonl: {counts['held_out']:,} from {counts['held_out_modules']} other modules")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -248,6 +270,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("tokenizer", help="train a BPE tokenizer on a config's training documents")
+    p.add_argument("action", choices=["train"])
+    _add_config_args(p)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--out", required=True, help="directory for tokenizer.json + tokenizer_config.json")
+    p.set_defaults(fn=cmd_tokenizer)
+    p = sub.add_parser("docstring-task", help="stdlib functions -> their docstrings' first sentence, as SFT jsonl")
+    p.add_argument("--out", required=True, help="directory for train.jsonl and held_out.jsonl")
+    p.add_argument("--held-out", type=float, default=0.1, help="share of modules held out (by module name)")
+    p.set_defaults(fn=cmd_docstring_task)
     args = parser.parse_args(argv)
     try:
         args.fn(args)

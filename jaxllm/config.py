@@ -187,7 +187,7 @@ class MeshConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # "synthetic" (built-in corpus) or a path to local data
+    source: str = "synthetic"  # "synthetic" (built-in corpus), "stdlib" (Python's own source) or a local path
     synthetic_docs: int = 20000
     text_field: str = "text"
     tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json (or its directory)

@@ -70,6 +70,10 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     elif cfg.source == "synthetic":
         docs = generate_documents(cfg.synthetic_docs, seed=cfg.seed)
         report = ReadReport(documents=len(docs))
+    elif cfg.source == "stdlib":
+        from jaxllm.data.stdlib import read_stdlib
+
+        docs, report = read_stdlib()
     else:
         docs, report = read_documents(cfg.source, cfg.text_field)
     every = max(2, round(1 / cfg.eval_fraction)) if cfg.eval_fraction > 0 else 0
