@@ -13,18 +13,16 @@ median of `--steps` timed steps after one warm-up step; peak memory is the proce
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
+
+from provenance import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -121,15 +119,8 @@ def run(peer: str, base: Path, steps: int) -> dict:
 
 
 def meta(args: argparse.Namespace) -> dict:
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"command": f"python experiments/bench_finetune.py --rounds {args.rounds} --steps {args.steps}",
-            "commit": git("rev-parse", "--short", "HEAD"),
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()}, {cpu}, {os.cpu_count()} cores",
-            **{pkg: metadata.version(pkg) for pkg in ("jax", "flax", "torch", "transformers", "peft")}}
+    return provenance(f"python experiments/bench_finetune.py --rounds {args.rounds} --steps {args.steps}",
+                      ("jax", "flax", "torch", "transformers", "peft"))
 
 
 def write(result: dict) -> str:

@@ -10,19 +10,17 @@ machine and versions.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import re
 import subprocess
 import sys
 import threading
 import time
-from importlib import metadata
 from pathlib import Path
 
 import psutil
+
+from provenance import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,14 +61,8 @@ def run(pytest_args: list[str]) -> dict:
 
 
 def meta(pytest_args: list[str]) -> dict:
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"command": "python experiments/time_suite.py" + (" -- " + " ".join(pytest_args) if pytest_args else ""),
-            "commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-                       f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {platform.processor() or 'cpu'}",
-            "python": platform.python_version(),
-            **{pkg: metadata.version(pkg) for pkg in ("jax", "flax", "pytest", "pytest-xdist", "torch")}}
+    command = "python experiments/time_suite.py" + (" -- " + " ".join(pytest_args) if pytest_args else "")
+    return provenance(command, ("jax", "flax", "pytest", "pytest-xdist", "torch"))
 
 
 def write(result: dict, out: Path) -> None:

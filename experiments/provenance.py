@@ -1,0 +1,34 @@
+"""What every artifact records about how it was made: command, commit, date, machine and package versions."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
+def provenance(command: str, packages: tuple[str, ...] = ("jax", "flax", "torch")) -> dict:
+    """{command, commit, dirty (tracked files changed), date (UTC), machine, python, <package>: version}."""
+    import psutil
+
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"command": command, "commit": git("rev-parse", "--short", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                       f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {cpu_model()}",
+            "python": platform.python_version(), **{pkg: metadata.version(pkg) for pkg in packages}}
