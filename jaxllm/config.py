@@ -187,7 +187,7 @@ class MeshConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # "synthetic" (built-in corpus), "stdlib" (Python's own source) or a local path
+    source: str = "synthetic"  # synthetic (built-in corpus), stdlib (Python's source), wikipedia (English), or a path
     synthetic_docs: int = 20000
     text_field: str = "text"
     tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json (or its directory)

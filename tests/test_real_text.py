@@ -88,3 +88,16 @@ def test_docstring_task_is_deterministic_and_split_by_module(tmp_path):
     assert all(set(e) == {"prompt", "response", "module", "function"} for e in train + held)
     assert all('"""' + e["response"] not in e["prompt"] for e in train + held)  # the docstring is not in the prompt
     assert np.mean([len(e["response"]) for e in train]) > 20
+
+
+def test_wikipedia_corpus_is_english_prose_split_into_sections():
+    pytest.importorskip("gensim", reason="data.source=wikipedia reads gensim's bundled sample ([corpora] extra)")
+    wiki = load_corpus(DataConfig(source="wikipedia", tokenizer="byte", eval_fraction=0.05, seq_len=64))
+    docs = wiki.train_docs + wiki.eval_docs
+    assert len(docs) > 1000 and 2_000_000 < sum(map(len, docs)) < 5_000_000 and wiki.report.skipped > 0  # redirects
+    lead = next(d for d in docs if d.startswith("Anarchism\n\n"))
+    assert "Anarchism is a political philosophy" in lead and "[[" not in lead and "'''" not in lead
+    assert any(d.startswith("Anarchism: ") for d in docs)  # sections are their own documents
+    assert not any("{{" in d or "<ref" in d for d in docs)  # templates and references filtered out
+    words = " ".join(docs[:200]).split()
+    assert sum(w.lower() in {"the", "of", "and", "a", "in"} for w in words) / len(words) > 0.1  # English prose

@@ -74,6 +74,10 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         from jaxllm.data.stdlib import read_stdlib
 
         docs, report = read_stdlib()
+    elif cfg.source == "wikipedia":
+        from jaxllm.data.wikipedia import read_wikipedia
+
+        docs, report = read_wikipedia()
     else:
         docs, report = read_documents(cfg.source, cfg.text_field)
     every = max(2, round(1 / cfg.eval_fraction)) if cfg.eval_fraction > 0 else 0

@@ -108,7 +108,8 @@ def read_documents(source: str, text_field: str = "text") -> tuple[list[str], Re
     """All documents under `source` (a file, a directory of files, or a saved HF dataset)."""
     path = Path(source)
     if not path.exists():
-        raise ConfigError(f"data.source={source!r} does not exist; give a file, a directory, 'synthetic' or 'stdlib'")
+        raise ConfigError(f"data.source={source!r} does not exist; give a file, a directory, 'synthetic', 'stdlib' "
+                          "or 'wikipedia'")
     report = ReadReport()
     if path.is_dir() and any((path / n).exists() for n in ("dataset_info.json", "dataset_dict.json")):
         streams = [_hf_dataset(path, text_field)]
