@@ -9,16 +9,9 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from jaxllm.train.peak_flops import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
 
 
 def provenance(command: str, packages: tuple[str, ...] = ("jax", "flax", "torch")) -> dict:

@@ -55,7 +55,7 @@ def record_path() -> Path:
 def machine_key(dtype: str) -> str:
     """What a recorded measurement is valid for: platform, device kind, CPU model, cores, dtype."""
     device = jax.devices()[0]
-    return f"{device.platform}|{device.device_kind}|{_cpu_model()}|{os.cpu_count()} cores|{dtype}"
+    return f"{device.platform}|{device.device_kind}|{cpu_model()}|{os.cpu_count()} cores|{dtype}"
 
 
 def measure_matmul_flops(dtype: str, n: int = 2048, repeats: int = 10) -> float:
@@ -93,7 +93,8 @@ def peak_flops(dtype: str) -> Peak:
     return Peak(r["flops_per_s"] * count, f"measured {r['measured']}, recorded in {path}")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
