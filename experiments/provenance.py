@@ -15,12 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def provenance(command: str, packages: tuple[str, ...] = ("jax", "flax", "torch")) -> dict:
-    """{command, commit, dirty (tracked files changed), date (UTC), machine, python, <package>: version}."""
+    """{command, commit, dirty (tracked files other than artifacts changed), date (UTC), machine, python,
+    <package>: version}. Artifacts (.json/.md/.png under experiments/) do not count: a script rewrites its own."""
     import psutil
 
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return {"command": command, "commit": git("rev-parse", "--short", "HEAD"),
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "dirty": any(not (line[3:].startswith("experiments/") and line.endswith((".json", ".md", ".png")))
+                         for line in git("status", "--porcelain", "--untracked-files=no").splitlines()),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                        f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {cpu_model()}",
