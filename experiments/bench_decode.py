@@ -2,7 +2,8 @@
 (torch, KV cache) on the same ~56M-param Llama (configs/bench-56m.yaml shape), greedy, same weights.
 
 Each peer runs in its own subprocess, alternating. Reports new tokens per second (all rows) after a
-warm-up call, for batch 1 and batch 8. Writes experiments/results/bench_decode.md.
+warm-up call, for batch 1 and batch 8. Writes experiments/results/bench_decode.{md,json} (with the command,
+commit, date, machine and versions).
 
     python experiments/bench_decode.py [--rounds 2] [--new-tokens 64] [--prompt 32]
 """
@@ -11,13 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from provenance import provenance  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "bench_decode.md"
 SHAPE = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
@@ -90,11 +94,14 @@ def main() -> None:
                     res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
                     rows.append((batch, r + 1, peer, res))
                     print(f"batch {batch} round {r + 1} {peer}: {res['tokens_per_s']:.1f} tokens/s", flush=True)
+    meta = provenance(f"python experiments/bench_decode.py --rounds {args.rounds} --new-tokens {args.new_tokens} "
+                      f"--prompt {args.prompt}", ("jax", "flax", "torch", "transformers"))
     lines = [
         "# Decode throughput: jaxllm vs transformers + torch",
         "",
-        f"Machine: {os.cpu_count()} cores; date {time.strftime('%Y-%m-%d %H:%M')}; command "
-        f"`python experiments/bench_decode.py --rounds {args.rounds} --new-tokens {args.new_tokens} --prompt {args.prompt}`.",
+        f"`{meta['command']}` at commit {meta['commit']}{' + changes' if meta['dirty'] else ''}, {meta['date']}, "
+        f"{meta['machine']}; python {meta['python']}, jax {meta['jax']}, torch {meta['torch']}, transformers "
+        f"{meta['transformers']}.",
         f"Model: random-init Llama, {SHAPE}, f32; greedy, prompt {args.prompt} tokens, {args.new_tokens} new tokens "
         "per row (prefill included in the time), after one warm-up call.",
         "",
@@ -104,11 +111,17 @@ def main() -> None:
     for batch, r, peer, res in rows:
         lines.append(f"| {batch} | {r} | {peer} | {res['seconds']:.2f} | {res['tokens_per_s']:.1f} | {res['first']} |")
     lines.append("")
+    medians = {}
     for batch in (1, 8):
         med = {p: statistics.median(res["tokens_per_s"] for b, _, q, res in rows if b == batch and q == p)
                for p in ("torch", "jaxllm")}
+        medians[batch] = med
         lines.append(f"Batch {batch}: median jaxllm {med['jaxllm']:.1f} vs torch {med['torch']:.1f} new tokens/s "
                      f"(**{med['jaxllm'] / med['torch']:.2f}x**).")
+    same = all(res["first"] == other["first"] for b, r, _, res in rows for b2, r2, _, other in rows if (b, r) == (b2, r2))
+    RESULTS.with_suffix(".json").write_text(json.dumps({
+        "meta": meta, "runs": [{"batch": b, "round": r, "peer": q, **res} for b, r, q, res in rows],
+        "median_tokens_per_s": {str(b): m for b, m in medians.items()}, "same_tokens": same}, indent=1) + "\n")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -2,7 +2,8 @@
 
 Shape (configs/bench-56m.yaml): vocab 32000, d_model 512, d_ff 1408, 8 layers, 8 heads, 4 kv heads,
 seq 512, batch 8, f32, AdamW. Each peer runs in its own subprocess, alternating, `--rounds` times;
-the table reports each run and the ratio of medians. Writes experiments/results/bench_vs_torch.md.
+the table reports each run and the ratio of medians. Writes experiments/results/bench_vs_torch.{md,json}
+(with the command, commit, date, machine and versions).
 
     python experiments/bench_vs_torch.py [--rounds 2] [--steps 3]
 """
@@ -11,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from provenance import provenance  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "bench_vs_torch.md"
 
@@ -82,12 +86,15 @@ def main() -> None:
             rows.append((r + 1, peer, res))
             print(f"round {r + 1} {peer}: {res['tokens_per_s']} tokens/s", flush=True)
     med = {p: statistics.median(res["tokens_per_s"] for _, q, res in rows if q == p) for p in ("torch", "jaxllm")}
+    jax_runs = [res for _, q, res in rows if q == "jaxllm"]
+    meta = provenance(f"python experiments/bench_vs_torch.py --rounds {args.rounds} --steps {args.steps}",
+                      ("jax", "flax", "torch", "transformers"))
     lines = [
         "# Train-step throughput: jaxllm vs transformers + torch",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores; "
-        f"date {time.strftime('%Y-%m-%d %H:%M')}; command `python experiments/bench_vs_torch.py "
-        f"--rounds {args.rounds} --steps {args.steps}`.",
+        f"`{meta['command']}` at commit {meta['commit']}{' + changes' if meta['dirty'] else ''}, {meta['date']}, "
+        f"{meta['machine']}; python {meta['python']}, jax {meta['jax']}, torch {meta['torch']}, transformers "
+        f"{meta['transformers']}.",
         "Shape: Llama, vocab 32000, d_model 512, d_ff 1408, 8 layers, 8 heads / 4 kv heads, seq 512, batch 8, "
         "f32, AdamW (+ clipping). Median of timed steps after one warm-up step.",
         "",
@@ -98,6 +105,11 @@ def main() -> None:
         lines.append(f"| {r} | {peer} | {res['step_s']} | {res['tokens_per_s']} | {res.get('mfu', '')} |")
     lines += ["", f"Median tokens/s: jaxllm {med['jaxllm']:.0f}, torch {med['torch']:.0f}; "
                   f"ratio **{med['jaxllm'] / med['torch']:.2f}x**."]
+    RESULTS.with_suffix(".json").write_text(json.dumps({
+        "meta": meta, "rounds": [{"round": r, "peer": q, **res} for r, q, res in rows],
+        "median_tokens_per_s": med, "speedup": med["jaxllm"] / med["torch"],
+        "jaxllm_mfu": statistics.median(res["mfu"] for res in jax_runs),
+        "peak_gflops": jax_runs[0]["peak_flops"], "peak_source": jax_runs[0]["peak_source"]}, indent=1) + "\n")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -54,7 +54,88 @@ def bench_finetune() -> str:
             f"{100 * mfu['torch']:.0f}% ({_made(r['meta'])})")
 
 
-REPORTS = {"suite_time": suite_time, "default_run": default_run, "bench_finetune": bench_finetune}
+def bench_vs_torch() -> str:
+    r = _load("bench_vs_torch")
+    tps, m = r["median_tokens_per_s"], r["meta"]
+    return (f"jaxllm runs **{tps['jaxllm']:,.0f} tokens/s against {tps['torch']:,.0f} for transformers "
+            f"{m['transformers']} + torch {m['torch'].split('+')[0]} (eager, sdpa): {r['speedup']:.2f}x**, median of "
+            f"{len(r['rounds']) // 2} alternating rounds in one run (jaxllm MFU {100 * r['jaxllm_mfu']:.0f}% of a "
+            f"{r['peak_gflops']:,.0f} GFLOP/s f32 matmul peak, {r['peak_source']}; {_made(m)})")
+
+
+def bench_decode() -> str:
+    r = _load("bench_decode")
+    med = r["median_tokens_per_s"]
+    cells = [f"batch {b}: {med[b]['jaxllm']:,.0f} vs {med[b]['torch']:,.0f} new tokens/s "
+             f"(**{med[b]['jaxllm'] / med[b]['torch']:.2f}x**)" for b in ("1", "8")]
+    same = "same tokens out" if r["same_tokens"] else "**different tokens out**"
+    return f"{'; '.join(cells)}, {same} ({_made(r['meta'])})"
+
+
+def moe_bench_layer() -> str:
+    r = json.loads((ROOT / "experiments" / "moe" / "bench_layer.json").read_text())
+    layers = r["layers"]
+    pick = lambda key: next(v for k, v in layers.items() if key in k)
+    dropless, capacity = pick("dropless, tiled gmm"), pick("capacity")
+    return (f"on this CPU ({r['tokens']:,} tokens, f32) the dropless layer runs at {dropless['forward_vs_dense']:.2f}x / "
+            f"{dropless['forward_backward_vs_dense']:.2f}x the dense layer's tokens/s forward / forward+backward, "
+            f"capacity dispatch at {capacity['forward_vs_dense']:.2f}x / {capacity['forward_backward_vs_dense']:.2f}x "
+            f"({_made(r['meta'])})")
+
+
+def _experiment(name: str) -> dict:
+    return json.loads((ROOT / "experiments" / name / "results.json").read_text())
+
+
+def _mean_std(values: list[float]) -> str:
+    m = sum(values) / len(values)
+    s = (sum((v - m) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+    return f"{m:.3f} ± {s:.3f}"
+
+
+def structured_ffn() -> str:
+    r = _experiment("structured_ffn")
+    st, table = r["settings"], r["table"]
+    head = " | ".join(f"d_model {d}, {n} layers" for d, n, _ in st["sizes"])
+    rows = [f"| {name} | " + " | ".join(f"{_mean_std(ls)} ({p / 1e6:.2f}M)" for ls, p in zip(t["losses"], t["params"]))
+            + " |" for name, t in table.items()]
+    return "\n".join([
+        f"\n{st['seeds']} seeds, {st['steps']} steps of 8 x 256 tokens per run ({_made(r)}); eval loss (nats per BPE "
+        "token) mean ± std and params:", "", f"| run | {head} |", "|---|" + "---:|" * len(st["sizes"]), *rows, "",
+        *r["claims"], ""])
+
+
+def lora_experiment() -> str:
+    r = _experiment("lora")
+    st, runs = r["settings"], r["runs"]
+    by = lambda n, k: [runs[f"{n}|{s}"][k] for s in range(st["seeds"])]
+    rows = [f"| {n} | {runs[f'{n}|0']['trainable']:,} | {_mean_std(by(n, 'held_out_loss'))} | "
+            f"{_mean_std([100 * a for a in by(n, 'held_out_accuracy')])}% | {_mean_std(by(n, 'pretrain_eval_loss'))} |"
+            for n in st["methods"]]
+    b = r["base"]
+    return "\n".join([
+        f"\n{st['seeds']} seeds, {st['steps']} steps of 8 x {st['seq_len']} tokens per method ({_made(r)}); the base "
+        f"scores {b['held_out_loss']:.3f} on the held-out task and {b['pretrain_eval_loss']:.3f} on its own eval files:",
+        "", "| method | trainable params | held-out loss | held-out token accuracy | pretraining-eval loss after |",
+        "|---|---:|---:|---:|---:|", *rows, "", *r["claims"], ""])
+
+
+def moe_experiment() -> str:
+    r = _experiment("moe")
+    st, runs = r["settings"], r["runs"]
+    by = lambda n, k: [runs[f"{n}|{s}"][k] for s in range(st["seeds"])]
+    dense_flops = runs["dense|0"]["flops"]
+    rows = [f"| {n} | {runs[f'{n}|0']['params']:,} | {sum(by(n, 'experts_per_token')) / st['seeds']:.2f} | "
+            f"{sum(by(n, 'flops')) / st['seeds'] / dense_flops:.2f}x | {_mean_std(by(n, 'eval_loss'))} |" for n in st["runs"]]
+    return "\n".join([
+        f"\n{st['seeds']} seeds, {st['steps']} steps of 8 x 256 tokens per run ({_made(r)}):", "",
+        "| run | params | real experts / token | training FLOPs vs dense | eval loss |", "|---|---:|---:|---:|---:|",
+        *rows, "", *r["claims"], ""])
+
+
+REPORTS = {"suite_time": suite_time, "default_run": default_run, "bench_finetune": bench_finetune,
+           "bench_vs_torch": bench_vs_torch, "bench_decode": bench_decode, "moe_bench_layer": moe_bench_layer,
+           "structured_ffn": structured_ffn, "lora_experiment": lora_experiment, "moe_experiment": moe_experiment}
 
 
 def update(text: str) -> str:

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
+import json
+import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from provenance import provenance  # noqa: E402
 
 from jaxllm.config import MlpConfig, ModelConfig, MoeConfig
 from jaxllm.models.mlp import Mlp
@@ -59,12 +64,13 @@ def main() -> None:
         how = names[impl] if dispatch == "dropless" else "capacity factor 1.25"
         layers[f"MoE {E} x {F}, top-{K}, {dispatch}, {how}"] = MoeFfn(cfg, rngs=nnx.Rngs(0))
     device = jax.devices()[0]
+    meta = provenance(f"python experiments/moe/bench_layer.py --d-model {D} --expert-ff {F} --experts {E} --top-k {K} "
+                      f"--tokens {N} --dtype {args.dtype} --reps {args.reps}")
     lines = [f"# MoE layer vs dense FFN of equal active parameters ({device.device_kind}, {device.platform})", "",
-             f"`python experiments/moe/bench_layer.py --d-model {D} --expert-ff {F} --experts {E} --top-k {K} "
-             f"--tokens {N} --dtype {args.dtype}`, {time.strftime('%Y-%m-%d')}, median of {args.reps}; "
-             f"{jax.device_count()} device(s), {len(jax.devices('cpu'))} CPU device(s).", "",
+             f"`{meta['command']}` at commit {meta['commit']}{' + changes' if meta['dirty'] else ''}, {meta['date']}, "
+             f"{meta['machine']}; jax {meta['jax']}; median of {args.reps}; {jax.device_count()} device(s).", "",
              "| layer | params | fwd tokens/s | fwd+bwd tokens/s | fwd vs dense | fwd+bwd vs dense |", "|---|---:|---:|---:|---:|---:|"]
-    ref = None
+    ref, rows = None, {}
     for name, layer in layers.items():
         params = sum(x.size for x in jax.tree.leaves(nnx.state(layer, nnx.Param)))
         try:
@@ -74,10 +80,13 @@ def main() -> None:
             print(lines[-1], flush=True)
             continue
         ref = ref or (t_f, t_b)
+        rows[name] = {"params": params, "forward_s": t_f, "forward_backward_s": t_b,
+                      "forward_vs_dense": ref[0] / t_f, "forward_backward_vs_dense": ref[1] / t_b}
         lines.append(f"| {name} | {params:,} | {N / t_f:,.0f} | {N / t_b:,.0f} | {ref[0] / t_f:.2f}x | {ref[1] / t_b:.2f}x |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"meta": meta, "tokens": N, "layers": rows}, indent=1) + "\n")
     print(text)
 
 

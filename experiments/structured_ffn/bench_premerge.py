@@ -8,15 +8,18 @@ winning: the measured basis of `model.mlp.merge_below_tokens`.
 from __future__ import annotations
 
 import argparse
-import time
+import sys
 from pathlib import Path
 
-import jax
-from flax import nnx
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxllm.config import MlpConfig, ModelConfig
-from jaxllm.models.structured import StructuredLinear
-from jaxllm.train.bench import median_seconds
+import jax  # noqa: E402
+from flax import nnx  # noqa: E402
+from provenance import provenance  # noqa: E402
+
+from jaxllm.config import MlpConfig, ModelConfig  # noqa: E402
+from jaxllm.models.structured import StructuredLinear  # noqa: E402
+from jaxllm.train.bench import median_seconds  # noqa: E402
 
 
 def main() -> None:
@@ -27,10 +30,10 @@ def main() -> None:
     args = ap.parse_args()
     D, F = args.d_model, args.d_ff
     tokens = (1, 4, 16, 64, 256, 1024)
+    m = provenance(f"python experiments/structured_ffn/bench_premerge.py --d-model {D} --d-ff {F}")
     lines = [f"# Merged vs factored FFN map [{D} -> {F}] forward, by tokens in flight", "",
-             f"`python experiments/structured_ffn/bench_premerge.py --d-model {D} --d-ff {F}` on "
-             f"{jax.devices()[0].platform.upper()} (this 2-core machine), {time.strftime('%Y-%m-%d')}; "
-             "median of 30 jitted calls, f32. Cells: factored / merged time (ratio > 1: merged faster).", "",
+             f"`{m['command']}` at commit {m['commit']}{' + changes' if m['dirty'] else ''}, {m['date']}, "
+             f"{m['machine']} ({jax.devices()[0].platform}); jax {m['jax']}; median of 30 jitted calls, f32. Cells: factored / merged time (ratio > 1: merged faster).", "",
              "| structure | " + " | ".join(f"N={n}" for n in tokens) + " | merged faster up to N |",
              "|---|" + "---:|" * (len(tokens) + 1)]
     for structure, fraction in (("lowrank", 0.32), ("blockdense", 0.32), ("blockshuffle", 0.32), ("lowrank", 0.63)):
