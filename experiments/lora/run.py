@@ -2,7 +2,7 @@
 -> its docstring's first sentence) with full fine-tuning, LoRA, rsLoRA, PiSSA, MiLoRA, OLoRA, DoRA, LoRA+ and QLoRA
 (NF4 base), >= 3 seeds each.
 
-    python experiments/lora/run.py [--base-steps 400] [--steps 60] [--seeds 3] [--out experiments/lora]
+    python experiments/lora/run.py [--base-steps 300] [--steps 50] [--seeds 3] [--out experiments/lora]
     python experiments/lora/run.py --quick   # tiny base, 2 methods, 2 seeds, a few steps (the tests)
 
 The base never sees the task's held-out modules: it pretrains on the stdlib files outside them. Every method gets
@@ -125,8 +125,8 @@ def plot(curves: dict[str, list[dict]], out: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base-steps", type=int, default=400)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--base-steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="a tiny base, a few steps (for the tests)")
     ap.add_argument("--methods", help="comma-separated subset of " + ",".join(METHODS) + " (default: all; quick: full,lora)")
