@@ -420,11 +420,6 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"model.mlp.guide_fraction={m.mlp.guide_fraction} must be within [0, 1]")
     if m.mlp.guide_fraction and m.mlp.structure == "dense":
         raise ConfigError("model.mlp.guide_fraction > 0 (self-guided training) needs a structured model.mlp.structure")
-    if m.mlp.structure != "dense":
-        from jaxllm.models.structured import structure_sizes
-
-        for i, o in ((m.d_model, m.mlp.d_ff), (m.mlp.d_ff, m.d_model)):
-            structure_sizes(m.mlp, i, o)  # raises ConfigError naming the size that does not fit
     _positive("model.loss_chunk_tokens", m.loss_chunk_tokens)
     _positive("model.head_dim", m.head_dim, allow_none=True)
     _positive("model.attention.sliding_window", m.attention.sliding_window, allow_none=True)

@@ -116,10 +116,22 @@ class LanguageModel:
         m = self.cfg.moe
         return m.load_balance_loss * jnp.mean(stats.load_balance_loss) + m.router_z_loss * jnp.mean(stats.router_z_loss)
 
+    def objective_sums(
+        self, params: Params, batch: Batch, *, z_loss: float = 0.0
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array, jax.Array], MoeStats | None]:
+        """The training objective as a token sum, its parts (cross-entropy sum, logsumexp^2 sum, tokens, router-loss
+        sum) and the MoE statistics. The router losses are weighted by the token count, so microbatches add up like
+        the cross entropy. The one definition of what training minimises: `loss` and the train step use it."""
+        ce, zl, n, stats = self.loss_terms(params, batch)
+        aux = self.moe_aux_loss(stats) * n
+        return ce + z_loss * zl + aux, (ce, zl, n, aux), stats
+
     def loss(self, params: Params, batch: Batch, *, z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Mean next-token cross entropy of batch['targets'] given batch['inputs'] (both [B, T]),
-        plus z_loss * mean logsumexp^2. Returns (loss, {cross_entropy, z_loss, tokens})."""
-        return loss_from_sums(*self.loss_sums(params, batch), z_loss)
+        """What `jaxllm train` minimises, per target token: the next-token cross entropy of batch['targets'] given
+        batch['inputs'] (both [B, T]), plus z_loss * mean logsumexp^2, plus the MoE router losses (load balance,
+        router z-loss; none without MoE). Returns (loss, {cross_entropy, z_loss, aux_loss, tokens})."""
+        _, (ce, zl, n, aux), _ = self.objective_sums(params, batch, z_loss=z_loss)
+        return loss_from_sums(ce, zl, n, z_loss, aux)
 
     # ------------------------------------------------------------------------ structured FFN maps
     @functools.cached_property

@@ -33,12 +33,13 @@ def cross_entropy(
 
 
 def loss_from_sums(
-    ce_sum: jax.Array, z_sum: jax.Array, tokens: jax.Array, z_loss: float = 0.0
+    ce_sum: jax.Array, z_sum: jax.Array, tokens: jax.Array, z_loss: float = 0.0, aux_sum: jax.Array | float = 0.0
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(mean cross entropy + z_loss * mean logsumexp^2, {cross_entropy, z_loss, tokens}) from token sums."""
+    """(mean cross entropy + z_loss * mean logsumexp^2 + aux_sum / tokens, {cross_entropy, z_loss, aux_loss,
+    tokens}) from token sums; `aux_sum`: further loss terms weighted per token (the MoE router losses)."""
     denom = jnp.maximum(tokens, 1.0)
-    ce, zl = ce_sum / denom, z_sum / denom
-    return ce + z_loss * zl, {"cross_entropy": ce, "z_loss": zl, "tokens": tokens}
+    ce, zl, aux = ce_sum / denom, z_sum / denom, aux_sum / denom
+    return ce + z_loss * zl + aux, {"cross_entropy": ce, "z_loss": zl, "aux_loss": aux, "tokens": tokens}
 
 
 def chunked_cross_entropy_sums(

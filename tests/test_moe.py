@@ -151,6 +151,35 @@ def test_moe_model_trains_with_router_losses_and_metrics(tmp_path):
     assert 0 < float(metrics["moe/router_entropy"]) <= np.log(4) + 1e-6
 
 
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_lm_loss_is_what_the_train_step_minimises(microbatches):
+    """`jax.grad(lm.loss)` of an MoE model (router losses included) is the gradient the train step applies; with
+    microbatches, the mean of it over the microbatches (the load-balancing loss is per microbatch, not additive)."""
+    import optax
+
+    from jaxllm.train.step import init_state, make_train_step
+
+    lm = _moe_model()
+    tx = optax.sgd(1.0)  # new params = params - gradient
+    state = init_state(lm, tx, seed=0)
+    rng = np.random.default_rng(1)
+    batch = {"inputs": jnp.asarray(rng.integers(0, 97, (4, 16))), "targets": jnp.asarray(rng.integers(0, 97, (4, 16)))}
+    new, metrics = jax.jit(make_train_step(lm, tx, microbatches=microbatches, z_loss=1e-3))(state, batch)
+    step_grads = jax.tree.map(jnp.subtract, state.params, new.params)
+    parts_of = [{k: v.reshape(microbatches, -1, v.shape[1])[i] for k, v in batch.items()}
+                for i in range(microbatches)]
+    loss_fn = jax.jit(lambda p, b: lm.loss(p, b, z_loss=1e-3))
+    grad_fn = jax.jit(jax.grad(lambda p, b: lm.loss(p, b, z_loss=1e-3)[0]))
+    loss = np.mean([loss_fn(state.params, b)[0] for b in parts_of])
+    grads = jax.tree.map(lambda *g: sum(g) / microbatches, *[grad_fn(state.params, b) for b in parts_of])
+    parts = loss_fn(state.params, batch)[1]
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+    assert float(parts["aux_loss"]) > 0  # the router losses are part of it
+    router = [k for k in grads["blocks"]["mlp"] if "router" in k]
+    assert router and float(jnp.abs(grads["blocks"]["mlp"][router[0]]).max()) > 0  # router losses reach the router
+    chex.assert_trees_all_close(grads, step_grads, atol=1e-6, rtol=1e-4)
+
+
 def test_moe_model_capacity_equals_dropless_and_counts_active_flops():
     dropless, capacity = _moe_model(), _moe_model(dispatch="capacity", capacity_factor=8.0)
     params = dropless.init(jax.random.key(0))

@@ -250,3 +250,15 @@ def test_self_guided_run_drops_guides_and_resumes_on_both_sides_of_the_switch(tm
         assert resumed.start_step == resume_at
         for step, loss in resumed.losses.items():
             assert loss == full.losses[step], f"step {step}: resumed {loss} != uninterrupted {full.losses[step]}"
+
+
+def test_structure_sizes_that_do_not_fit_fail_when_the_model_is_built(capsys):
+    cfg = load_config(["tiny"], ["model.mlp.structure=lowrank", "model.mlp.rank=10000"])  # config: plain data
+    from jaxllm.language_model import build
+
+    with pytest.raises(ConfigError, match="model.mlp.rank=10000 exceeds min"):
+        build(cfg)  # before anything compiles
+    from jaxllm.cli import main
+
+    assert main(["info", "--config", "tiny", "model.mlp.structure=blockdense", "model.mlp.blocks=7"]) == 2
+    assert "model.mlp.blocks=7 must divide" in capsys.readouterr().err

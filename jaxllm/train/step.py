@@ -44,9 +44,8 @@ def make_train_step(
     `to_model(params, frozen, rng)` (adapters on a frozen base, for fine-tuning)."""
 
     def sums(params: Params, frozen: Any, rng: jax.Array, mb: Batch):
-        ce, zl, n, stats = lm.loss_terms(to_model(params, frozen, rng), mb)
-        aux = lm.moe_aux_loss(stats) * n  # token-weighted, so microbatches add up like the losses
-        return ce + z_loss * zl + aux, ((ce, zl, n, aux), moe_metrics(stats))
+        total, parts, stats = lm.objective_sums(to_model(params, frozen, rng), mb, z_loss=z_loss)
+        return total, (parts, moe_metrics(stats))
 
     grad_fn = jax.grad(sums, has_aux=True)
 
@@ -68,8 +67,7 @@ def make_train_step(
             keys = jax.random.split(step_rng, microbatches)
             (g_sum, (ce, zl, n, aux)), moe = jax.lax.scan(accumulate, (zeros, (0.0, 0.0, 0.0, 0.0)), (micro, keys))
             moe = jax.tree.map(lambda x: jnp.mean(x, axis=0), moe)
-        loss, parts = loss_from_sums(ce, zl, n, z_loss)
-        loss = loss + aux / jnp.maximum(n, 1.0)
+        loss, parts = loss_from_sums(ce, zl, n, z_loss, aux)
         grads = jax.tree.map(lambda g: g / jnp.maximum(n, 1.0), g_sum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
