@@ -29,13 +29,13 @@ STEPS: dict[str, tuple[list[str], list[str] | None]] = {
     "moe_bench_layer": ([PY, "experiments/moe/bench_layer.py"], None),
     "premerge": ([PY, "experiments/structured_ffn/bench_premerge.py"], None),
     "structured_ffn": ([PY, "experiments/structured_ffn/run.py"],
-                       [PY, "experiments/structured_ffn/run.py", "--quick", "--steps", "2", "--seeds", "2",
+                       [PY, "experiments/structured_ffn/run.py", "--quick", "--steps", "2", "--seeds", "1",
                         "--out", "{out}/structured_ffn"]),
     "lora": ([PY, "experiments/lora/run.py"],
              [PY, "experiments/lora/run.py", "--quick", "--base-steps", "2", "--steps", "2", "--seeds", "2",
               "--out", "{out}/lora"]),
     "moe": ([PY, "experiments/moe/run.py"],
-            [PY, "experiments/moe/run.py", "--quick", "--steps", "2", "--seeds", "2", "--out", "{out}/moe"]),
+            [PY, "experiments/moe/run.py", "--quick", "--steps", "2", "--seeds", "1", "--out", "{out}/moe"]),
     "report": ([PY, "experiments/report.py"], None),
 }
 

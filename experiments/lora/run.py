@@ -52,11 +52,11 @@ METHODS = {  # name -> (overrides, learning rate)
 }
 
 
-def pretraining_corpus(path: Path) -> int:
-    """The stdlib files outside the task's held-out modules, as jsonl {"text"}; returns how many."""
+def pretraining_corpus(path: Path, files: list[Path]) -> int:
+    """The `files` outside the task's held-out modules, as jsonl {"text"}; returns how many."""
     n = 0
     with path.open("w") as f:
-        for file in stdlib_files():
+        for file in files:
             try:
                 text = file.read_bytes().decode("utf-8")
             except UnicodeDecodeError:
@@ -145,8 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     results = Results(out / "results.json", {**provenance(command.strip()), "settings": settings})
     work = Path(tempfile.mkdtemp(prefix="lora-exp-"))
 
-    files = pretraining_corpus(work / "pretrain.jsonl")
-    task = docstring_task(work / "task", HELD_OUT)
+    sources = stdlib_files()[:300] if args.quick else stdlib_files()  # quick: a slice of the stdlib
+    files = pretraining_corpus(work / "pretrain.jsonl", sources)
+    non_test = set(stdlib_files(include_tests=False))
+    task = docstring_task(work / "task", HELD_OUT, [f for f in sources if f in non_test])
     pretrain = [*corpus_overrides(), f"data.source={work / 'pretrain.jsonl'}", f"data.seq_len={seq}", "train.batch_size=4"]
     base_dir = work / "base"
     base = train(load_config(["small"], [*pretrain, *base_shape, f"train.steps={args.base_steps}", "train.eval_every=0",
