@@ -23,7 +23,7 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned", "none")
-ROPE_SCALINGS = ("none", "llama3")
+ROPE_SCALINGS = ("none", "llama3", "linear", "ntk", "yarn")
 BIASES = ("none", "qkv", "all")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
@@ -46,13 +46,21 @@ class ConfigError(ValueError):
 
 @dataclass
 class RopeScalingConfig:
-    """RoPE frequency scaling. `llama3` is the Llama-3.1 wavelength-banded scaling."""
+    """RoPE frequency scaling to run a model past the context it was trained at (`factor` times longer):
+    `linear` (position interpolation: every frequency / factor), `ntk` (NTK-aware: theta * factor^(H / (H - 2)),
+    high frequencies nearly kept), `yarn` (YaRN: frequencies that turn fewer than `beta_slow` times over the
+    original context are interpolated, more than `beta_fast` kept, a linear ramp over the dims in between, and
+    attention logits sharpened by attention_factor^2), `llama3` (Llama-3.1's wavelength bands)."""
 
     type: str = "none"
     factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_seq_len: int = 8192
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_seq_len: int = 8192  # llama3, yarn: the context the model was trained at
+    beta_fast: float = 32.0  # yarn: rotations over the original context above which a frequency is kept
+    beta_slow: float = 1.0  # yarn: ... below which it is interpolated
+    attention_factor: Optional[float] = None  # yarn: cos/sin multiplier; default 0.1 ln(factor) + 1
+    truncate: bool = True  # yarn: round the ramp's end dims outwards (as the reference implementation does)
 
 
 @dataclass
@@ -352,6 +360,11 @@ def check_values(cfg: Config) -> None:
     _choice("model.norm", m.norm, NORMS)
     _choice("model.position", m.position, POSITIONS)
     _choice("model.rope_scaling.type", m.rope_scaling.type, ROPE_SCALINGS)
+    if m.rope_scaling.type != "none":
+        _positive("model.rope_scaling.factor", m.rope_scaling.factor)
+    if m.rope_scaling.type == "yarn" and not 0 < m.rope_scaling.beta_slow < m.rope_scaling.beta_fast:
+        raise ConfigError(f"model.rope_scaling: yarn needs 0 < beta_slow ({m.rope_scaling.beta_slow}) < beta_fast "
+                          f"({m.rope_scaling.beta_fast})")
     _choice("model.bias", m.bias, BIASES)
     _choice("model.mlp.activation", m.mlp.activation, ACTIVATIONS)
     _choice("model.attention.impl", m.attention.impl, ATTENTION_IMPLS)

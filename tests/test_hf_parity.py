@@ -24,6 +24,11 @@ FAMILIES = {
     "llama3_scaled_rope": lambda: transformers.LlamaConfig(
         **COMMON, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "llama_yarn_rope": lambda: transformers.LlamaConfig(
+        **COMMON, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 8.0,
+                                   "beta_slow": 1.0, "original_max_position_embeddings": 16}),
+    "llama_linear_rope": lambda: transformers.LlamaConfig(
+        **COMMON, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
     "mistral": lambda: transformers.MistralConfig(**COMMON, sliding_window=5),
     "mixtral": lambda: transformers.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
     "qwen2": lambda: transformers.Qwen2Config(**COMMON, tie_word_embeddings=True),
@@ -91,12 +96,12 @@ def test_import_generate_export_round_trip(family, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params2, params)
 
 
-@pytest.mark.parametrize("family", ["llama", "llama3_scaled_rope"])
+@pytest.mark.parametrize("family", ["llama", "llama3_scaled_rope", "llama_yarn_rope", "llama_linear_rope"])
 def test_sharp_attention_parity_would_catch_a_wrong_rotation(family, tmp_path):
     """At std-0.02 init attention is nearly uniform: a RoPE mistake moves logits by ~1e-3, close to TOL. With q/k
     scaled to std 0.5 attention is sharp: the import still matches within TOL, while a copy of the mapping with
-    one sign flipped (the second half of every q/k head negated: the rotation runs backwards) and, for llama3,
-    the same checkpoint read without its rope scaling, both miss by ~0.2, over 100 x TOL."""
+    one sign flipped (the second half of every q/k head negated: the rotation runs backwards) and, for the scaled
+    ropes (llama3, yarn, linear), the same checkpoint read without its rope scaling, both miss by over 100 x TOL."""
     import dataclasses
 
     from jaxllm.config import RopeScalingConfig
@@ -120,7 +125,7 @@ def test_sharp_attention_parity_would_catch_a_wrong_rotation(family, tmp_path):
     flipped = {**params, "blocks": {**params["blocks"], "attn": {
         **attn, "q": {"kernel": flip(attn["q"]["kernel"])}, "k": {"kernel": flip(attn["k"]["kernel"])}}}}
     assert miss(lm, flipped) > 100 * TOL
-    if family == "llama3_scaled_rope":
+    if family != "llama":  # the same checkpoint read without its rope scaling
         unscaled = LanguageModel(dataclasses.replace(lm.cfg, rope_scaling=RopeScalingConfig()))
         assert miss(unscaled, params) > 100 * TOL
 

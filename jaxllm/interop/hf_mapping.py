@@ -42,7 +42,20 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, RopeScalingConfig]:
             high_freq_factor=scaling["high_freq_factor"],
             original_max_seq_len=scaling["original_max_position_embeddings"],
         )
-    raise ConfigError(f"HF rope type {kind!r} is not supported; supported: ['default', 'llama3']")
+    if kind == "linear":
+        return theta, RopeScalingConfig(type="linear", factor=scaling["factor"])
+    if kind == "yarn":
+        original = scaling.get("original_max_position_embeddings") or hf["max_position_embeddings"]
+        factor = scaling.get("factor") or hf["max_position_embeddings"] / original
+        attention = scaling.get("attention_factor")
+        mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if attention is None and mscale and mscale_all and factor > 1:  # DeepSeek's form of the same factor
+            attention = (0.1 * mscale * math.log(factor) + 1) / (0.1 * mscale_all * math.log(factor) + 1)
+        return theta, RopeScalingConfig(
+            type="yarn", factor=factor, original_max_seq_len=original, beta_fast=scaling.get("beta_fast") or 32.0,
+            beta_slow=scaling.get("beta_slow") or 1.0, attention_factor=attention, truncate=scaling.get("truncate", True))
+    raise ConfigError(f"HF rope type {kind!r} is not supported; supported: ['default', 'llama3', 'linear', 'yarn'] "
+                      "('dynamic' rescales with each call's length, which a compiled model does not see)")
 
 
 def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
@@ -225,8 +238,11 @@ def model_type_of(cfg: ModelConfig) -> str:
     if cfg.position != "rope" or cfg.norm != "rmsnorm" or not cfg.mlp.gated or cfg.bias == "all":
         raise ConfigError("no Hugging Face family matches this config (Llama-like needs rope, rmsnorm, gated "
                           "MLP, bias none/qkv; GPT-2 needs learned positions, layernorm, bias all, plain MLP)")
-    if cfg.attention.logit_softcap or cfg.final_logit_softcap or cfg.rope_scaling.type not in ("none", "llama3"):
+    if cfg.attention.logit_softcap or cfg.final_logit_softcap:
         raise ConfigError("soft-capping has no Hugging Face equivalent among llama/mistral/qwen2/qwen3/gpt2")
+    if cfg.rope_scaling.type == "ntk":
+        raise ConfigError("model.rope_scaling.type=ntk (a fixed NTK-aware theta) has no Hugging Face rope type; "
+                          "export it with rope_theta scaled instead, or use linear / yarn / llama3")
     if cfg.moe.num_experts:
         m = cfg.moe
         qwen_like = (m.routing, m.router, m.every, m.null_experts, m.shared_experts) == ("topk", "linear", 1, 0, 1)
@@ -265,10 +281,16 @@ def config_to_hf(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
             "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": True,
         }
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling.type == "llama3":
-        s = cfg.rope_scaling
+    s = cfg.rope_scaling
+    if s.type == "llama3":
         rope.update(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
                     high_freq_factor=s.high_freq_factor, original_max_position_embeddings=s.original_max_seq_len)
+    elif s.type == "linear":
+        rope.update(rope_type="linear", factor=s.factor)
+    elif s.type == "yarn":
+        rope.update(rope_type="yarn", factor=s.factor, original_max_position_embeddings=s.original_max_seq_len,
+                    beta_fast=s.beta_fast, beta_slow=s.beta_slow, truncate=s.truncate,
+                    **({"attention_factor": s.attention_factor} if s.attention_factor is not None else {}))
     out = {
         "model_type": model_type, "architectures": [arch], "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
         "intermediate_size": cfg.mlp.d_ff, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
@@ -276,7 +298,7 @@ def config_to_hf(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": _ACT_TO_HF[cfg.mlp.activation],
         "tie_word_embeddings": cfg.tie_embeddings, "rope_theta": cfg.rope_theta, "rope_parameters": rope,
     }
-    if cfg.rope_scaling.type == "llama3":
+    if s.type != "none":
         out["rope_scaling"] = rope
     if model_type in ("mistral", "mixtral"):
         out["sliding_window"] = cfg.attention.sliding_window

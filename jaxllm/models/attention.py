@@ -16,7 +16,7 @@ from flax import nnx
 from jaxllm.config import ModelConfig
 from jaxllm.models.kv_cache import LayerCache, write_slots
 from jaxllm.models.layers import Dense, RMSNorm
-from jaxllm.models.rope import apply_rope, rope_inv_freq
+from jaxllm.models.rope import apply_rope, rope_attention_factor, rope_inv_freq
 from jaxllm.sharding import Rules, constrain
 from kernels_pallas.choose import attention_impl
 from kernels_pallas.flash_attention import flash_attention_sharded
@@ -184,8 +184,9 @@ class Attention(nnx.Module):
             q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
         if cfg.position == "rope":
             inv_freq = rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
-            q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
-            k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
+            scale = rope_attention_factor(cfg.rope_scaling)
+            q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq, scale)
+            k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq, scale)
         kv_positions_BS, kv_segment_ids_BS = positions_BT, segment_ids_BT
         if cache is not None:
             k_BTKH = write_slots(cache.k, cache.slots, k_BTKH)
