@@ -129,7 +129,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     new: list[int] = []
     shown = ""
-    for token in stream(m.lm, m.params, [ids], args.max_new_tokens, sampling, stop_ids=tok.stop_ids, seed=args.seed):
+    for token in stream(m.lm, m.params, [ids], args.max_new_tokens, sampling, stop_ids=tok.stop_ids, seed=args.seed,
+                        prefill_chunk=args.prefill_chunk):
         if int(token[0]) in tok.stop_ids:
             break
         new.append(int(token[0]))
@@ -256,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--prefill-chunk", type=int, default=0,
+                   help="feed the prompt into the KV cache this many tokens at a time (long prompts; 0: at once)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("convert", help="Hugging Face directory <-> jaxllm run directory")

@@ -6,7 +6,8 @@
 
 Prompts of different lengths are left-padded (segment 0) so every row's last prompt token sits at
 the same cache slot; positions count real tokens only. Sliding-window models keep a bounded cache of
-max(prompt, window) slots, reused as a ring.
+max(prompt, window) slots, reused as a ring (window + chunk - 1 with a chunked prefill). `prefill_chunk=N` feeds a
+long prompt N tokens at a time.
 """
 
 from __future__ import annotations
@@ -71,12 +72,28 @@ def _pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> _Prompts:
     return _Prompts(tokens, positions, seg)
 
 
-@partial(jax.jit, static_argnames=("lm", "cache_len", "sampling"))
-def prefill(lm: LanguageModel, params: Params, tokens, positions, segment_ids, key, *, cache_len: int, sampling: Sampling):
-    """Run the prompts [B, P] into a fresh cache; returns (cache, first new token [B], last positions [B])."""
+@partial(jax.jit, static_argnames=("lm", "cache_len", "sampling", "chunk"))
+def prefill(lm: LanguageModel, params: Params, tokens, positions, segment_ids, key, *, cache_len: int, sampling: Sampling,
+            chunk: int = 0):
+    """Run the prompts [B, P] into a fresh cache; returns (cache, first new token [B], last positions [B]).
+
+    With `chunk` > 0 the prompt goes in `chunk` tokens at a time (the remainder first), each chunk attending to
+    the cache: activations and attention scores are those of [B, chunk] tokens, not [B, P]."""
     cache = lm.init_cache(tokens.shape[0], cache_len)
-    logits, cache = lm.apply_cached(params, tokens, positions, segment_ids, cache)
-    return cache, sample_token(logits[:, -1], key, sampling), positions[:, -1]
+    P = tokens.shape[1]
+    first = P % chunk if chunk and P > chunk else P  # the part that goes in at once
+    logits, cache = lm.apply_cached(params, tokens[:, :first], positions[:, :first], segment_ids[:, :first], cache)
+    last_BV = logits[:, -1]
+    if first < P:
+        as_chunks = lambda x: x[:, first:].reshape(x.shape[0], -1, chunk).swapaxes(0, 1)  # [n, B, chunk]
+
+        def one(cache, xs):
+            logits, cache = lm.apply_cached(params, *xs, cache)
+            return cache, logits[:, -1]
+
+        cache, lasts_NBV = jax.lax.scan(one, cache, (as_chunks(tokens), as_chunks(positions), as_chunks(segment_ids)))
+        last_BV = lasts_NBV[-1]
+    return cache, sample_token(last_BV, key, sampling), positions[:, -1]
 
 
 @partial(jax.jit, static_argnames=("lm", "sampling"), donate_argnames=("cache",))
@@ -87,23 +104,25 @@ def decode_step(lm: LanguageModel, params: Params, cache: KVCache, token_B, posi
     return cache, sample_token(logits[:, 0], key, sampling)
 
 
-def _cache_length(lm: LanguageModel, prompt_len: int, max_new_tokens: int) -> int:
+def _cache_length(lm: LanguageModel, prompt_len: int, max_new_tokens: int, chunk: int) -> int:
     """Cache slots for a request; a ConfigError if it would run past the model's positions."""
     if prompt_len + max_new_tokens > lm.cfg.max_seq_len:
         raise ConfigError(
             f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
             f"model.max_seq_len={lm.cfg.max_seq_len}"
         )
-    return cache_length(prompt_len, max_new_tokens, lm.cfg.attention.sliding_window)
+    if chunk < 0:
+        raise ConfigError(f"prefill_chunk={chunk} must be >= 0 (0: the whole prompt at once)")
+    return cache_length(prompt_len, max_new_tokens, lm.cfg.attention.sliding_window, chunk)
 
 
-@partial(jax.jit, static_argnames=("lm", "max_new_tokens", "cache_len", "sampling", "stop_ids", "pad_id"))
+@partial(jax.jit, static_argnames=("lm", "max_new_tokens", "cache_len", "sampling", "stop_ids", "pad_id", "chunk"))
 def _generate(lm, params, tokens, positions, segment_ids, key, *, max_new_tokens, cache_len, sampling, stop_ids,
-              pad_id):
+              pad_id, chunk):
     key, sub = jax.random.split(key)
-    (pre_lm, pre_params), (dec_lm, dec_params) = _prefill_and_decode_models(lm, params, tokens.shape)
+    (pre_lm, pre_params), (dec_lm, dec_params) = _prefill_and_decode_models(lm, params, (tokens.shape[0], chunk or tokens.shape[1]))
     cache, first, last_pos = prefill(pre_lm, pre_params, tokens, positions, segment_ids, sub,
-                                     cache_len=cache_len, sampling=sampling)
+                                     cache_len=cache_len, sampling=sampling, chunk=chunk)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
     out = jnp.full((tokens.shape[0], max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, stops)
@@ -137,10 +156,10 @@ def _prefill_and_decode_models(lm: LanguageModel, params: Params, prompt_shape: 
     return pick(prompt_shape[0] * prompt_shape[1]), pick(prompt_shape[0])
 
 
-def _prepare(lm: LanguageModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int):
+def _prepare(lm: LanguageModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int, chunk: int):
     """Left-padded prompts and the cache length for a request (errors before anything compiles)."""
     p = _pad_prompts(prompts, pad_id)
-    return p, _cache_length(lm, p.tokens.shape[1], max_new_tokens)
+    return p, _cache_length(lm, p.tokens.shape[1], max_new_tokens, chunk)
 
 
 def _trim(row: Sequence[int], stop_ids: tuple[int, ...], length: int) -> list[int]:
@@ -161,12 +180,14 @@ def generate(
     stop_ids: Sequence[int] = (),
     pad_id: int = 0,
     seed: int = 0,
+    prefill_chunk: int = 0,
 ) -> list[list[int]]:
-    """New token ids per prompt (stop token excluded), prefill + `lax.while_loop` decode, one jit."""
-    p, cache_len = _prepare(lm, prompts, max_new_tokens, pad_id)
+    """New token ids per prompt (stop token excluded), prefill + `lax.while_loop` decode, one jit.
+    `prefill_chunk` > 0: the prompt goes into the cache that many tokens at a time (long prompts)."""
+    p, cache_len = _prepare(lm, prompts, max_new_tokens, pad_id, prefill_chunk)
     out = _generate(lm, params, p.tokens, p.positions, p.segment_ids, jax.random.key(seed),
                     max_new_tokens=max_new_tokens, cache_len=cache_len, sampling=sampling,
-                    stop_ids=tuple(stop_ids), pad_id=pad_id)
+                    stop_ids=tuple(stop_ids), pad_id=pad_id, chunk=prefill_chunk)
     return [_trim(row, tuple(stop_ids), max_new_tokens) for row in np.asarray(out)]
 
 
@@ -180,15 +201,17 @@ def stream(
     stop_ids: Sequence[int] = (),
     pad_id: int = 0,
     seed: int = 0,
+    prefill_chunk: int = 0,
 ) -> Iterator[np.ndarray]:
     """Yield the next token of every row [B] as it is decoded (same jitted steps as `generate`);
     stops when every row has produced a stop token or after max_new_tokens."""
-    p, cache_len = _prepare(lm, prompts, max_new_tokens, pad_id)
+    p, cache_len = _prepare(lm, prompts, max_new_tokens, pad_id, prefill_chunk)
     key = jax.random.key(seed)
     key, sub = jax.random.split(key)
-    (pre_lm, pre_params), (dec_lm, dec_params) = _prefill_and_decode_models(lm, params, p.tokens.shape)
+    in_flight = (p.tokens.shape[0], prefill_chunk or p.tokens.shape[1])
+    (pre_lm, pre_params), (dec_lm, dec_params) = _prefill_and_decode_models(lm, params, in_flight)
     cache, token, pos = prefill(pre_lm, pre_params, p.tokens, p.positions, p.segment_ids, sub,
-                                cache_len=cache_len, sampling=sampling)
+                                cache_len=cache_len, sampling=sampling, chunk=prefill_chunk)
     done = np.zeros(len(prompts), bool)
     for i in range(max_new_tokens):
         tok = np.where(done, pad_id, np.asarray(token))

@@ -30,6 +30,8 @@ def test_default_train_lowers_the_loss_then_generate_convert_eval(tmp_path, caps
     assert main(["generate", "--model", str(run), "--prompt", "|abc", "--max-new-tokens", "24"]) == 0
     text = capsys.readouterr().out.strip()
     assert text.startswith("|abc") and len(text) > 10
+    assert main(["generate", "--model", str(run), "--prompt", "|abc", "--max-new-tokens", "24", "--prefill-chunk", "2"]) == 0
+    assert capsys.readouterr().out.strip() == text  # the prompt fed 2 tokens at a time: same greedy text
 
     assert main(["convert", str(run), str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "model.safetensors").exists()

@@ -95,3 +95,36 @@ def test_ring_writes_wrap_around_the_end():
         slots = (index + jnp.arange(3)) % 5
         np.testing.assert_array_equal(jax.jit(write_slots)(buf, slots, jnp.array([[1, 2, 3]]))[0], expected)
     np.testing.assert_array_equal(write_slots(buf, jnp.array([4]), jnp.array([[9]]))[0], [0, 0, 0, 0, 9])
+
+
+@pytest.mark.parametrize("window", [None, 4], ids=["full", "window4"])
+def test_chunked_prefill_continues_as_a_full_forward_does(window):
+    """Prompts of 15 and 9 tokens fed 4 at a time (the 3-token remainder first): the greedy continuation equals the
+    argmax of a full forward recomputed over the whole sequence at every step (no cache), for `generate` and
+    `stream`; with a window of 4 the cache holds window + chunk - 1 = 7 slots, fewer than the prompt."""
+    from jaxllm.models.kv_cache import cache_length
+
+    lm = LanguageModel(tiny_model(attention=AttentionConfig(sliding_window=window)))
+    params = lm.init(jax.random.key(3))
+    attn = params["blocks"]["attn"]  # sharp attention, so a key lost from the ring changes the tokens
+    params = {**params, "blocks": {**params["blocks"], "attn": {
+        **attn, "q": {"kernel": attn["q"]["kernel"] * 20}, "k": {"kernel": attn["k"]["kernel"] * 20}}}}
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 97, 15).tolist(), rng.integers(3, 97, 9).tolist()]
+    p = _pad_prompts(prompts, pad_id=0)
+    tokens, positions, segs = p.tokens, p.positions, p.segment_ids
+    full = jax.jit(lm.apply)
+    want = []
+    for _ in range(6):
+        nxt = np.argmax(np.asarray(full(params, tokens, positions, segs))[:, -1], axis=-1).astype(np.int32)
+        want.append(nxt)
+        tokens = np.concatenate([tokens, nxt[:, None]], 1)
+        positions = np.concatenate([positions, positions[:, -1:] + 1], 1)
+        segs = np.concatenate([segs, np.ones((2, 1), np.int32)], 1)
+    want = np.stack(want, 1).tolist()
+    assert generate(lm, params, prompts, 6, prefill_chunk=4) == want
+    assert np.stack(list(stream(lm, params, prompts, 6, prefill_chunk=4)), 1).tolist() == want
+    assert generate(lm, params, prompts, 6) == want  # the unchunked prefill agrees
+    assert cache_length(15, 6, window, prefill_chunk=4) == (7 if window else 21)
+    with pytest.raises(ConfigError, match="prefill_chunk=-1 must be >= 0"):
+        generate(lm, params, prompts, 6, prefill_chunk=-1)

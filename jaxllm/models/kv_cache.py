@@ -74,7 +74,13 @@ class LayerCache(NamedTuple):
     slots: jax.Array
 
 
-def cache_length(prompt_len: int, max_new_tokens: int, sliding_window: int | None) -> int:
-    """Slots needed: everything, or with a window only max(prompt, window) (the prompt is written at once)."""
+def cache_length(prompt_len: int, max_new_tokens: int, sliding_window: int | None, prefill_chunk: int = 0) -> int:
+    """Slots needed: everything, or with a window only max(prompt, window) when the prompt is written at once.
+    A prompt written `prefill_chunk` tokens at a time needs window + chunk - 1: a chunk's newest key then never
+    overwrites a key that its oldest query still sees."""
     total = prompt_len + max_new_tokens
-    return total if sliding_window is None else min(total, max(prompt_len, sliding_window))
+    if sliding_window is None:
+        return total
+    if prefill_chunk and prompt_len > prefill_chunk:
+        return min(total, sliding_window + prefill_chunk - 1)
+    return min(total, max(prompt_len, sliding_window))
