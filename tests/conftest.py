@@ -80,7 +80,7 @@ def pallas_block_shapes(fn, *args) -> list[tuple[tuple[int, ...], tuple[int, ...
 # running a long module alone at the end. Modules not listed keep their order, after these.
 LONGEST_FIRST = ["test_moe", "test_multiprocess", "test_reproduce", "test_flash_attention", "test_train", "test_structured",
                  "test_notebooks", "test_cli", "test_model", "test_block_sparse_matmul", "test_finetune", "test_peft",
-                 "test_hf_cli", "test_generate", "test_bench_gpu"]
+                 "test_hf_cli", "test_generate", "test_context_parallel", "test_bench_gpu"]
 
 
 def pytest_collection_modifyitems(items):

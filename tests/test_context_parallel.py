@@ -1,0 +1,76 @@
+"""Context-parallel attention (ring and all-gather over a `sequence` mesh axis of 2, 4 and 8 fake CPU devices)
+equals single-device attention written here as a naive masked softmax: causal and not, GQA, packed rows, sliding
+windows, contiguous and zigzag layouts; outputs and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.models.context_parallel import context_parallel_attention, zigzag_order
+
+B, T, N, K, H = 2, 32, 4, 2, 8
+
+
+def reference(q, k, v, pos, seg, *, causal, window):
+    """Naive attention over the whole sequence (jnp, so it differentiates): f32 softmax of masked scores."""
+    s = jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, N // K, axis=2)) / np.sqrt(H)
+    allowed = seg[:, :, None] == seg[:, None, :]
+    delta = pos[:, :, None] - pos[:, None, :]
+    if causal:
+        allowed &= delta >= 0
+    if window:
+        allowed &= jnp.abs(delta) < window
+    s = jnp.where(allowed[:, None], s, -jnp.inf)
+    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, axis=-1), jnp.repeat(v, N // K, axis=2))
+
+
+def inputs():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(B, T, n, H)).astype(np.float32) for n in (N, K, K))
+    seg = np.ones((B, T), np.int32)
+    seg[0, 11:] = 2  # row 0 packs three documents, row 1 one
+    seg[0, 25:] = 3
+    pos = np.zeros((B, T), np.int32)
+    for b in range(B):
+        for s in np.unique(seg[b]):
+            pos[b, seg[b] == s] = np.arange((seg[b] == s).sum())
+    return q, k, v, pos, seg
+
+
+@pytest.mark.parametrize("devices", [2, 4, 8])
+@pytest.mark.parametrize("method", ["ring", "allgather"])
+def test_context_parallel_attention_equals_single_device(devices, method):
+    mesh = jax.make_mesh((devices,), ("sequence",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:devices])
+    q, k, v, pos, seg = inputs()
+    cases = [dict(causal=True, window=None, zigzag=True), dict(causal=True, window=6, zigzag=True),
+             dict(causal=False, window=None, zigzag=False), dict(causal=False, window=5, zigzag=False)]
+    for case in cases:
+        order = zigzag_order(T, devices) if case["zigzag"] else np.arange(T)
+        inverse = np.argsort(order)
+        kw = dict(causal=case["causal"], window=case["window"])
+        cp = jax.jit(lambda q, k, v: context_parallel_attention(
+            q, k, v, pos[:, order], seg[:, order], mesh=mesh, method=method, causal=kw["causal"],
+            sliding_window=kw["window"])[:, inverse])
+        permuted = lambda x: x[:, order]
+        out = cp(permuted(q), permuted(k), permuted(v))
+        want = reference(q, k, v, pos, seg, **kw)
+        np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5, err_msg=str(case))
+
+        w = np.random.default_rng(1).normal(size=want.shape).astype(np.float32)
+        loss_cp = lambda q, k, v: jnp.sum(cp(permuted(q), permuted(k), permuted(v)) * w)
+        loss_ref = lambda q, k, v: jnp.sum(reference(q, k, v, pos, seg, **kw) * w)
+        got, ref = jax.grad(loss_cp, argnums=(0, 1, 2))(q, k, v), jax.grad(loss_ref, argnums=(0, 1, 2))(q, k, v)
+        for g, r, name in zip(got, ref, "qkv"):
+            np.testing.assert_allclose(g, r, atol=5e-5, rtol=5e-5, err_msg=f"d{name} {case}")
+
+
+def test_zigzag_balances_causal_work_and_is_a_permutation():
+    order = zigzag_order(32, 4)
+    assert sorted(order) == list(range(32))
+    pieces = order.reshape(4, 8)  # what each of 4 devices holds
+    assert pieces[0].tolist() == [0, 1, 2, 3, 28, 29, 30, 31] and pieces[3].tolist() == list(range(12, 20))
+    work = [(p[:, None] >= np.arange(32)[None]).sum() for p in pieces]  # causal (query, key) pairs per device
+    assert max(work) == min(work)
+    with pytest.raises(ValueError, match="multiple of 2 x 4"):
+        zigzag_order(36, 4)
