@@ -23,7 +23,7 @@ PY = sys.executable
 # name -> (full command, quick command or None: not run in --quick); "{out}" is the --quick output directory
 STEPS: dict[str, tuple[list[str], list[str] | None]] = {
     "default_run": ([PY, "experiments/default_run.py"], None),
-    "bench_vs_torch": ([PY, "experiments/bench_vs_torch.py", "--rounds", "3"], None),
+    "bench_vs_torch": ([PY, "experiments/bench_vs_torch.py"], None),
     "bench_decode": ([PY, "experiments/bench_decode.py"], None),
     "bench_finetune": ([PY, "experiments/bench_finetune.py"], None),
     "moe_bench_layer": ([PY, "experiments/moe/bench_layer.py"], None),
