@@ -43,8 +43,9 @@ def inputs():
 def test_context_parallel_attention_equals_single_device(devices, method):
     mesh = jax.make_mesh((devices,), ("sequence",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:devices])
     q, k, v, pos, seg = inputs()
-    cases = [dict(causal=True, window=None, zigzag=True), dict(causal=True, window=6, zigzag=True),
-             dict(causal=False, window=None, zigzag=False), dict(causal=False, window=5, zigzag=False)]
+    cases = [dict(causal=True, window=6, zigzag=True), dict(causal=False, window=None, zigzag=False)]
+    if devices == 4:  # the other two combinations once
+        cases += [dict(causal=True, window=None, zigzag=False), dict(causal=False, window=5, zigzag=True)]
     for case in cases:
         order = zigzag_order(T, devices) if case["zigzag"] else np.arange(T)
         inverse = np.argsort(order)
