@@ -67,6 +67,9 @@ def pretraining_corpus(path: Path, files: list[Path]) -> int:
     return n
 
 
+MEMORY = ("trained_bytes", "optimizer_bytes", "frozen_bytes", "trainable")
+
+
 def state_bytes(run_dir: Path) -> dict[str, int]:
     """Bytes of the arrays a run holds while training: trained params, optimizer state, frozen params."""
     setup = setup_step(load_config([run_dir / "config.yaml"]))
@@ -176,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
             result = train(cfg)
             if result.interrupted:
                 raise SystemExit(f"interrupted at step {result.end_step}; run again to resume")
-            results.add(key, {**evaluate(run_dir, held_out, pretrain_eval), **state_bytes(run_dir), "lr": lr,
+            memory = state_bytes(run_dir) if seed == 0 else {k: results.runs[f"{name}|0"][k] for k in MEMORY}  # seed-free
+            results.add(key, {**evaluate(run_dir, held_out, pretrain_eval), **memory, "lr": lr,
                               "tokens_per_s": result.tokens_per_second,
                               "losses": {str(k): v for k, v in result.losses.items()}})
 
