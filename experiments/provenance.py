@@ -21,8 +21,9 @@ def provenance(command: str, packages: tuple[str, ...] = ("jax", "flax", "torch"
 
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return {"command": command, "commit": git("rev-parse", "--short", "HEAD"),
-            "dirty": any(not (line[3:].startswith("experiments/") and line.endswith((".json", ".md", ".png")))
-                         for line in git("status", "--porcelain", "--untracked-files=no").splitlines()),
+            "dirty": any(not (path.startswith("experiments/") and path.endswith((".json", ".md", ".png")))
+                         for path in (line.split(maxsplit=1)[-1] for line in
+                                      git("status", "--porcelain", "--untracked-files=no").splitlines())),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                        f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {cpu_model()}",
