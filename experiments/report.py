@@ -54,24 +54,6 @@ def bench_finetune() -> str:
             f"{100 * mfu['torch']:.0f}% ({_made(r['meta'])})")
 
 
-def bench_vs_torch() -> str:
-    r = _load("bench_vs_torch")
-    tps, m = r["median_tokens_per_s"], r["meta"]
-    return (f"jaxllm runs **{tps['jaxllm']:,.0f} tokens/s against {tps['torch']:,.0f} for transformers "
-            f"{m['transformers']} + torch {m['torch'].split('+')[0]} (eager, sdpa): {r['speedup']:.2f}x**, median of "
-            f"{len(r['rounds']) // 2} alternating rounds in one run (jaxllm MFU {100 * r['jaxllm_mfu']:.0f}% of a "
-            f"{r['peak_gflops']:,.0f} GFLOP/s f32 matmul peak, {r['peak_source']}; {_made(m)})")
-
-
-def bench_decode() -> str:
-    r = _load("bench_decode")
-    med = r["median_tokens_per_s"]
-    cells = [f"batch {b}: {med[b]['jaxllm']:,.0f} vs {med[b]['torch']:,.0f} new tokens/s "
-             f"(**{med[b]['jaxllm'] / med[b]['torch']:.2f}x**)" for b in ("1", "8")]
-    same = "same tokens out" if r["same_tokens"] else "**different tokens out**"
-    return f"{'; '.join(cells)}, {same} ({_made(r['meta'])})"
-
-
 def moe_bench_layer() -> str:
     r = json.loads((ROOT / "experiments" / "moe" / "bench_layer.json").read_text())
     layers = r["layers"]
@@ -134,7 +116,7 @@ def moe_experiment() -> str:
 
 
 REPORTS = {"suite_time": suite_time, "default_run": default_run, "bench_finetune": bench_finetune,
-           "bench_vs_torch": bench_vs_torch, "bench_decode": bench_decode, "moe_bench_layer": moe_bench_layer,
+           "moe_bench_layer": moe_bench_layer,
            "structured_ffn": structured_ffn, "lora_experiment": lora_experiment, "moe_experiment": moe_experiment}
 
 
