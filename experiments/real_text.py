@@ -79,7 +79,8 @@ class Results:
     def __init__(self, path: Path, meta: dict):
         self.path = path
         old = json.loads(path.read_text()) if path.exists() else {}
-        self.runs: dict[str, dict] = old.get("runs", {}) if old.get("settings") == meta.get("settings") else {}
+        same = old.get("settings") == json.loads(json.dumps(meta.get("settings")))  # tuples come back as lists
+        self.runs: dict[str, dict] = old.get("runs", {}) if same else {}
         self.meta = meta
 
     def __contains__(self, key: str) -> bool:
