@@ -93,7 +93,7 @@ def lora_experiment() -> str:
     by = lambda n, k: [runs[f"{n}|{s}"][k] for s in range(st["seeds"])]
     rows = [f"| {n} | {runs[f'{n}|0']['trainable']:,} | {_mean_std(by(n, 'held_out_loss'))} | "
             f"{_mean_std([100 * a for a in by(n, 'held_out_accuracy')])}% | {_mean_std(by(n, 'pretrain_eval_loss'))} |"
-            for n in st["methods"]]
+            for n in r["methods"]]
     b = r["base"]
     return "\n".join([
         f"\n{st['seeds']} seeds, {st['steps']} steps of 8 x {st['seq_len']} tokens per method ({_made(r)}); the base "

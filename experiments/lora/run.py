@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     seq = 128 if args.quick else 512
     command = "python experiments/lora/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     settings = {"base_steps": args.base_steps, "steps": args.steps, "seeds": args.seeds, "base_shape": base_shape,
-                "methods": {n: METHODS[n] for n in names}, "seq_len": seq}
-    results = Results(out / "results.json", {**provenance(command.strip()), "settings": settings})
+                "seq_len": seq}  # a method's runs are keyed by its name: adding or leaving out methods keeps the rest
+    results = Results(out / "results.json", {**provenance(command.strip()), "settings": settings,
+                                             "methods": {n: METHODS[n] for n in names}})
     work = Path(tempfile.mkdtemp(prefix="lora-exp-"))
 
     sources = stdlib_files()[:300] if args.quick else stdlib_files()  # quick: a slice of the stdlib
