@@ -31,8 +31,8 @@ STEPS: dict[str, tuple[list[str], list[str] | None]] = {
     "structured_ffn": ([PY, "experiments/structured_ffn/run.py"],
                        [PY, "experiments/structured_ffn/run.py", "--quick", "--steps", "2", "--seeds", "1",
                         "--out", "{out}/structured_ffn"]),
-    # OLoRA left out: its fine-tuning run hung twice in this experiment (experiments/README.md, "A hang")
-    "lora": ([PY, "experiments/lora/run.py", "--methods", "full,lora,rslora,pissa,milora,dora,lora+,qlora"],
+    # OLoRA and LoRA+ left out: OLoRA hangs here, LoRA+ fails to set up its optimizer (experiments/README.md)
+    "lora": ([PY, "experiments/lora/run.py", "--methods", "full,lora,rslora,pissa,milora,dora,qlora"],
              [PY, "experiments/lora/run.py", "--quick", "--base-steps", "2", "--steps", "2", "--seeds", "2",
               "--out", "{out}/lora"]),
     "moe": ([PY, "experiments/moe/run.py"],
