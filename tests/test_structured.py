@@ -135,8 +135,8 @@ def test_sizes_set_directly_and_their_errors():
     assert structure_sizes(MlpConfig(structure="blockdense", rank=16, blocks=8), 32, 64) == Sizes(16, 8)
     with pytest.raises(ConfigError, match="rank=40 exceeds min"):
         structure_sizes(MlpConfig(structure="lowrank", rank=40), 32, 64)
-    with pytest.raises(ConfigError, match="blocks=3 must divide"):
-        load_config(["tiny"], ["model.mlp.structure=blockshuffle", "model.mlp.blocks=3"])
+    with pytest.raises(ConfigError, match="blocks=3 must divide"):  # checked when the model is built
+        build(load_config(["tiny"], ["model.mlp.structure=blockshuffle", "model.mlp.blocks=3"]))
     with pytest.raises(ConfigError, match="model.mlp.structure='monarch' is not allowed"):
         load_config(["tiny"], ["model.mlp.structure=monarch"])
 
