@@ -32,7 +32,9 @@ def _made(meta: dict) -> str:
 def suite_time() -> str:
     r = _load("test_suite_time")
     run, passed = r["run"], re.search(r"(\d+) passed", r["run"]["summary"])
-    return (f"it took **{run['wall_s'] / 60:.1f} min wall** ({run['wall_s']:.0f} s; {passed.group(1)} tests passed, "
+    slow = re.search(r"(\d+) deselected", run["summary"])
+    left = f", {slow.group(1)} slow ones left for `pytest -m slow`" if slow else ""
+    return (f"it took **{run['wall_s'] / 60:.1f} min wall** ({run['wall_s']:.0f} s; {passed.group(1)} tests passed{left}, "
             f"peak memory {run['peak_rss_gib']} GiB across workers and subprocesses; {_made(r['meta'])})")
 
 

@@ -97,10 +97,11 @@ def test_prompt_targets_do_not_change_the_loss(base_and_data):
     assert loss(response_changed) != loss(batch)
 
 
-@pytest.mark.parametrize("variant", ["dora", "nf4"])
+@pytest.mark.parametrize("variant", ["dora", "nf4", "lora_plus"])
 def test_sharded_finetuning_matches_single_device(base_and_data, variant):
     base, data = base_and_data
-    extra = "finetune.lora.dora=true" if variant == "dora" else "finetune.lora.quantize=nf4"
+    extra = {"dora": "finetune.lora.dora=true", "nf4": "finetune.lora.quantize=nf4",
+             "lora_plus": "finetune.lora.lr_ratio=16"}[variant]
     cfg = _finetune_cfg(base, data, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", extra)
     setup = setup_step(cfg)
     batches = _batches(setup, cfg, 3)
@@ -112,6 +113,9 @@ def test_sharded_finetuning_matches_single_device(base_and_data, variant):
     else:
         assert up.sharding.spec == P(None, "fsdp", "tensor")
     assert state.params["blocks"]["mlp"]["up"]["b"].sharding.spec == P(None, None, "tensor")
+    if variant == "lora_plus":  # B's moments (their own masked Adam) shard like B
+        b_adam = state.opt_state[1].inner_states["b"].inner_state[0]
+        assert b_adam.mu["blocks"]["mlp"]["up"]["b"].sharding.spec == P(None, None, "tensor")
     # the reference: the same step, jitted without shardings, on one device
     one = jax.devices()[0]
     ref_state = jax.device_put(jax.tree.map(np.array, state), one)

@@ -29,11 +29,18 @@ from jaxllm.train.step import TrainState, _identity, init_state, make_eval_step,
 
 def state_shardings(abstract: TrainState, param_sh: Any, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
     """Shardings of a TrainState: params by their logical axes, optimizer statistics like their
-    param when shaped like it, everything else (counts, Adafactor's factored statistics) replicated."""
+    param when shaped like it, everything else (counts, Adafactor's factored statistics) replicated. Masked
+    optimizers (LoRA+'s per-label transforms) keep their MaskedNode placeholders: they hold no array."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    same_rank = lambda leaf, sh: sh if len(sh.spec) == len(leaf.shape) else replicated
+    masked = lambda leaf: isinstance(leaf, optax.MaskedNode)
+
+    def same_rank(leaf, sh):
+        if masked(leaf):
+            return leaf
+        return sh if len(sh.spec) == len(leaf.shape) else replicated
+
     opt_sh = optax.tree_map_params(
-        tx, same_rank, abstract.opt_state, param_sh, transform_non_params=lambda _: replicated
+        tx, same_rank, abstract.opt_state, param_sh, transform_non_params=lambda _: replicated, is_leaf=masked
     )
     return TrainState(replicated, param_sh, opt_sh, replicated)
 
