@@ -12,6 +12,7 @@ A model with broken attention or masking cannot predict the copies and stays abo
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -31,6 +32,11 @@ def transition_table(seed: int = 1234) -> np.ndarray:
 
 def generate_documents(num_docs: int, seed: int = 0, grammar_seed: int = 1234) -> list[str]:
     """`num_docs` documents of MIN_SEGMENTS..MAX_SEGMENTS segments each (deterministic in seed)."""
+    return list(_documents(num_docs, seed, grammar_seed))
+
+
+@functools.lru_cache(maxsize=4)  # 20,000 documents take seconds to draw; a process that trains twice draws them once
+def _documents(num_docs: int, seed: int, grammar_seed: int) -> tuple[str, ...]:
     table = transition_table(grammar_seed)
     rng = np.random.default_rng(seed)
     docs = []
@@ -47,7 +53,7 @@ def generate_documents(num_docs: int, seed: int = 0, grammar_seed: int = 1234) -
             prev = "".join(ALPHABET[j] for j in letters)
             parts.append(FRESH + prev)
         docs.append("".join(parts))
-    return docs
+    return tuple(docs)
 
 
 def document_entropy(doc: str, grammar_seed: int = 1234) -> tuple[float, int]:
