@@ -80,15 +80,30 @@ class Results:
         self.path = path
         old = json.loads(path.read_text()) if path.exists() else {}
         same = old.get("settings") == json.loads(json.dumps(meta.get("settings")))  # tuples come back as lists
-        self.runs: dict[str, dict] = old.get("runs", {}) if same else {}
+        self.previous = old if same else {}  # what the resumed file said besides its runs (e.g. its base's scores)
+        self.runs: dict[str, dict] = self.previous.get("runs", {})
+        for run in self.runs.values():  # runs recorded before runs carried their own commit: the file's
+            run.setdefault("commit", old.get("commit"))
         self.meta = meta
 
     def __contains__(self, key: str) -> bool:
         return key in self.runs
 
     def add(self, key: str, result: dict) -> None:
-        self.runs[key] = result
+        self.runs[key] = {**result, "commit": self.meta.get("commit")}
         self.save()
+
+    def require_same(self, name: str, value) -> None:
+        """Resuming: stop unless `value` equals what the resumed file recorded as `name` (e.g. the base model's
+        scores: runs that adapted another base would not be comparable)."""
+        was = self.previous.get(name)
+        if self.runs and was is not None and was != json.loads(json.dumps(value)):
+            raise SystemExit(f"{self.path}: {name} is {value}, but the recorded runs had {was}; move the file away to "
+                             "start over")
+
+    def commits(self) -> list[str]:
+        """The commits the runs ran at."""
+        return sorted({str(r.get("commit")) for r in self.runs.values()})
 
     def save(self, **extra) -> None:
         self.path.write_text(json.dumps({**self.meta, **extra, "runs": self.runs}, indent=1) + "\n")

@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     held_out, _ = read_conversations(str(work / "task" / "held_out.jsonl"))
     held_out = held_out[:32] if args.quick else held_out
     base_scores = evaluate(base_dir, held_out, pretrain_eval)
+    base_summary = {"steps": base.end_step, "files": files, **base_scores}
+    results.require_same("base", base_summary)  # resumed runs adapted this very base
 
     for name in names:
         overrides, lr = METHODS[name]
@@ -196,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         "# PEFT on real text: full fine-tuning vs the LoRA family on the stdlib docstring task",
         "",
-        f"`{m['command']}` at commit {m['commit']}{' + changes' if m['dirty'] else ''}, {m['date']}, {m['machine']}; "
+        f"`{m['command']}` at commit {m['commit']}{' + changes' if m['dirty'] else ''} (runs at "
+        f"{', '.join(results.commits())}), {m['date']}, {m['machine']}; "
         f"python {m['python']}, jax {m['jax']}, flax {m['flax']}.",
         "",
         f"Base: the `small` recipe at {' '.join(o.split('.')[-1] for o in base_shape)}, pretrained {args.base_steps} steps "
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                        by("full", "pretrain_eval_loss"), "LoRA", "full",
                                                                        "pretraining-eval loss")]
     lines += ["", "## Which claims reproduce (in direction; two-std rule)", "", *found]
-    results.save(base={"steps": base.end_step, "files": files, **base_scores}, task=task, early_step=early,
+    results.save(base=base_summary, task=task, early_step=early,
                  claims=found)
     lines += ["", "![train loss vs step](results.png)", ""]
     (out / "results.md").write_text("\n".join(lines))
