@@ -48,6 +48,22 @@ def default_run() -> str:
             f"{gap:.3f} nats ({100 * gap / run['floor']:.1f}%) above a perfect model ({_made(r['meta'])})")
 
 
+def bench_vs_torch() -> str:
+    r = _load("bench_vs_torch")
+    tps = r["median_tokens_per_s"]
+    return (f"jaxllm {tps['jaxllm']:,.0f} vs torch {tps['torch']:,.0f} tokens/s, **{r['speedup']:.2f}x** (median of "
+            f"{len(r['rounds']) // 2} alternating runs each; jaxllm MFU {100 * r['jaxllm_mfu']:.0f}%; {_made(r['meta'])})")
+
+
+def bench_decode() -> str:
+    r = _load("bench_decode")
+    med = r["median_tokens_per_s"]
+    per_batch = "; ".join(f"batch {b}: {m['jaxllm']:.0f} vs {m['torch']:.0f} new tokens/s (**{m['jaxllm'] / m['torch']:.2f}x**)"
+                          for b, m in med.items())
+    same = "the same greedy tokens" if r["same_tokens"] else "different greedy tokens (see the artifact)"
+    return f"jaxllm vs torch, {per_batch}; {same} ({_made(r['meta'])})"
+
+
 def bench_finetune() -> str:
     r = _load("bench_finetune")
     tps, mem, mfu = r["median_tokens_per_s"], r["median_peak_rss_gib"], r["mfu"]
@@ -117,7 +133,8 @@ def moe_experiment() -> str:
         *rows, "", *r["claims"], ""])
 
 
-REPORTS = {"suite_time": suite_time, "default_run": default_run, "bench_finetune": bench_finetune,
+REPORTS = {"suite_time": suite_time, "default_run": default_run, "bench_vs_torch": bench_vs_torch,
+           "bench_decode": bench_decode, "bench_finetune": bench_finetune,
            "moe_bench_layer": moe_bench_layer,
            "structured_ffn": structured_ffn, "lora_experiment": lora_experiment, "moe_experiment": moe_experiment}
 

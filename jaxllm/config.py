@@ -35,7 +35,7 @@ SCHEDULES = ("cosine", "linear", "constant", "wsd")
 DATA_FORMATS = ("text", "sft")
 MLP_STRUCTURES = ("dense", "lowrank", "blockdense", "blockshuffle")
 MATMUL_IMPLS = ("xla", "pallas", "auto")
-FINETUNE_METHODS = ("lora", "full", "mixlora")
+FINETUNE_METHODS = ["lora", "full", "mixlora"]  # and every method registered later (jaxllm.train.methods.register)
 LORA_INITS = ("lora", "gaussian", "pissa", "milora", "olora")
 QUANTIZATIONS = ("none", "int8", "nf4")
 
@@ -376,6 +376,9 @@ def check_values(cfg: Config) -> None:
     _choice("data.format", cfg.data.format, DATA_FORMATS)
     lora = cfg.finetune.lora
     _choice("finetune.method", cfg.finetune.method, FINETUNE_METHODS)
+    if cfg.finetune.base and m.mlp.guide_fraction > 0:
+        raise ConfigError("model.mlp.guide_fraction (self-guided training) is for training from scratch; "
+                          "it cannot be combined with finetune.base")
     if cfg.finetune.method == "mixlora" and cfg.finetune.base and not (m.moe.num_experts and m.moe.lora_rank):
         raise ConfigError("finetune.method=mixlora needs model.moe.num_experts > 0 and model.moe.lora_rank > 0 "
                           "(the LoRA experts to add to the base's FFNs)")

@@ -67,7 +67,7 @@ def test_only_adapter_params_train(base_and_data):
     adapter_shapes = sorted(x.shape for x in jax.tree.leaves(state.params))
     moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
     assert sorted(x.shape for x in moments) == sorted(adapter_shapes * 2)
-    assert sum(x.size for x in moments) == 2 * setup.adapter.num_params < setup.lm.num_params
+    assert sum(x.size for x in moments) == 2 * setup.method.adapter.num_params < setup.lm.num_params
 
 
 def test_lora_flops_per_token_leave_out_the_frozen_weights_gradients(base_and_data):
@@ -196,7 +196,7 @@ def test_finetune_cli_end_to_end_with_resume(base_and_data, tmp_path, capsys):
     setup = setup_step(load_config([run / "config.yaml"]))
     restored = Checkpointer(run / "checkpoints", setup_cfg_checkpoint(run)).restore_latest(setup.abstract_state)
     tokens = np.arange(20).reshape(2, 10)
-    adapted = setup.lm.apply(setup.adapter.apply(setup.frozen, restored[1].params), tokens)
+    adapted = setup.lm.apply(setup.method.adapter.apply(setup.frozen, restored[1].params), tokens)
     np.testing.assert_allclose(merged.lm.apply(merged.params, tokens), adapted, atol=1e-5)
     assert main(["convert", str(run), str(tmp_path / "hf")]) == 0  # the merged model as a HF checkpoint
     lm, params, _ = load_hf_checkpoint(tmp_path / "hf")
@@ -206,7 +206,7 @@ def test_finetune_cli_end_to_end_with_resume(base_and_data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("finetune.method=qlora", "finetune.method='qlora' is not allowed; choose one of ['lora', 'full', 'mixlora']"),
+    ("finetune.method=qlora", "finetune.method='qlora' is not allowed; choose one of ['lora', 'full', 'mixlora'"),
     ("finetune.lora.init=svd", "finetune.lora.init='svd' is not allowed"),
     ("finetune.lora.quantize=int4", "finetune.lora.quantize='int4' is not allowed; choose one of ['none', 'int8', 'nf4']"),
     ("finetune.lora.dropout=1.0", "finetune.lora.dropout=1.0 must be within [0, 1)"),

@@ -176,3 +176,30 @@ def test_quantized_kernels_round_trip_within_their_bound(lead, last, block, kind
     n_in = int(np.prod(lead)) if lead else 1
     x = jax.random.normal(jax.random.key(seed + 1), (3, n_in))
     np.testing.assert_allclose(q.matmul(x, jnp.float32), x @ q.dequantize().reshape(n_in, -1), rtol=1e-5, atol=1e-6)
+
+
+_OLORA_PROGRAM = """
+import jax
+from jaxllm.config import AttentionConfig, LoraConfig, MlpConfig, ModelConfig
+from jaxllm.language_model import LanguageModel
+from jaxllm.peft import LoraAdapter
+lm = LanguageModel(ModelConfig(vocab_size=97, d_model=64, num_layers=3, num_heads=4, num_kv_heads=2, max_seq_len=32,
+                               mlp=MlpConfig(d_ff=128)))
+adapter = LoraAdapter(lm, LoraConfig(rank=4, init="olora", targets=["q", "k", "v", "o", "gate", "up", "down"]))
+lora, frozen = jax.jit(adapter.init)(jax.random.key(0), lm.init(jax.random.key(1)))
+print("done", float(jax.tree.leaves(lora)[0].sum()))
+"""
+
+
+def test_olora_init_of_every_map_in_one_program_finishes():
+    """Seven QRs of stacked layers in one jitted init: batched, jaxlib's QR deadlocked XLA's CPU thread pool on a
+    2-core machine (the hang found by the PEFT experiment). Its own process, with a time limit."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import FAST_COMPILE
+
+    done = subprocess.run([sys.executable, "-c", _OLORA_PROGRAM], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "XLA_FLAGS": FAST_COMPILE})
+    assert done.returncode == 0 and "done" in done.stdout, done.stderr[-2000:]

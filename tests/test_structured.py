@@ -221,7 +221,8 @@ def test_self_guided_run_drops_guides_and_resumes_on_both_sides_of_the_switch(tm
     import shutil
 
     from jaxllm.train.checkpoint import Checkpointer
-    from jaxllm.train.setup import setup_step, without_guides
+    from jaxllm.train.methods.self_guided import without_guides
+    from jaxllm.train.setup import setup_step
     from jaxllm.train.trainer import train
 
     overrides = ["model.mlp.structure=lowrank", "model.mlp.guide_fraction=0.5", "train.steps=12", "train.log_every=1",

@@ -48,27 +48,20 @@ def load_model(path: str | Path, adapter: str | Path | None = None) -> LoadedMod
         raise ConfigError(f"a peft adapter applies to a Hugging Face base directory; {path} is not one "
                           "(`jaxllm convert` a jaxllm run to one first)")
     if is_run_dir(path):
-        from jaxllm.models.structured import with_guide
         from jaxllm.train.checkpoint import Checkpointer
-        from jaxllm.train.setup import guide_decay_steps, setup_step, without_guides
+        from jaxllm.train.setup import phase_config, setup_step
 
         cfg = load_config([path / "config.yaml"], ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.expert=1",
                                                    "mesh.dcn_data=1", "mesh.dcn_fsdp=1",
                                                    f"train.batch_size={jax.device_count()}", "train.microbatches=1"])
         ckpt = Checkpointer(path / "checkpoints", cfg.checkpoint)
-        if cfg.model.mlp.guide_fraction > 0 and (ckpt.latest_step() or 0) >= guide_decay_steps(cfg):
-            cfg = without_guides(cfg)  # saved after its self-guided phase: no guides in the checkpoint
+        cfg = phase_config(cfg, ckpt.latest_step() or 0)  # e.g. saved after its self-guided phase: no guides
         setup = setup_step(cfg)
         restored = ckpt.restore_latest(setup.abstract_state)
         if restored is None:
             raise ConfigError(f"{path}: the run directory holds no complete checkpoint")
-        params = restored[1].params
-        if setup.adapter is not None:  # a LoRA fine-tuning run: its adapters merged into its base
-            params = jax.jit(setup.adapter.merge)(setup.frozen, params)
-        elif setup.join is not None:  # MixLoRA: the trained router and experts beside the frozen base
-            params = setup.join(params, setup.frozen)
-        if setup.guided:  # inside the self-guided phase: the guides at that step's weight
-            params = with_guide(params, setup.guide_alpha(restored[0]))
+        step, state = restored[0], restored[1]
+        params = setup.method.model_params(state.params, setup.frozen, step)  # e.g. LoRA: merged into its base
         return LoadedModel(setup.lm, params, load_tokenizer(cfg.data.tokenizer), cfg)
     raise ConfigError(f"{path}: neither a Hugging Face directory (config.json) nor a jaxllm run directory "
                       "(config.yaml + checkpoints/)")

@@ -153,7 +153,10 @@ class LoraAdapter:
             w = jnp.asarray(get_path(base, t.path + ("kernel",)), jnp.float32)
             w_LIO = w.reshape(-1, math.prod(t.in_shape), math.prod(t.out_shape))
             keys = jax.random.split(jax.random.fold_in(key, i), w_LIO.shape[0])
-            a, b, residual = jax.vmap(lambda k, m: init_fn(k, m, self.spec.rank, self.scale))(keys, w_LIO)
+            # one layer at a time (lax.map, not vmap): jaxlib's batched QR splits its batch over XLA's CPU thread pool
+            # and blocks a pool thread on it, so several batched QRs in one program (OLoRA on 7 maps) deadlock on a
+            # 2-core machine (tests/test_peft.py::test_olora_init_of_every_map_in_one_program_finishes)
+            a, b, residual = jax.lax.map(lambda km: init_fn(*km, self.spec.rank, self.scale), (keys, w_LIO))
             leaves = {"a": a.reshape(*t.lead, *t.in_shape, -1), "b": b.reshape(*t.lead, -1, *t.out_shape)}
             if self.spec.dora:
                 leaves["magnitude"] = column_norm_stacked(w_LIO).reshape(*t.lead, *t.out_shape)

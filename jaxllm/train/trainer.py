@@ -23,7 +23,7 @@ from jaxllm.distributed import all_processes_agree, check_same_config, merged_st
 from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.metrics import MetricsWriter
 from jaxllm.train.peak_flops import peak_flops
-from jaxllm.train.setup import drop_guide_state, guide_decay_steps, setup_step, without_guides
+from jaxllm.train.setup import next_phase, phase_config, setup_step
 
 
 @dataclass
@@ -38,22 +38,6 @@ class TrainResult:
     mfu: float = 0.0
     interrupted: bool = False
     adapter_dir: Path | None = None  # LoRA fine-tuning: the adapter in peft's format
-
-
-def _export_adapter(setup, adapter_params, run_dir: Path, base: str, console: Console) -> Path | None:
-    """Write the trained adapter as a peft directory (`run_dir/adapter`) when the base is a HF family."""
-    from jaxllm.interop.hf_mapping import model_type_of
-    from jaxllm.interop.peft_adapter import save_peft_adapter
-
-    try:
-        model_type = model_type_of(setup.lm.cfg)
-        out = save_peft_adapter(run_dir / "adapter", setup.adapter, jax.device_get(adapter_params), model_type,
-                                initial=jax.device_get(setup.initial_adapter), base_model=base)
-    except ConfigError as err:
-        console.print(f"[yellow]adapter not exported in peft format: {err}[/]")
-        return None
-    console.print(f"adapter ({setup.adapter.num_params:,} params) in peft format: {out}")
-    return out
 
 
 def resolve_run_config(files: list[str], overrides: list[str], base: Config | None = None) -> Config:
@@ -127,10 +111,8 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
 
     t, d = cfg.train, cfg.data
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, warn=lambda m: console.print(f"[yellow]{m}[/]"))
-    switch = guide_decay_steps(cfg) if cfg.model.mlp.guide_fraction > 0 else None  # self-guided phase ends
-    latest = ckpt.latest_step()
-    setup = setup_step(without_guides(cfg) if switch is not None and latest is not None and latest >= switch else cfg)
-    lm, mesh = setup.lm, setup.mesh
+    setup = setup_step(phase_config(cfg, ckpt.latest_step() or 0))  # a resumed run continues in its phase
+    mesh = setup.mesh
     restored = ckpt.restore_latest(setup.abstract_state)
     if restored is not None:
         start, state, data_state = restored
@@ -165,16 +147,8 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
     flops_per_step = setup.flops_per_token(d.seq_len) * tokens_per_step
     peak = peak_flops(cfg.model.dtype)
     result = TrainResult(run_dir=run_dir, start_step=start, end_step=start, floor=corpus.floor)
-    size = f"{lm.num_params:,} params"
-    if setup.adapter is not None:
-        a = setup.adapter
-        size = (f"{a.num_params:,} trainable LoRA params ({100 * a.num_params / lm.num_params:.2f}%) on "
-                f"{len(a.targets)} linear maps of a frozen {lm.num_params:,}-param base")
-    elif setup.join is not None:
-        n = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
-        size = f"{n:,} trainable MixLoRA params (router + LoRA experts) on a frozen {lm.num_params - n:,}-param base"
     console.print(
-        f"run dir [bold]{run_dir}[/]: {size}, mesh {dict(mesh.shape)}, "
+        f"run dir [bold]{run_dir}[/]: {setup.method.describe(setup.abstract_state.params)}, mesh {dict(mesh.shape)}, "
         f"{len(corpus.train_docs):,} train / {len(corpus.eval_docs):,} eval docs, steps {start}->{t.steps}; "
         f"MFU of {setup.flops_per_token(d.seq_len):.4g} FLOPs/token against {peak.flops_per_s / 1e9:,.0f} GFLOP/s "
         f"({peak.source})"
@@ -184,24 +158,22 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
         TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, disable=not main,
     )
-    after_guides = setup_step(without_guides(cfg)) if setup.guided else None  # built outside the mesh context
+    switch = setup.method.phase_end()  # a method's next phase (the self-guided model without guides)
+    after = setup_step(setup.method.next_config()) if switch is not None else None  # built outside the mesh context
     step, last_saved, last_log_step = start, start, start
     last_log_time = time.perf_counter()
     with _StopRequest() as stop, progress, jax.set_mesh(mesh):
         task = progress.add_task("train", total=t.steps, completed=start, info="compiling")
         while step < t.steps:
             state, metrics = setup.train_step(state, setup.global_batch(next(train_it)), setup.frozen_at(step))
-            if setup.guided:
-                metrics = {**metrics, "guide_alpha": setup.guide_alpha(step)}
+            metrics = {**metrics, **setup.method.step_metrics(step)}
             step += 1
-            if setup.guided and step >= switch:  # a reached 0: drop the dense guides, continue without them
+            if switch is not None and step >= switch:  # the phase is over: continue as the next one
                 before = setup.lm.num_params
-                setup = after_guides
-                state = drop_guide_state(state, setup)
-                lm = setup.lm
+                note = setup.method.phase_note
+                state, setup, switch = next_phase(state, setup, after), after, None  # two phases at most
                 flops_per_step = setup.flops_per_token(d.seq_len) * tokens_per_step
-                console.print(f"step {step}: self-guided phase over, dense guides dropped "
-                              f"({before:,} -> {setup.lm.num_params:,} params)")
+                console.print(f"step {step}: {note} ({before:,} -> {setup.lm.num_params:,} params)")
             if step % t.log_every == 0 or step == t.steps or stop.signal:
                 host = jax.device_get(metrics)
                 for layer, shares in enumerate(host.pop("moe/expert_load", ())):  # [L, slots]: one histogram per layer
@@ -235,8 +207,8 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
     ckpt.wait()
     ckpt.close()
     result.end_step = step
-    if setup.adapter is not None and main and not result.interrupted:
-        result.adapter_dir = _export_adapter(setup, state.params, run_dir, cfg.finetune.base, console)
+    if main and not result.interrupted:
+        result.adapter_dir = setup.method.export(state.params, run_dir, console)
     if not result.interrupted and result.eval_loss is None:
         with jax.set_mesh(mesh):
             result.eval_loss = evaluate(state.params)
