@@ -114,7 +114,8 @@ def lora_experiment() -> str:
             for n in r["methods"]]
     b = r["base"]
     return "\n".join([
-        f"\n{st['seeds']} seeds, {st['steps']} steps of 8 x {st['seq_len']} tokens per method ({_made(r)}); the base "
+        f"\n{st['seeds']} seeds, {st['steps']} steps of 8 x {st['seq_len']} tokens per method ({_made(r)}; runs at "
+        f"commits {', '.join(sorted({str(run.get('commit')) for run in runs.values()}))}); the base "
         f"scores {b['held_out_loss']:.3f} on the held-out task and {b['pretrain_eval_loss']:.3f} on its own eval files:",
         "", "| method | trainable params | held-out loss | held-out token accuracy | pretraining-eval loss after |",
         "|---|---:|---:|---:|---:|", *rows, "", *r["claims"], ""])
