@@ -31,6 +31,21 @@ def tiny_model(**overrides) -> ModelConfig:
     return dataclasses.replace(base, **overrides)
 
 
+def tiny_base_and_sft_data(root):
+    """(run directory of a 2-step `tiny` base, a 64-example instruction jsonl) under `root`: what fine-tuning tests
+    start from."""
+    import json
+
+    from jaxllm.config import load_config
+    from jaxllm.data.synthetic import generate_instructions
+    from jaxllm.train.trainer import train
+
+    train(load_config(["tiny"], [f"checkpoint.run_dir={root / 'base'}", "train.steps=2", "train.eval_every=0"]))
+    data = root / "reverse.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in generate_instructions(64, seed=0)))
+    return root / "base", data
+
+
 # The attention/model variants every causality and packing property must hold for.
 VARIANTS = {
     "mha": tiny_model(num_kv_heads=4),

@@ -8,11 +8,11 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import tiny_base_and_sft_data
 from jaxllm.cli import main
 from jaxllm.config import ConfigError, load_config
 from jaxllm.data.pipeline import load_corpus, make_batches
 from jaxllm.data.sft import ChatEncoder, DEFAULT_TEMPLATE, read_conversations
-from jaxllm.data.synthetic import generate_instructions
 from jaxllm.data.tokenizer import ByteTokenizer
 from jaxllm.interop.hf_checkpoint import load_hf_checkpoint
 from jaxllm.interop.models import load_model
@@ -20,16 +20,12 @@ from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.peft import LoraAdapter
 from jaxllm.train.setup import setup_step
 from jaxllm.train.step import make_train_step
-from jaxllm.train.trainer import resolve_finetune_config, train
+from jaxllm.train.trainer import resolve_finetune_config
 
 
 @pytest.fixture(scope="module")
 def base_and_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("finetune")
-    train(load_config(["tiny"], [f"checkpoint.run_dir={root / 'base'}", "train.steps=2", "train.eval_every=0"]))
-    data = root / "reverse.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in generate_instructions(64, seed=0)))
-    return root / "base", data
+    return tiny_base_and_sft_data(tmp_path_factory.mktemp("finetune"))
 
 
 def _finetune_cfg(base, data, *overrides):

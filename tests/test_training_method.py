@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from conftest import tiny_base_and_sft_data
 from jaxllm.cli import main
 from jaxllm.config import ConfigError, load_config
-from jaxllm.data.synthetic import generate_instructions
 from jaxllm.interop.models import load_model
 from jaxllm.train.methods import Prepared, TrainingMethod, register
 from jaxllm.train.methods.base_model import fresh_copies, load_base
-from jaxllm.train.trainer import train
 
 
 def path_name(path) -> str:
@@ -55,11 +54,7 @@ class NormsOnly(TrainingMethod):
 
 @pytest.fixture(scope="module")
 def base_and_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("method")
-    train(load_config(["tiny"], [f"checkpoint.run_dir={root / 'base'}", "train.steps=2", "train.eval_every=0"]))
-    data = root / "reverse.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in generate_instructions(64, seed=0)))
-    return root / "base", data
+    return tiny_base_and_sft_data(tmp_path_factory.mktemp("method"))
 
 
 def _losses(run) -> list[float]:
