@@ -35,8 +35,8 @@ def _split(tree):
 class NormsOnly(TrainingMethod):
     """Only the normalisation scales train; every other base param stays frozen."""
 
-    def prepare(self, mesh, key):
-        trained, frozen = _split(load_base(self.cfg, self.lm, mesh))
+    def prepare(self, mesh, key, base):
+        trained, frozen = _split(load_base(self.cfg, self.lm, mesh, base))
         shardings = _split(self.lm.param_shardings(mesh))[0]
         return Prepared(fresh_copies(trained, shardings), shardings, frozen)
 

@@ -91,6 +91,11 @@ class SafetensorsReader(Mapping):
         return len(self._where)
 
 
+def is_hf_dir(path: Path) -> bool:
+    """A Hugging Face model directory: config.json beside its safetensors."""
+    return (path / "config.json").exists()
+
+
 def load_hf_checkpoint(
     directory: str | Path, *, param_dtype: str | None = None, mesh: Mesh | None = None
 ) -> tuple[LanguageModel, Params, str]:

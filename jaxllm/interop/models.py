@@ -11,10 +11,12 @@ from pathlib import Path
 
 import jax
 
-from jaxllm.config import Config, ConfigError, load_config, to_yaml
+from jaxllm.config import Config, ConfigError, to_yaml
 from jaxllm.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
-from jaxllm.interop.hf_checkpoint import load_hf_checkpoint, read_hf_config, save_hf_checkpoint
-from jaxllm.interop.hf_mapping import config_from_hf
+from jaxllm.interop.hf_checkpoint import is_hf_dir, load_hf_checkpoint, save_hf_checkpoint
+from jaxllm.train.checkpoint import Checkpointer, is_run_dir
+from jaxllm.train.methods.base_model import not_a_model_dir
+from jaxllm.train.setup import load_run, setup_step
 from jaxllm.language_model import LanguageModel, Params
 
 
@@ -27,15 +29,11 @@ class LoadedModel:
     family: str | None = None  # Hugging Face model_type (HF directories only)
 
 
-def is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").exists() and (path / "checkpoints").is_dir()
-
-
 def load_model(path: str | Path, adapter: str | Path | None = None) -> LoadedModel:
     """A model with its params and tokenizer; `adapter`: a peft LoRA directory merged into a Hugging Face base
     (as peft's merge_and_unload does)."""
     path = Path(path)
-    if (path / "config.json").exists():
+    if is_hf_dir(path):
         lm, params, family = load_hf_checkpoint(path)
         tok = HFTokenizer(path / "tokenizer.json") if (path / "tokenizer.json").exists() else None
         if adapter is not None:
@@ -48,52 +46,16 @@ def load_model(path: str | Path, adapter: str | Path | None = None) -> LoadedMod
         raise ConfigError(f"a peft adapter applies to a Hugging Face base directory; {path} is not one "
                           "(`jaxllm convert` a jaxllm run to one first)")
     if is_run_dir(path):
-        from jaxllm.train.checkpoint import Checkpointer
-        from jaxllm.train.setup import phase_config, setup_step
-
-        cfg = load_config([path / "config.yaml"], ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.expert=1",
-                                                   "mesh.dcn_data=1", "mesh.dcn_fsdp=1",
-                                                   f"train.batch_size={jax.device_count()}", "train.microbatches=1"])
-        ckpt = Checkpointer(path / "checkpoints", cfg.checkpoint)
-        cfg = phase_config(cfg, ckpt.latest_step() or 0)  # e.g. saved after its self-guided phase: no guides
-        setup = setup_step(cfg)
-        restored = ckpt.restore_latest(setup.abstract_state)
-        if restored is None:
-            raise ConfigError(f"{path}: the run directory holds no complete checkpoint")
-        step, state = restored[0], restored[1]
-        params = setup.method.model_params(state.params, setup.frozen, step)  # e.g. LoRA: merged into its base
-        return LoadedModel(setup.lm, params, load_tokenizer(cfg.data.tokenizer), cfg)
-    raise ConfigError(f"{path}: neither a Hugging Face directory (config.json) nor a jaxllm run directory "
-                      "(config.yaml + checkpoints/)")
-
-
-def base_config(path: str | Path) -> Config:
-    """Defaults for fine-tuning the model in `path`: its model config, tokenizer and sequence length."""
-    path = Path(path)
-    if (path / "config.json").exists():
-        lm_cfg = config_from_hf(read_hf_config(path))
-        cfg = Config(model=lm_cfg)
-        if (path / "tokenizer.json").exists():
-            cfg.data.tokenizer = str(path / "tokenizer.json")
-        cfg.data.seq_len = min(cfg.data.seq_len, lm_cfg.max_seq_len)
-        return cfg
-    if is_run_dir(path):
-        saved = load_config([path / "config.yaml"])
-        cfg = Config(model=saved.model)
-        cfg.data.tokenizer, cfg.data.seq_len = saved.data.tokenizer, saved.data.seq_len
-        return cfg
-    raise ConfigError(f"finetune base {str(path)!r}: neither a Hugging Face directory (config.json) nor a jaxllm "
-                      "run directory (config.yaml + checkpoints/)")
+        cfg, lm, params = load_run(path)
+        return LoadedModel(lm, params, load_tokenizer(cfg.data.tokenizer), cfg)
+    raise not_a_model_dir(path)
 
 
 def convert(src: str | Path, dst: str | Path) -> str:
     """HF directory -> jaxllm run directory (step 0, fresh optimizer: `jaxllm train` continues from it),
     or jaxllm run directory -> HF directory. Returns a one-line description."""
     src, dst = Path(src), Path(dst)
-    if (src / "config.json").exists():
-        from jaxllm.train.checkpoint import Checkpointer
-        from jaxllm.train.setup import setup_step
-
+    if is_hf_dir(src):
         lm, params, family = load_hf_checkpoint(src)
         tok = str(src / "tokenizer.json") if (src / "tokenizer.json").exists() else "byte"
         cfg = Config(model=lm.cfg)

@@ -97,3 +97,8 @@ def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
     """{'params.blocks.attn.q.kernel': shape}: paths made comparable across namedtuples and dicts."""
     name = lambda k: str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))))
     return {".".join(map(name, path)): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def is_run_dir(path: Path) -> bool:
+    """A jaxllm run directory: config.yaml + checkpoints/ (what `jaxllm train` writes)."""
+    return (path / "config.yaml").exists() and (path / "checkpoints").is_dir()

@@ -6,6 +6,7 @@ Shared by the trainer and `jaxllm bench`, so both time and run the very same com
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -13,10 +14,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxllm.config import Config, validate
-from jaxllm.language_model import LanguageModel, build
+from jaxllm.config import Config, ConfigError, load_config, validate
+from jaxllm.interop.hf_checkpoint import is_hf_dir, load_hf_checkpoint
+from jaxllm.language_model import LanguageModel, Params, build
 from jaxllm.sharding import logical_to_spec, make_mesh
+from jaxllm.train.checkpoint import Checkpointer, is_run_dir
 from jaxllm.train.methods import TrainingMethod, method_for
+from jaxllm.train.methods.base_model import Base, not_a_model_dir
 from jaxllm.train.optimizer import make_schedule
 from jaxllm.train.step import TrainState, make_eval_step, make_train_step
 
@@ -66,17 +70,20 @@ class StepSetup:
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), local)
 
 
-def setup_step(cfg: Config) -> StepSetup:
+def setup_step(cfg: Config, base: Base | None = None) -> StepSetup:
     """Model, optimizer, mesh, initial state and jitted steps of a config, for the training method it names
-    (`jaxllm.train.methods`: pretraining, or with `finetune.base` set, `finetune.method`)."""
+    (`jaxllm.train.methods`: pretraining, or with `finetune.base` set, `finetune.method`, starting from `base`:
+    by default the model in the `finetune.base` directory)."""
     validate(cfg, jax.device_count())
     lm, mesh = build(cfg), make_mesh(cfg.mesh)
     method = method_for(cfg, lm)
+    if cfg.finetune.base and base is None:
+        base = load_base_model(cfg.finetune.base)
     tx, schedule = method.optimizer(), make_schedule(cfg.train)
     replicated = NamedSharding(mesh, PartitionSpec())
     init_key, rng = jax.random.split(jax.random.key(cfg.train.seed))
     rng_data = jax.random.key_data(rng)
-    prepared = method.prepare(mesh, init_key)
+    prepared = method.prepare(mesh, init_key, base)
     fresh_state = lambda params: TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.copy(rng_data))
     abstract = jax.eval_shape(lambda: fresh_state(prepared.init_trained()))
     state_sh = state_shardings(abstract, prepared.trained_shardings, tx, mesh)
@@ -111,3 +118,31 @@ def next_phase(state: TrainState, setup: StepSetup, after: StepSetup) -> TrainSt
     carry = setup.method.carry_over
     return jax.device_put(TrainState(state.step, carry(state.params), carry(state.opt_state), state.rng),
                           after.state_sharding)
+
+
+def load_run(path: Path) -> tuple[Config, LanguageModel, Params]:
+    """(config, model, params) of a jaxllm run directory's newest complete checkpoint, on this process's devices; a
+    fine-tuning run gives its model as trained (e.g. LoRA: the adapters merged into the base)."""
+    cfg = load_config([path / "config.yaml"], ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.expert=1",
+                                               "mesh.dcn_data=1", "mesh.dcn_fsdp=1",
+                                               f"train.batch_size={jax.device_count()}", "train.microbatches=1"])
+    ckpt = Checkpointer(path / "checkpoints", cfg.checkpoint)
+    cfg = phase_config(cfg, ckpt.latest_step() or 0)  # e.g. saved after its self-guided phase: no guides
+    setup = setup_step(cfg)
+    restored = ckpt.restore_latest(setup.abstract_state)
+    if restored is None:
+        raise ConfigError(f"{path}: the run directory holds no complete checkpoint")
+    step, state = restored[0], restored[1]
+    return cfg, setup.lm, setup.method.model_params(state.params, setup.frozen, step)
+
+
+def load_base_model(path: str | Path) -> Base:
+    """The model in a Hugging Face or jaxllm run directory, as a fine-tuning base."""
+    path = Path(path)
+    if is_hf_dir(path):
+        lm, params, _ = load_hf_checkpoint(path)
+        return Base(lm.cfg, params)
+    if is_run_dir(path):
+        _, lm, params = load_run(path)
+        return Base(lm.cfg, params)
+    raise not_a_model_dir(path)

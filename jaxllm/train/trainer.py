@@ -23,6 +23,7 @@ from jaxllm.distributed import all_processes_agree, check_same_config, merged_st
 from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.metrics import MetricsWriter
 from jaxllm.train.peak_flops import peak_flops
+from jaxllm.train.methods.base_model import base_config
 from jaxllm.train.setup import next_phase, phase_config, setup_step
 
 
@@ -54,8 +55,6 @@ def resolve_run_config(files: list[str], overrides: list[str], base: Config | No
 def resolve_finetune_config(base_dir: str, files: list[str], overrides: list[str]) -> Config:
     """Config for `jaxllm finetune --base DIR`: the base model's architecture and tokenizer, then files
     and overrides (fine-tuning hyperparameters, data), with finetune.base set."""
-    from jaxllm.interop.models import base_config
-
     return resolve_run_config(files, [*overrides, f"finetune.base={base_dir}"], base=base_config(base_dir))
 
 

@@ -1,41 +1,70 @@
-"""The base a fine-tuning method starts from: `finetune.base` loaded and placed on the mesh, checked against the
-run's model (the same architecture; or the same dense model when the run adds experts: sparse upcycling)."""
+"""The base a fine-tuning method starts from: `finetune.base` (a Hugging Face or a jaxllm run directory), handed to
+the method by `setup_step`, checked against the run's model (the same architecture; or the same dense model when the
+run adds experts: sparse upcycling) and placed on the mesh."""
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from jaxllm.config import Config, ConfigError, ModelConfig
+from jaxllm.config import Config, ConfigError, ModelConfig, load_config
+from jaxllm.interop.hf_checkpoint import is_hf_dir, read_hf_config
+from jaxllm.interop.hf_mapping import config_from_hf
 from jaxllm.language_model import LanguageModel, Params
 from jaxllm.models.upcycle import upcycle
+from jaxllm.train.checkpoint import is_run_dir
 
 
-def loaded_base(cfg: Config):
-    """`finetune.base` as a LoadedModel (a Hugging Face or a run directory)."""
-    from jaxllm.interop.models import load_model  # loading a run directory sets up its steps: a recursion
+@dataclass(frozen=True)
+class Base:
+    """A fine-tuning run's starting model: its architecture and params."""
 
-    return load_model(cfg.finetune.base)
+    cfg: ModelConfig
+    params: Params
 
 
-def load_base(cfg: Config, lm: LanguageModel, mesh: Mesh) -> Params:
-    """The params of `finetune.base` for `lm`, placed on the mesh: its architecture must be `cfg.model`'s, or the
-    same dense model when `cfg.model` adds experts (sparse upcycling: experts copied, router fresh)."""
-    loaded = loaded_base(cfg)
-    if cfg.model.moe.num_experts and not loaded.lm.cfg.moe.num_experts:
+def not_a_model_dir(path: Path | str) -> ConfigError:
+    return ConfigError(f"{str(path)!r}: neither a Hugging Face directory (config.json) nor a jaxllm run directory "
+                       "(config.yaml + checkpoints/)")
+
+
+def base_config(path: str | Path) -> Config:
+    """Defaults for fine-tuning the model in `path`: its model config, tokenizer and sequence length."""
+    path = Path(path)
+    if is_hf_dir(path):
+        lm_cfg = config_from_hf(read_hf_config(path))
+        cfg = Config(model=lm_cfg)
+        if (path / "tokenizer.json").exists():
+            cfg.data.tokenizer = str(path / "tokenizer.json")
+        cfg.data.seq_len = min(cfg.data.seq_len, lm_cfg.max_seq_len)
+        return cfg
+    if is_run_dir(path):
+        saved = load_config([path / "config.yaml"])
+        cfg = Config(model=saved.model)
+        cfg.data.tokenizer, cfg.data.seq_len = saved.data.tokenizer, saved.data.seq_len
+        return cfg
+    raise not_a_model_dir(path)
+
+
+def load_base(cfg: Config, lm: LanguageModel, mesh: Mesh, base: Base) -> Params:
+    """`base`'s params for `lm`, placed on the mesh: its architecture must be `cfg.model`'s, or the same dense model
+    when `cfg.model` adds experts (sparse upcycling: experts copied, router fresh)."""
+    if cfg.model.moe.num_experts and not base.cfg.moe.num_experts:
         key = jax.random.fold_in(jax.random.key(cfg.train.seed), 1)
-        params = jax.jit(lambda p, k: upcycle(p, loaded.lm.cfg, cfg.model, k))(loaded.params, key)
+        params = jax.jit(lambda p, k: upcycle(p, base.cfg, cfg.model, k))(base.params, key)
         return jax.device_put(params, lm.param_shardings(mesh))
-    base_cfg = with_execution_of(loaded.lm.cfg, cfg.model)
+    base_cfg = with_execution_of(base.cfg, cfg.model)
     if base_cfg != cfg.model:
         diff = {k: (getattr(cfg.model, k), getattr(base_cfg, k)) for k in vars(cfg.model)
                 if getattr(cfg.model, k) != getattr(base_cfg, k)}
         raise ConfigError(f"model config differs from finetune.base={cfg.finetune.base!r} (config, base): {diff}")
-    return jax.device_put(loaded.params, lm.param_shardings(mesh))
+    return jax.device_put(base.params, lm.param_shardings(mesh))
 
 
 def with_execution_of(base: ModelConfig, run: ModelConfig) -> ModelConfig:

@@ -14,7 +14,7 @@ from rich.console import Console
 from jaxllm.config import Config, ConfigError
 from jaxllm.language_model import LanguageModel, Params
 from jaxllm.peft.lora import LoraAdapter
-from jaxllm.train.methods.base_model import fresh_copies, load_base
+from jaxllm.train.methods.base_model import Base, fresh_copies, load_base
 from jaxllm.train.methods.method import Prepared, TrainingMethod
 from jaxllm.train.methods.registry import register
 from jaxllm.train.optimizer import make_optimizer
@@ -30,10 +30,10 @@ class Lora(TrainingMethod):
     def optimizer(self) -> optax.GradientTransformation:
         return make_optimizer(self.cfg.train, self.cfg.finetune.lora.lr_ratio)  # LoRA+: B's own learning rate
 
-    def prepare(self, mesh: Mesh, key: jax.Array) -> Prepared:
+    def prepare(self, mesh: Mesh, key: jax.Array, base: Base) -> Prepared:
         shardings = self.adapter.shardings(mesh)
         init = jax.jit(self.adapter.init, out_shardings=(shardings, self.adapter.frozen_shardings(mesh)))
-        trained, frozen = init(key, load_base(self.cfg, self.lm, mesh))
+        trained, frozen = init(key, load_base(self.cfg, self.lm, mesh, base))
         self.initial = jax.tree.map(jnp.copy, trained)  # not donated with the state
         return Prepared(fresh_copies(trained, shardings), shardings, frozen)
 

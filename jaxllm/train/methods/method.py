@@ -15,6 +15,7 @@ from rich.console import Console
 
 from jaxllm.config import Config
 from jaxllm.language_model import LanguageModel, Params
+from jaxllm.train.methods.base_model import Base
 from jaxllm.train.optimizer import make_optimizer
 
 
@@ -39,8 +40,9 @@ class TrainingMethod:
     def optimizer(self) -> optax.GradientTransformation:
         return make_optimizer(self.cfg.train)
 
-    def prepare(self, mesh: Mesh, key: jax.Array) -> Prepared:
-        """The trained params' initialiser and shardings, and the frozen input, from `key` (a PRNG key)."""
+    def prepare(self, mesh: Mesh, key: jax.Array, base: Base | None) -> Prepared:
+        """The trained params' initialiser and shardings, and the frozen input, from `key` (a PRNG key) and, for a
+        fine-tuning method, the base model (`finetune.base`, loaded by `setup_step`)."""
         shardings = self.lm.param_shardings(mesh)
         init = jax.jit(self.lm.init, out_shardings=shardings)
         return Prepared(lambda: init(key), shardings)

@@ -11,23 +11,22 @@ from jax.sharding import Mesh
 from jaxllm.config import ConfigError
 from jaxllm.language_model import LanguageModel, Params
 from jaxllm.models.mixlora import from_dense, join, split_trainable
-from jaxllm.train.methods.base_model import fresh_copies, loaded_base, with_execution_of
+from jaxllm.train.methods.base_model import Base, fresh_copies, with_execution_of
 from jaxllm.train.methods.method import Prepared, TrainingMethod
 from jaxllm.train.methods.registry import register
 
 
 @register("mixlora")
 class MixLora(TrainingMethod):
-    def prepare(self, mesh: Mesh, key: jax.Array) -> Prepared:
+    def prepare(self, mesh: Mesh, key: jax.Array, base: Base) -> Prepared:
         cfg, lm = self.cfg, self.lm
-        loaded = loaded_base(cfg)
-        dense = dataclasses.replace(cfg.model, moe=loaded.lm.cfg.moe)  # compare all but model.moe
-        if with_execution_of(loaded.lm.cfg, dense) != dense or loaded.lm.cfg.moe.num_experts:
+        dense = dataclasses.replace(cfg.model, moe=base.cfg.moe)  # compare all but model.moe
+        if with_execution_of(base.cfg, dense) != dense or base.cfg.moe.num_experts:
             raise ConfigError(f"finetune.method=mixlora needs a dense base with this architecture; "
                               f"{cfg.finetune.base!r} differs")
-        base = jax.device_put(loaded.params, LanguageModel(dense, lm.rules).param_shardings(mesh))
+        placed = jax.device_put(base.params, LanguageModel(dense, lm.rules).param_shardings(mesh))
         shardings = lm.param_shardings(mesh)
-        params = jax.jit(lambda b, k: from_dense(b, lm.init(k)), out_shardings=shardings)(base, key)
+        params = jax.jit(lambda b, k: from_dense(b, lm.init(k)), out_shardings=shardings)(placed, key)
         trained, frozen = split_trainable(params)
         trained_shardings = split_trainable(shardings)[0]
         return Prepared(fresh_copies(trained, trained_shardings), trained_shardings, frozen)
