@@ -15,7 +15,9 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 TINY = "STEPS = 15\nPRESET = 'tiny'\nFT_STEPS = 40"  # lora_finetune: enough steps on the tiny base for its held-out claim
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+# the quickstart runs in every suite; the longer notebooks (each trains several runs) with `pytest -m slow`
+@pytest.mark.parametrize("path", [p if p.name == "quickstart.ipynb" else pytest.param(p, marks=pytest.mark.slow)
+                                  for p in NOTEBOOKS], ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path):
     nb = nbformat.read(path, as_version=4)
     params = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]

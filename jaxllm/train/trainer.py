@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import signal
 import time
@@ -24,7 +25,7 @@ from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.metrics import MetricsWriter
 from jaxllm.train.peak_flops import peak_flops
 from jaxllm.train.methods.base_model import base_config
-from jaxllm.train.setup import next_phase, phase_config, setup_step
+from jaxllm.train.setup import StepSetup, next_phase, phase_config, setup_step
 
 
 @dataclass
@@ -92,110 +93,40 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
     main = jax.process_index() == 0
     console = console or Console()
     console.quiet = console.quiet or not main  # logs and progress from process 0 only
-    validate(cfg, jax.device_count())
-    if not cfg.checkpoint.run_dir:
-        raise ConfigError("checkpoint.run_dir is empty; give a directory (resolve_run_config picks runs/<date-time>)")
-    corpus = load_corpus(cfg.data)
-    _check_vocab(cfg, corpus)
-    if corpus.encode is not None and getattr(corpus.encode, "truncated", 0):
-        console.print(f"[yellow]data:[/] {corpus.encode.truncated} SFT examples are longer than data.seq_len + 1 "
-                      f"= {cfg.data.seq_len + 1} tokens and are truncated")
-    if corpus.report.skipped:
-        console.print(f"[yellow]data:[/] skipped {corpus.report.skipped} bad documents, e.g. {corpus.report.examples[:3]}")
-    run_dir = Path(cfg.checkpoint.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    check_same_config(to_yaml(cfg))
-    if main:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-
+    corpus, run_dir = _open_run(cfg, console)
     t, d = cfg.train, cfg.data
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, warn=lambda m: console.print(f"[yellow]{m}[/]"))
     setup = setup_step(phase_config(cfg, ckpt.latest_step() or 0))  # a resumed run continues in its phase
-    mesh = setup.mesh
     restored = ckpt.restore_latest(setup.abstract_state)
+    start, state, data_state = restored if restored is not None else (0, setup.init(), None)
     if restored is not None:
-        start, state, data_state = restored
         console.print(f"resuming from step {start} in {run_dir}")
-    else:
-        start, data_state = 0, None
-        state = setup.init()
-
     rows = local_rows(t.batch_size, jax.process_index(), jax.process_count())
     train_it = RowStreams(corpus.train_docs, corpus.tokenizer, seq_len=d.seq_len, global_batch=t.batch_size,
                           seed=d.seed, rows=rows, repeat=True, encode=corpus.encode)
     if data_state:  # a converted checkpoint (step 0) carries no iterator state
         train_it.set_state(data_state)
-
-    def evaluate(params) -> float | None:
-        if not corpus.eval_docs:
-            return None
-        it = RowStreams(corpus.eval_docs, corpus.tokenizer, seq_len=d.seq_len, global_batch=t.batch_size,
-                        seed=d.seed, rows=rows, repeat=False, encode=corpus.encode)
-        total, count = 0.0, 0.0
-        for _ in range(t.eval_batches) if t.eval_batches else itertools.count():
-            batch, any_left = it.next_or_empty()
-            if not all_processes_agree(any_left):  # every process runs the same number of steps
-                break
-            s, n = setup.eval_step(params, setup.global_batch(batch), setup.frozen_at(step))
-            total, count = total + float(s), count + float(n)
-        return total / count if count else None
-
-    writer = MetricsWriter(run_dir, enabled=main)
-    writer.text(start, "config", "```\n" + to_yaml(cfg) + "\n```")
-    tokens_per_step = t.batch_size * d.seq_len
-    flops_per_step = setup.flops_per_token(d.seq_len) * tokens_per_step
-    peak = peak_flops(cfg.model.dtype)
+    evaluate = functools.partial(_evaluate, cfg, corpus, rows)
     result = TrainResult(run_dir=run_dir, start_step=start, end_step=start, floor=corpus.floor)
-    console.print(
-        f"run dir [bold]{run_dir}[/]: {setup.method.describe(setup.abstract_state.params)}, mesh {dict(mesh.shape)}, "
-        f"{len(corpus.train_docs):,} train / {len(corpus.eval_docs):,} eval docs, steps {start}->{t.steps}; "
-        f"MFU of {setup.flops_per_token(d.seq_len):.4g} FLOPs/token against {peak.flops_per_s / 1e9:,.0f} GFLOP/s "
-        f"({peak.source})"
-    )
-
-    progress = Progress(
-        TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, disable=not main,
-    )
+    log = _StepLog(cfg, console, MetricsWriter(run_dir, enabled=main), result, start)
+    log.begin(setup, corpus)
     switch = setup.method.phase_end()  # a method's next phase (the self-guided model without guides)
     after = setup_step(setup.method.next_config()) if switch is not None else None  # built outside the mesh context
-    step, last_saved, last_log_step = start, start, start
-    last_log_time = time.perf_counter()
-    with _StopRequest() as stop, progress, jax.set_mesh(mesh):
-        task = progress.add_task("train", total=t.steps, completed=start, info="compiling")
+    step = last_saved = start
+    with _StopRequest() as stop, log.progress, jax.set_mesh(setup.mesh):
         while step < t.steps:
             state, metrics = setup.train_step(state, setup.global_batch(next(train_it)), setup.frozen_at(step))
             metrics = {**metrics, **setup.method.step_metrics(step)}
             step += 1
             if switch is not None and step >= switch:  # the phase is over: continue as the next one
-                before = setup.lm.num_params
-                note = setup.method.phase_note
+                console.print(f"step {step}: {setup.method.phase_note} ({setup.lm.num_params:,} -> "
+                              f"{after.lm.num_params:,} params)")
                 state, setup, switch = next_phase(state, setup, after), after, None  # two phases at most
-                flops_per_step = setup.flops_per_token(d.seq_len) * tokens_per_step
-                console.print(f"step {step}: {note} ({before:,} -> {setup.lm.num_params:,} params)")
             if step % t.log_every == 0 or step == t.steps or stop.signal:
-                host = jax.device_get(metrics)
-                for layer, shares in enumerate(host.pop("moe/expert_load", ())):  # [L, slots]: one histogram per layer
-                    writer.histogram(step, f"moe/expert_load/layer{layer}", shares)
-                m = {k: float(v) for k, v in host.items()}
-                now = time.perf_counter()
-                step_time = (now - last_log_time) / (step - last_log_step)
-                last_log_time, last_log_step = now, step
-                m.update(step_time=step_time, tokens_per_second=tokens_per_step / step_time,
-                         mfu=flops_per_step / step_time / peak.flops_per_s)
-                writer.scalars(step, m, prefix="train/")
-                result.losses[step] = m["loss"]
-                result.tokens_per_second, result.mfu = m["tokens_per_second"], m["mfu"]
-                info = f"loss {m['loss']:.3f} | {m['tokens_per_second']:,.0f} tok/s | MFU {100 * m['mfu']:.1f}%"
-                progress.update(task, info=info)
-                if not console.is_terminal:  # logs and CI: a line per log step instead of a live bar
-                    console.print(f"step {step}/{t.steps} {info}")
+                log.train(step, metrics, setup)
             if t.eval_every and step % t.eval_every == 0:
-                result.eval_loss = evaluate(state.params)
-                if result.eval_loss is not None:
-                    writer.scalars(step, {"loss": result.eval_loss, "perplexity": float(np.exp(result.eval_loss))},
-                                   prefix="eval/")
-            progress.update(task, completed=step)
+                log.eval(step, evaluate(setup, state.params, step))
+            log.progress.update(log.task, completed=step)
             if step % cfg.checkpoint.save_every == 0 or step == t.steps or stop.signal:
                 ckpt.save(step, state, merged_state(train_it.get_state()), force=True)
                 last_saved = step
@@ -209,11 +140,100 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
     if main and not result.interrupted:
         result.adapter_dir = setup.method.export(state.params, run_dir, console)
     if not result.interrupted and result.eval_loss is None:
-        with jax.set_mesh(mesh):
-            result.eval_loss = evaluate(state.params)
-    writer.close()
+        with jax.set_mesh(setup.mesh):
+            result.eval_loss = evaluate(setup, state.params, step)
+    log.writer.close()
     _summary(console, result, last_saved)
     return result
+
+
+def _open_run(cfg: Config, console: Console) -> tuple[Corpus, Path]:
+    """Validate the config, load and check the data, create the run directory with its config.yaml."""
+    validate(cfg, jax.device_count())
+    if not cfg.checkpoint.run_dir:
+        raise ConfigError("checkpoint.run_dir is empty; give a directory (resolve_run_config picks runs/<date-time>)")
+    corpus = load_corpus(cfg.data)
+    _check_vocab(cfg, corpus)
+    if corpus.encode is not None and getattr(corpus.encode, "truncated", 0):
+        console.print(f"[yellow]data:[/] {corpus.encode.truncated} SFT examples are longer than data.seq_len + 1 "
+                      f"= {cfg.data.seq_len + 1} tokens and are truncated")
+    if corpus.report.skipped:
+        console.print(f"[yellow]data:[/] skipped {corpus.report.skipped} bad documents, e.g. {corpus.report.examples[:3]}")
+    run_dir = Path(cfg.checkpoint.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    check_same_config(to_yaml(cfg))
+    if jax.process_index() == 0:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    return corpus, run_dir
+
+
+def _evaluate(cfg: Config, corpus: Corpus, rows, setup: StepSetup, params, step: int) -> float | None:
+    """Mean loss per token over the eval documents (`train.eval_batches` batches; 0: all), None without any."""
+    t, d = cfg.train, cfg.data
+    if not corpus.eval_docs:
+        return None
+    it = RowStreams(corpus.eval_docs, corpus.tokenizer, seq_len=d.seq_len, global_batch=t.batch_size,
+                    seed=d.seed, rows=rows, repeat=False, encode=corpus.encode)
+    total, count = 0.0, 0.0
+    for _ in range(t.eval_batches) if t.eval_batches else itertools.count():
+        batch, any_left = it.next_or_empty()
+        if not all_processes_agree(any_left):  # every process runs the same number of steps
+            break
+        s, n = setup.eval_step(params, setup.global_batch(batch), setup.frozen_at(step))
+        total, count = total + float(s), count + float(n)
+    return total / count if count else None
+
+
+class _StepLog:
+    """The run's first line, its progress bar and the metrics it logs (tensorboard + metrics.jsonl), with step time,
+    tokens/s and MFU measured between log steps."""
+
+    def __init__(self, cfg: Config, console: Console, writer: MetricsWriter, result: TrainResult, start: int):
+        self.cfg, self.console, self.writer, self.result = cfg, console, writer, result
+        self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+        self.peak = peak_flops(cfg.model.dtype)
+        self.progress = Progress(
+            TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+            disable=jax.process_index() != 0,
+        )
+        self.task = self.progress.add_task("train", total=cfg.train.steps, completed=start, info="compiling")
+        self.last_step, self.last_time = start, time.perf_counter()
+        writer.text(start, "config", "```\n" + to_yaml(cfg) + "\n```")
+
+    def begin(self, setup: StepSetup, corpus: Corpus) -> None:
+        seq, peak = self.cfg.data.seq_len, self.peak
+        self.console.print(
+            f"run dir [bold]{self.result.run_dir}[/]: {setup.method.describe(setup.abstract_state.params)}, mesh "
+            f"{dict(setup.mesh.shape)}, {len(corpus.train_docs):,} train / {len(corpus.eval_docs):,} eval docs, steps "
+            f"{self.last_step}->{self.cfg.train.steps}; MFU of {setup.flops_per_token(seq):.4g} FLOPs/token against "
+            f"{peak.flops_per_s / 1e9:,.0f} GFLOP/s ({peak.source})"
+        )
+
+    def train(self, step: int, metrics: dict, setup: StepSetup) -> None:
+        host = jax.device_get(metrics)
+        for layer, shares in enumerate(host.pop("moe/expert_load", ())):  # [L, slots]: one histogram per layer
+            self.writer.histogram(step, f"moe/expert_load/layer{layer}", shares)
+        m = {k: float(v) for k, v in host.items()}
+        now = time.perf_counter()
+        step_time = (now - self.last_time) / (step - self.last_step)
+        self.last_time, self.last_step = now, step
+        flops_per_step = setup.flops_per_token(self.cfg.data.seq_len) * self.tokens_per_step
+        m.update(step_time=step_time, tokens_per_second=self.tokens_per_step / step_time,
+                 mfu=flops_per_step / step_time / self.peak.flops_per_s)
+        self.writer.scalars(step, m, prefix="train/")
+        r = self.result
+        r.losses[step] = m["loss"]
+        r.tokens_per_second, r.mfu = m["tokens_per_second"], m["mfu"]
+        info = f"loss {m['loss']:.3f} | {m['tokens_per_second']:,.0f} tok/s | MFU {100 * m['mfu']:.1f}%"
+        self.progress.update(self.task, info=info)
+        if not self.console.is_terminal:  # logs and CI: a line per log step instead of a live bar
+            self.console.print(f"step {step}/{self.cfg.train.steps} {info}")
+
+    def eval(self, step: int, loss: float | None) -> None:
+        self.result.eval_loss = loss
+        if loss is not None:
+            self.writer.scalars(step, {"loss": loss, "perplexity": float(np.exp(loss))}, prefix="eval/")
 
 
 def _summary(console: Console, r: TrainResult, saved: int) -> None:
