@@ -81,8 +81,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from jaxllm.train.trainer import resolve_run_config, train
 
     initialize(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
-    files = args.config or ["small"]
-    result = train(resolve_run_config(files, args.overrides), console=console)
+    result = train(resolve_run_config(args.config, args.overrides, default=("small",)), console=console)
     if result.interrupted:
         raise SystemExit(130)
 

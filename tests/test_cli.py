@@ -1,5 +1,5 @@
-"""The `jaxllm` command line end to end: info, train (the default preset, as a user runs it: its own process on
-one CPU device), generate, convert both ways, eval (in-process), and config errors as exit code 2 with the message."""
+"""The `jaxllm` command line end to end: info, train (as a user runs it: its own process on one CPU device; the default
+preset in the slow set), generate, convert both ways, eval (in-process), and config errors as exit code 2."""
 
 import json
 
@@ -17,15 +17,26 @@ def test_info_and_config_errors(capsys):
     assert "model.num_heads=4 is not divisible by model.num_kv_heads=3" in capsys.readouterr().err
 
 
-def test_default_train_lowers_the_loss_then_generate_convert_eval(tmp_path, capsys):
+@pytest.mark.slow
+def test_default_preset_lowers_the_loss(tmp_path):
+    """`jaxllm train` on its default preset (small), shortened: what the README's first command runs."""
     run = tmp_path / "run"
-    # the default preset (small), shortened
     out = jaxllm_process("train", f"checkpoint.run_dir={run}", "train.steps=20", "train.warmup_steps=3",
                           "train.log_every=1", "data.synthetic_docs=2000", "checkpoint.async_save=false")
     assert "done: step 20" in out and "floor" in out
     losses = [json.loads(line)["train/loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
               if "train/loss" in line]
     assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_train_then_generate_convert_eval_and_resume_converted(tmp_path, capsys):
+    run = tmp_path / "run"
+    out = jaxllm_process("train", "--config", "tiny", f"checkpoint.run_dir={run}", "train.steps=20",
+                          "train.warmup_steps=3", "train.log_every=1", "checkpoint.async_save=false")
+    assert "done: step 20" in out and "floor" in out
+    losses = [json.loads(line)["train/loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in line]
+    assert len(losses) == 20 and losses[-1] < losses[0]
 
     assert main(["generate", "--model", str(run), "--prompt", "|abc", "--max-new-tokens", "24"]) == 0
     text = capsys.readouterr().out.strip()
@@ -49,7 +60,7 @@ def test_default_train_lowers_the_loss_then_generate_convert_eval(tmp_path, caps
 
     # resuming a converted checkpoint continues training from its weights (step 0, no iterator state)
     out = jaxllm_process("train", f"checkpoint.run_dir={tmp_path / 'run2'}", "train.steps=2", "train.warmup_steps=1",
-                          "data.synthetic_docs=2000", "checkpoint.async_save=false")
+                          "checkpoint.async_save=false")
     assert "resuming from step 0" in out
 
 

@@ -42,10 +42,12 @@ class TrainResult:
     adapter_dir: Path | None = None  # LoRA fine-tuning: the adapter in peft's format
 
 
-def resolve_run_config(files: list[str], overrides: list[str], base: Config | None = None) -> Config:
-    """Config for `jaxllm train`: a run directory's saved config.yaml (if any) under files/overrides.
+def resolve_run_config(files: list[str], overrides: list[str], base: Config | None = None,
+                       default: tuple[str, ...] = ()) -> Config:
+    """Config for `jaxllm train`: a run directory's saved config.yaml (if any) under files/overrides; a new run
+    starts from `default` presets when no files are given (a resumed run keeps its own config, whatever preset made it).
     `base` replaces the defaults (fine-tuning: the base model's config)."""
-    cfg = load_config(files, overrides, base=base)
+    cfg = load_config(files or list(default), overrides, base=base)
     if not cfg.checkpoint.run_dir:
         cfg.checkpoint.run_dir = time.strftime("runs/%Y%m%d-%H%M%S")
         return cfg
