@@ -95,8 +95,9 @@ def jaxllm_peer(base: Path, steps: int) -> dict:
             return float(m["loss"])
 
         times, loss = _timed(step, steps)
+    trainable = sum(x.size for x in jax.tree.leaves(s.abstract_state.params))
     return {"step_s_all": times, "loss": loss, "flops_per_token": s.flops_per_token(SEQ),
-            "trainable_params": s.adapter.num_params, "peak_rss_bytes": _peak_rss_bytes()}
+            "trainable_params": trainable, "peak_rss_bytes": _peak_rss_bytes()}
 
 
 def _timed(step, steps: int) -> tuple[list[float], float]:

@@ -91,8 +91,9 @@ def prefill(lm: LanguageModel, params: Params, tokens, positions, segment_ids, k
             logits, cache = lm.apply_cached(params, *xs, cache)
             return cache, logits[:, -1]
 
-        cache, lasts_NBV = jax.lax.scan(one, cache, (as_chunks(tokens), as_chunks(positions), as_chunks(segment_ids)))
-        last_BV = lasts_NBV[-1]
+        chunks = (as_chunks(tokens), as_chunks(positions), as_chunks(segment_ids))
+        cache, lasts = jax.lax.scan(one, cache, chunks)  # lasts: [chunks, B, V]
+        last_BV = lasts[-1]
     return cache, sample_token(last_BV, key, sampling), positions[:, -1]
 
 

@@ -67,8 +67,8 @@ def chunked_cross_entropy_sums(
     to_chunks = lambda x: jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)  # [n, B, chunk, ...]
 
     @jax.checkpoint
-    def one(h_BCD, t_BC, m_BC):
-        return cross_entropy_sums(head(h_BCD), t_BC, m_BC)
+    def one(h_BTD, t_BT, m_BT):  # one chunk: T = `chunk` positions
+        return cross_entropy_sums(head(h_BTD), t_BT, m_BT)
 
     def body(acc, xs):
         return jax.tree.map(jnp.add, acc, one(*xs)), None

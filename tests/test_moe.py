@@ -74,7 +74,7 @@ def test_small_capacity_drops_and_reports_it():
     x = _x()
     _, stats, _ = layer(x)
     r = route(x.reshape(-1, 32), layer.router[...], 2)
-    counts = np.bincount(np.asarray(r.expert_NK).reshape(-1), minlength=4)
+    counts = np.bincount(np.asarray(r.expert_MP).reshape(-1), minlength=4)
     assert float(stats.drop_fraction) == pytest.approx(1 - np.minimum(counts, 3).sum() / 36)
     assert float(stats.drop_fraction) > 0
 
@@ -103,7 +103,7 @@ def test_null_experts_cost_no_flops():
     layer = _layer(null_experts=4)
     _, stats, _ = layer(x)
     r = route(x.reshape(-1, D), layer.router[...], 2)
-    real = int(jnp.sum(r.expert_NK < 4))
+    real = int(jnp.sum(r.expert_MP < 4))
     assert real < 36 and float(stats.expert_flops) == real * 2 * 3 * D * F  # counted: only real assignments
     assert float(stats.expert_load[4:].sum()) == pytest.approx(1 - real / 36)
 
@@ -374,7 +374,7 @@ def test_mixlora_layer_equals_a_naive_loop_and_starts_as_the_dense_model():
     silu = lambda z: z / (1 + np.exp(-z))
     want = np.zeros_like(xs)
     for n in range(xs.shape[0]):
-        for e, w in zip(np.asarray(r.expert_NK[n]), np.asarray(r.weight_NK[n])):
+        for e, w in zip(np.asarray(r.expert_MP[n]), np.asarray(r.weight_MP[n])):
             mat = {k: W[k] + 2.0 * ab[f"{k}_a"][e] @ ab[f"{k}_b"][e] for k in W}  # s = 6 / 3
             want[n] += w * ((silu(xs[n] @ mat["gate"]) * (xs[n] @ mat["up"])) @ mat["down"])
     np.testing.assert_allclose(y.reshape(-1, 32), want, atol=1e-5)

@@ -171,6 +171,39 @@ def test_gradient_accumulation_equals_the_big_batch():
     chex.assert_trees_all_close(acc_state.params, big_state.params, atol=1e-6, rtol=1e-5)
 
 
+def test_method_loss_terms_and_update_masks_enter_the_step_as_their_formula_says():
+    """SGD (lr 1): a term c/2 * sum(w^2) adds c * w to every gradient, so the two runs' params differ by exactly
+    -c * w where the mask lets a leaf train; masked entries keep their values bitwise, adamw's decay included."""
+    lm = build(load_config(["tiny"]))
+    rng = np.random.default_rng(2)
+    batch = {"inputs": jnp.asarray(rng.integers(0, 320, (4, 16)), jnp.int32),
+             "targets": jnp.asarray(rng.integers(0, 320, (4, 16)), jnp.int32)}
+    c = 0.25
+    l2 = lambda params, frozen: {"l2": 0.5 * c * sum(jnp.sum(jnp.square(w)) for w in jax.tree.leaves(params))}
+    rows = lambda params: jax.tree.map(lambda w: (np.arange(w.shape[0]) % 2 == 0).reshape(-1, *[1] * (w.ndim - 1))
+                                       if w.ndim > 1 else None, params)  # even rows of every matrix train
+    tx = optax.sgd(1.0)
+    state = init_state(lm, tx, seed=0)
+    plain_state, plain = jax.jit(make_train_step(lm, tx, update_mask=rows))(state, batch)
+    term_state, term = jax.jit(make_train_step(lm, tx, loss_terms=l2, update_mask=rows))(state, batch)
+    w0 = jax.tree.leaves(state.params)
+    expected_term = 0.5 * c * sum(float(np.sum(np.square(np.asarray(w, np.float64)))) for w in w0)
+    np.testing.assert_allclose(term["method/l2"], expected_term, rtol=1e-5)
+    np.testing.assert_allclose(term["loss"], plain["loss"] + expected_term, rtol=1e-5)
+    for w, a, b in zip(w0, jax.tree.leaves(plain_state.params), jax.tree.leaves(term_state.params)):
+        w, a, b = np.asarray(w), np.asarray(a), np.asarray(b)
+        keep = np.broadcast_to((np.arange(w.shape[0]) % 2 == 0).reshape(-1, *[1] * (w.ndim - 1)) if w.ndim > 1
+                               else np.ones(w.shape, bool), w.shape)
+        np.testing.assert_allclose(b[keep] - a[keep], -c * w[keep], rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(a[~keep], w[~keep])
+        np.testing.assert_array_equal(b[~keep], w[~keep])
+    adamw = optax.adamw(1e-2, weight_decay=0.5)
+    decayed, _ = jax.jit(make_train_step(lm, adamw, update_mask=rows))(init_state(lm, adamw, seed=0), batch)
+    for w, d in zip(w0, jax.tree.leaves(decayed.params)):
+        if w.ndim > 1:
+            np.testing.assert_array_equal(np.asarray(d)[1::2], np.asarray(w)[1::2])
+
+
 def test_sharded_train_step_matches_single_device():
     cfg = load_config(["tiny", "mesh/fsdp_tp"])
     lm = build(cfg)

@@ -1,10 +1,12 @@
-"""A training method is one object and a registry entry: a toy method ("train only the norms") defined here, with
-no change to library code, trains through `jaxllm finetune`, checkpoints, resumes exactly and exports."""
+"""A training method is one object and a registry entry: a toy method ("train only the norms", half of each, under
+a penalty) defined here, with no change to library code, trains through `jaxllm finetune`, checkpoints, resumes
+exactly and exports; its loss term and update mask act as their formulas say."""
 
 import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -31,9 +33,18 @@ def _split(tree):
     return pick(True), pick(False)
 
 
+PENALTY = 1e-3  # weight of the toy method's loss term: PENALTY * sum of squared norm scales
+
+
+def _trains(scale: np.ndarray) -> np.ndarray:
+    """The toy method's update mask of a norm scale ([..., D]): its first D / 2 entries."""
+    return np.arange(scale.shape[-1]) < scale.shape[-1] // 2
+
+
 @register("norms")
 class NormsOnly(TrainingMethod):
-    """Only the normalisation scales train; every other base param stays frozen."""
+    """Only the first half of each normalisation scale trains, under an L2 penalty; every other base param stays
+    frozen."""
 
     def prepare(self, mesh, key, base):
         trained, frozen = _split(load_base(self.cfg, self.lm, mesh, base))
@@ -42,6 +53,12 @@ class NormsOnly(TrainingMethod):
 
     def to_model(self, trained, frozen, rng):
         return jax.tree.map(lambda a, b: b if a is None else a, trained, frozen, is_leaf=lambda x: x is None)
+
+    def loss_terms(self, trained, frozen):
+        return {"norm_l2": PENALTY * sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(trained))}
+
+    def update_mask(self, trained):
+        return jax.tree.map(lambda x: jnp.asarray(_trains(x)), trained)
 
     def describe(self, trained_abstract):
         return f"{sum(x.size for x in jax.tree.leaves(trained_abstract)):,} trainable norm params"
@@ -57,9 +74,8 @@ def base_and_data(tmp_path_factory):
     return tiny_base_and_sft_data(tmp_path_factory.mktemp("method"))
 
 
-def _losses(run) -> list[float]:
-    return [json.loads(line)["train/loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
-            if "train/loss" in line]
+def _logged(run, name: str) -> list[float]:
+    return [json.loads(line)[name] for line in (run / "metrics.jsonl").read_text().splitlines() if name in line]
 
 
 def _leaf(tree, path):
@@ -83,15 +99,22 @@ def test_a_method_registered_outside_the_library_trains_resumes_and_exports(base
     shutil.rmtree(resumed / "checkpoints" / "4")
     assert main([*args, f"checkpoint.run_dir={resumed}"]) == 0
     assert "resuming from step 2" in capsys.readouterr().out
-    assert _losses(resumed)[-2:] == _losses(straight)[-2:]  # steps 3 and 4 of the uninterrupted run, bitwise
+    assert _logged(resumed, "train/loss")[-2:] == _logged(straight, "train/loss")[-2:]  # steps 3, 4, bitwise
 
     before, after = load_model(base).params, load_model(straight).params
+    norms = [np.asarray(x, np.float64) for p, x in jax.tree_util.tree_leaves_with_path(before) if _is_norm(p)]
+    term = PENALTY * sum(np.sum(np.square(x)) for x in norms)  # at step 1 the scales are the base's
+    np.testing.assert_allclose(_logged(straight, "train/method/norm_l2")[0], term, rtol=1e-5)
+    loss, ce = _logged(straight, "train/loss")[0], _logged(straight, "train/cross_entropy")[0]
+    np.testing.assert_allclose(loss, ce + term, rtol=1e-6)
     exported = load_file(straight / "norms.safetensors")
     assert sorted(exported) == sorted(path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(before) if _is_norm(p))
     for path, b in jax.tree_util.tree_leaves_with_path(before):
         a = np.asarray(_leaf(after, path))
         if _is_norm(path):
-            assert not np.array_equal(a, np.asarray(b))  # trained
+            half = _trains(a)
+            assert not np.array_equal(a[..., half], np.asarray(b)[..., half])  # trained
+            np.testing.assert_array_equal(a[..., ~half], np.asarray(b)[..., ~half])  # masked: bitwise the base
             np.testing.assert_array_equal(exported[path_name(path)], a)
         else:
             np.testing.assert_array_equal(a, np.asarray(b))  # frozen: bitwise the base

@@ -46,12 +46,12 @@ def _token_axes(mesh, rules: Rules, batch: int) -> tuple[str, ...]:
 
 
 def experts_expert_parallel(
-    x_BTD: jax.Array, expert_BTK: jax.Array, weight_BTK: jax.Array, weights: tuple[jax.Array, ...],
+    x_BTD: jax.Array, expert_BTP: jax.Array, weight_BTP: jax.Array, weights: tuple[jax.Array, ...],
     rules: Rules, ep_axes: tuple[str, ...], run_experts: Callable,
 ) -> jax.Array:
-    """sum_k weight * expert_k(x) for every token, [B, T, D] f32, with experts split over `ep_axes`.
+    """sum over picks p of weight_p * expert_p(x) for every token, [B, T, D] f32, with experts split over `ep_axes`.
 
-    `run_experts(x_RD, local_expert_R, weights_local)` runs the local experts on rows tagged with a local
+    `run_experts(x_AD, local_expert_A, weights_local)` runs the local experts on rows tagged with a local
     expert id (rows tagged `E_local` are padding and must come back as zeros)."""
     mesh = jax.sharding.get_abstract_mesh()
     tok = _token_axes(mesh, rules, x_BTD.shape[0])
@@ -60,28 +60,28 @@ def experts_expert_parallel(
     ep = math.prod(mesh.shape[a] for a in ep_axes)
     E_local = E // ep
 
-    def local(x_btd, e_btk, w_btk, *w_local):
+    def local(x_btd, e_btp, w_btp, *w_local):
         b, t, D = x_btd.shape
-        K = e_btk.shape[-1]
-        A = b * t * K
-        flat_e = e_btk.reshape(A)
+        P = e_btp.shape[-1]
+        A = b * t * P
+        flat_e = e_btp.reshape(A)
         dest = jnp.where(flat_e < E, flat_e // E_local, ep)  # null experts (>= E) go nowhere
         order = jnp.argsort(dest, stable=True)
         counts = jnp.bincount(dest, length=ep + 1)
         sorted_dest = dest[order]
         rank = jnp.arange(A) - (jnp.cumsum(counts) - counts)[sorted_dest]
-        x_AD = x_btd.reshape(b * t, D)[order // K]
+        x_AD = x_btd.reshape(b * t, D)[order // P]
         send_x = jnp.zeros((ep + 1, A, D), x_btd.dtype).at[sorted_dest, rank].set(x_AD)[:ep]
         send_e = jnp.full((ep + 1, A), E_local, jnp.int32).at[sorted_dest, rank].set(flat_e[order] % E_local)[:ep]
         recv_x = jax.lax.all_to_all(send_x, ep_axes, 0, 0)  # [ep, A, D]: recv[p] = what device p sent here
         recv_e = jax.lax.all_to_all(send_e, ep_axes, 0, 0)
-        out_RD = run_experts(recv_x.reshape(ep * A, D), recv_e.reshape(ep * A), w_local)
-        back = jax.lax.all_to_all(out_RD.reshape(ep, A, D), ep_axes, 0, 0)  # back[p] = results for rows sent to p
+        out_AD = run_experts(recv_x.reshape(ep * A, D), recv_e.reshape(ep * A), w_local)
+        back = jax.lax.all_to_all(out_AD.reshape(ep, A, D), ep_axes, 0, 0)  # back[p] = results for rows sent to p
         mine = jnp.concatenate([back, jnp.zeros((1, A, D), back.dtype)])[sorted_dest, rank]  # null: zeros
-        contrib = mine.astype(jnp.float32) * w_btk.reshape(A)[order][:, None]
-        return jnp.zeros((b * t, D), jnp.float32).at[order // K].add(contrib).reshape(b, t, D)
+        contrib = mine.astype(jnp.float32) * w_btp.reshape(A)[order][:, None]
+        return jnp.zeros((b * t, D), jnp.float32).at[order // P].add(contrib).reshape(b, t, D)
 
     expert_spec = P(ep_axes if len(ep_axes) > 1 else ep_axes[0], None, None)
     return jax.shard_map(
         local, mesh=mesh, in_specs=(rows, rows, rows) + (expert_spec,) * len(weights), out_specs=rows,
-    )(x_BTD, expert_BTK, weight_BTK, *weights)
+    )(x_BTD, expert_BTP, weight_BTP, *weights)

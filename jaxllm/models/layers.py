@@ -57,11 +57,11 @@ class Dense(nnx.Module):
         kernel = self.kernel.get_value()
         out_shape = tuple(kernel.shape[self.n_in :])
         lead = x.shape[: x.ndim - self.n_in]
-        x_NI = x.astype(self.dtype).reshape(-1, math.prod(x.shape[x.ndim - self.n_in :]))
+        x_MI = x.astype(self.dtype).reshape(-1, math.prod(x.shape[x.ndim - self.n_in :]))
         if hasattr(kernel, "matmul"):
-            y = kernel.matmul(x_NI, self.dtype)
+            y = kernel.matmul(x_MI, self.dtype)
         else:
-            y = x_NI @ kernel.astype(self.dtype).reshape(x_NI.shape[1], -1)
+            y = x_MI @ kernel.astype(self.dtype).reshape(x_MI.shape[1], -1)
         y = y.reshape(*lead, *out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)

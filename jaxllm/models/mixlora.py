@@ -48,22 +48,22 @@ class MixLoraFfn(nnx.Module):
 
         m, dtype = self.cfg.moe, jnp.dtype(self.cfg.dtype)
         B, T, D = x_BTD.shape
-        K, E, s = m.top_k, m.num_experts, m.lora_alpha / m.lora_rank
-        x_ND = x_BTD.reshape(B * T, D).astype(dtype)
-        r = route(x_ND, self.router[...], K)
-        g0_NF, u0_NF = self.gate(x_ND), self.up(x_ND)
-        e_A = r.expert_NK.reshape(-1)
+        P, E, s = m.top_k, m.num_experts, m.lora_alpha / m.lora_rank
+        x_MD = x_BTD.reshape(B * T, D).astype(dtype)
+        r = route(x_MD, self.router[...], P)
+        g0_MF, u0_MF = self.gate(x_MD), self.up(x_MD)
+        e_A = r.expert_MP.reshape(-1)
         order = jnp.argsort(e_A, stable=True)
-        token = order // K
+        token = order // P
         sizes = jnp.bincount(e_A, length=E).astype(jnp.int32)
         delta = lambda h, name: s * gmm(gmm(h, getattr(self, f"{name}_a")[...].astype(dtype), sizes, impl=m.impl),
                                         getattr(self, f"{name}_b")[...].astype(dtype), sizes, impl=m.impl)
-        x_AD = x_ND[token]
-        h_AF = jax.nn.silu(g0_NF[token] + delta(x_AD, "gate")) * (u0_NF[token] + delta(x_AD, "up"))
-        out_AD = (self.down(h_AF) + delta(h_AF, "down")).astype(jnp.float32) * r.weight_NK.reshape(-1)[order][:, None]
+        x_AD = x_MD[token]
+        h_AF = jax.nn.silu(g0_MF[token] + delta(x_AD, "gate")) * (u0_MF[token] + delta(x_AD, "up"))
+        out_AD = (self.down(h_AF) + delta(h_AF, "down")).astype(jnp.float32) * r.weight_MP.reshape(-1)[order][:, None]
         y = jnp.zeros((B * T, D), jnp.float32).at[token].add(out_AD)
         F, rank = self.cfg.mlp.d_ff, m.lora_rank
-        flops = jnp.float32(B * T * K * 2 * (F * D + 3 * rank * (D + F)))  # down map + deltas per choice
+        flops = jnp.float32(B * T * P * 2 * (F * D + 3 * rank * (D + F)))  # down map + deltas per choice
         return y.astype(dtype).reshape(B, T, D), routing_stats(r, jnp.zeros((), jnp.float32), flops), None
 
 

@@ -2,7 +2,7 @@
 
     dropless   assignments sorted by expert, experts run as grouped matmuls (`kernels_pallas.grouped_matmul`:
                Pallas gmm/tgmm on GPU/TPU, `lax.ragged_dot` on CPU); nothing is dropped
-    capacity   each expert takes at most C = capacity_factor * N * k / E assignments (GShard/Switch
+    capacity   each expert takes at most C = capacity_factor * M * P / E assignments (M tokens, P = top_k) (GShard/Switch
                priority: all first choices before any second choice, in token order), gathered into
                [E, C] slots and run as one batched matmul; overflow is dropped and reported
 
@@ -38,45 +38,45 @@ class MoeStats(NamedTuple):
 
 
 class Routing(NamedTuple):
-    expert_NK: jax.Array  # int32 [N, k]: chosen router slots (>= num_experts: a null expert)
-    weight_NK: jax.Array  # f32 [N, k]: renormalised over the k choices
-    probs_NS: jax.Array  # f32 [N, slots]
-    logits_NS: jax.Array
+    expert_MP: jax.Array  # int32 [M, P]: chosen router slots (>= num_experts: a null expert)
+    weight_MP: jax.Array  # f32 [M, P]: renormalised over the k choices
+    probs_MZ: jax.Array  # f32 [M, Z]
+    logits_MZ: jax.Array
 
 
-def route(x_ND: jax.Array, router_DS: jax.Array, top_k: int, normalize: bool = True) -> Routing:
+def route(x_MD: jax.Array, router_DZ: jax.Array, top_k: int, normalize: bool = True) -> Routing:
     """Top-k of the softmax over router slots, in f32, weights renormalised over the chosen k (or not)."""
-    return route_logits(jnp.dot(x_ND.astype(jnp.float32), router_DS.astype(jnp.float32)), top_k, normalize)
+    return route_logits(jnp.dot(x_MD.astype(jnp.float32), router_DZ.astype(jnp.float32)), top_k, normalize)
 
 
 def route_logits(logits: jax.Array, top_k: int, normalize: bool = True) -> Routing:
-    """`route` from router logits [N, slots] (f32)."""
+    """`route` from router logits [M, Z] (f32)."""
     probs = jax.nn.softmax(logits, axis=-1)
     top_p, top_i = jax.lax.top_k(probs, top_k)
     weights = top_p / jnp.sum(top_p, axis=-1, keepdims=True) if normalize else top_p
     return Routing(top_i.astype(jnp.int32), weights, probs, logits)
 
 
-def load_balance_loss(expert_NK: jax.Array, probs_NS: jax.Array) -> jax.Array:
+def load_balance_loss(expert_MP: jax.Array, probs_MZ: jax.Array) -> jax.Array:
     """Switch Transformer's loss: slots * sum_s f_s P_s, f_s the share of assignments to slot s, P_s its
     mean router probability."""
-    slots = probs_NS.shape[-1]
-    f = jnp.mean(jax.nn.one_hot(expert_NK, slots, dtype=jnp.float32).sum(axis=1), axis=0) / expert_NK.shape[1]
-    return slots * jnp.sum(f * jnp.mean(probs_NS, axis=0))
+    slots = probs_MZ.shape[-1]
+    f = jnp.mean(jax.nn.one_hot(expert_MP, slots, dtype=jnp.float32).sum(axis=1), axis=0) / expert_MP.shape[1]
+    return slots * jnp.sum(f * jnp.mean(probs_MZ, axis=0))
 
 
 def routing_stats(r: Routing, drop_fraction: jax.Array, expert_flops: jax.Array, balanced: bool = False) -> MoeStats:
     """A layer's MoeStats from its routing. `balanced` (expert choice: every expert takes the same number of
     tokens): no balancing loss, uniform load."""
-    N, K = r.expert_NK.shape
-    slots = r.probs_NS.shape[-1]
+    M, P = r.expert_MP.shape
+    slots = r.probs_MZ.shape[-1]
     return MoeStats(
-        load_balance_loss=jnp.zeros((), jnp.float32) if balanced else load_balance_loss(r.expert_NK, r.probs_NS),
-        router_z_loss=jnp.mean(jnp.square(jax.nn.logsumexp(r.logits_NS, axis=-1))),
+        load_balance_loss=jnp.zeros((), jnp.float32) if balanced else load_balance_loss(r.expert_MP, r.probs_MZ),
+        router_z_loss=jnp.mean(jnp.square(jax.nn.logsumexp(r.logits_MZ, axis=-1))),
         expert_load=jnp.full((slots,), 1.0 / slots) if balanced
-        else jnp.mean(jax.nn.one_hot(r.expert_NK, slots, dtype=jnp.float32).sum(1), axis=0) / K,
+        else jnp.mean(jax.nn.one_hot(r.expert_MP, slots, dtype=jnp.float32).sum(1), axis=0) / P,
         drop_fraction=drop_fraction,
-        router_entropy=-jnp.mean(jnp.sum(r.probs_NS * jnp.log(r.probs_NS + 1e-9), axis=-1)),
+        router_entropy=-jnp.mean(jnp.sum(r.probs_MZ * jnp.log(r.probs_MZ + 1e-9), axis=-1)),
         expert_flops=expert_flops,
     )
 
@@ -85,65 +85,65 @@ def _swiglu(x, gate, up, down, mm):
     return mm(jax.nn.silu(mm(x, gate)) * mm(x, up), down)
 
 
-def grouped_experts(x_RD, expert_R, gate_EDF, up_EDF, down_EFD, impl: str) -> jax.Array:
-    """Row r through expert expert_R[r] as grouped matmuls over rows sorted by expert; rows tagged >= E
-    (null experts, padding) sort last, past every group, and come back as zeros. [R, D] in row order."""
+def grouped_experts(x_AD, expert_A, gate_EDF, up_EDF, down_EFD, impl: str) -> jax.Array:
+    """Row r through expert expert_A[r] as grouped matmuls over rows sorted by expert; rows tagged >= E
+    (null experts, padding) sort last, past every group, and come back as zeros. [A, D] in row order."""
     from kernels_pallas.grouped_matmul import gmm
 
     E = gate_EDF.shape[0]
-    order = jnp.argsort(expert_R, stable=True)
-    group_sizes = jnp.bincount(expert_R, length=E).astype(jnp.int32)
+    order = jnp.argsort(expert_A, stable=True)
+    group_sizes = jnp.bincount(expert_A, length=E).astype(jnp.int32)
     mm = lambda a, w: gmm(a, w, group_sizes, impl=impl)
-    out_RD = _swiglu(x_RD[order], gate_EDF, up_EDF, down_EFD, mm)
-    out_RD = jnp.where((expert_R[order] < E)[:, None], out_RD, 0)
-    return jnp.zeros_like(out_RD).at[order].set(out_RD)
+    out_AD = _swiglu(x_AD[order], gate_EDF, up_EDF, down_EFD, mm)
+    out_AD = jnp.where((expert_A[order] < E)[:, None], out_AD, 0)
+    return jnp.zeros_like(out_AD).at[order].set(out_AD)
 
 
-def experts_dropless(x_ND, r: Routing, gate_EDF, up_EDF, down_EFD, impl: str) -> jax.Array:
-    """Every (token, choice) assignment through its expert: [N, D] f32."""
-    N, K = r.expert_NK.shape
-    out_AD = grouped_experts(jnp.repeat(x_ND, K, axis=0), r.expert_NK.reshape(-1), gate_EDF, up_EDF, down_EFD, impl)
-    return jnp.sum((out_AD.astype(jnp.float32) * r.weight_NK.reshape(-1, 1)).reshape(N, K, -1), axis=1)
+def experts_dropless(x_MD, r: Routing, gate_EDF, up_EDF, down_EFD, impl: str) -> jax.Array:
+    """Every (token, choice) assignment through its expert: [M, D] f32."""
+    M, P = r.expert_MP.shape
+    out_AD = grouped_experts(jnp.repeat(x_MD, P, axis=0), r.expert_MP.reshape(-1), gate_EDF, up_EDF, down_EFD, impl)
+    return jnp.sum((out_AD.astype(jnp.float32) * r.weight_MP.reshape(-1, 1)).reshape(M, P, -1), axis=1)
 
 
-def experts_capacity(x_ND, r: Routing, gate_EDF, up_EDF, down_EFD, capacity: int) -> tuple[jax.Array, jax.Array]:
-    """(output [N, D] f32, dropped share): assignments gathered into [E, capacity] slots, experts run as one
-    batched matmul, results gathered back (index gathers, linear in N; one-hot einsums would be quadratic)."""
-    N, K = r.expert_NK.shape
+def experts_capacity(x_MD, r: Routing, gate_EDF, up_EDF, down_EFD, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """(output [M, D] f32, dropped share): assignments gathered into [E, capacity] slots, experts run as one
+    batched matmul, results gathered back (index gathers, linear in M; one-hot einsums would be quadratic)."""
+    M, P = r.expert_MP.shape
     E = gate_EDF.shape[0]
-    e_A = r.expert_NK.T.reshape(K * N)  # choice-major: all first choices before any second choice
+    e_A = r.expert_MP.T.reshape(P * M)  # choice-major: all first choices before any second choice
     onehot_AE = jax.nn.one_hot(e_A, E, dtype=jnp.int32)  # null slots -> all zeros
     position_A = jnp.sum((jnp.cumsum(onehot_AE, axis=0) - 1) * onehot_AE, axis=1)
     kept_A = (e_A < E) & (position_A < capacity)
     slot_A = jnp.where(kept_A, e_A * capacity + position_A, E * capacity)  # the last slot: a dump
-    token_A = jnp.tile(jnp.arange(N), K)
-    token_of_slot = jnp.full((E * capacity + 1,), N, jnp.int32).at[slot_A].set(token_A)[:-1]
-    x_ECD = jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)])[token_of_slot].reshape(E, capacity, -1)
+    token_A = jnp.tile(jnp.arange(M), P)
+    token_of_slot = jnp.full((E * capacity + 1,), M, jnp.int32).at[slot_A].set(token_A)[:-1]
+    x_ECD = jnp.concatenate([x_MD, jnp.zeros((1, x_MD.shape[1]), x_MD.dtype)])[token_of_slot].reshape(E, capacity, -1)
     mm = lambda a, w: jnp.einsum("ecd,edf->ecf", a, w)
-    out_SD = _swiglu(x_ECD, gate_EDF, up_EDF, down_EFD, mm).reshape(E * capacity, -1).astype(jnp.float32)
-    out_AD = jnp.concatenate([out_SD, jnp.zeros((1, out_SD.shape[1]), jnp.float32)])[slot_A]
-    y = jnp.zeros((N, x_ND.shape[1]), jnp.float32).at[token_A].add(out_AD * r.weight_NK.T.reshape(K * N, 1))
+    out_ECD = _swiglu(x_ECD, gate_EDF, up_EDF, down_EFD, mm).astype(jnp.float32)
+    out_AD = jnp.concatenate([out_ECD.reshape(E * capacity, -1), jnp.zeros((1, out_ECD.shape[2]), jnp.float32)])[slot_A]
+    y = jnp.zeros((M, x_MD.shape[1]), jnp.float32).at[token_A].add(out_AD * r.weight_MP.T.reshape(P * M, 1))
     routed = jnp.maximum(jnp.sum(e_A < E), 1)
     return y, 1.0 - jnp.sum(kept_A) / routed
 
 
-def experts_expert_choice(x_ND, probs_NE, gate_EDF, up_EDF, down_EFD, capacity: int) -> tuple[jax.Array, jax.Array]:
+def experts_expert_choice(x_MD, probs_ME, gate_EDF, up_EDF, down_EFD, capacity: int) -> tuple[jax.Array, jax.Array]:
     """Expert-choice routing (Zhou et al., 2022): each expert takes the `capacity` tokens with the highest
     router probability for it; a token's output sums prob x expert(x) over the experts that took it.
-    (output [N, D] f32, share of tokens no expert took). The choice looks at every token of the batch,
+    (output [M, D] f32, share of tokens no expert took). The choice looks at every token of the batch,
     later ones included: a decoder trained this way routes differently when decoding token by token."""
-    N = x_ND.shape[0]
-    gates_EC, token_EC = jax.lax.top_k(probs_NE.T, min(capacity, N))
+    M = x_MD.shape[0]
+    gates_EC, token_EC = jax.lax.top_k(probs_ME.T, min(capacity, M))
     mm = lambda a, w: jnp.einsum("ecd,edf->ecf", a, w)
-    out_ECD = _swiglu(x_ND[token_EC], gate_EDF, up_EDF, down_EFD, mm).astype(jnp.float32)
-    y = jnp.zeros((N, x_ND.shape[1]), jnp.float32).at[token_EC.reshape(-1)].add(
-        (out_ECD * gates_EC[..., None]).reshape(-1, x_ND.shape[1]))
-    taken = jnp.zeros((N,), jnp.int32).at[token_EC.reshape(-1)].add(1)
+    out_ECD = _swiglu(x_MD[token_EC], gate_EDF, up_EDF, down_EFD, mm).astype(jnp.float32)
+    y = jnp.zeros((M, x_MD.shape[1]), jnp.float32).at[token_EC.reshape(-1)].add(
+        (out_ECD * gates_EC[..., None]).reshape(-1, x_MD.shape[1]))
+    taken = jnp.zeros((M,), jnp.int32).at[token_EC.reshape(-1)].add(1)
     return y, jnp.mean(taken == 0)
 
 
 class MoeFfn(nnx.Module):
-    """[B, T, D] (+ recurrent router state [B, T, R]) -> ([B, T, D], MoeStats, router state or None).
+    """[B, T, D] (+ recurrent router state [B, T, U]) -> ([B, T, D], MoeStats, router state or None).
     Experts: gate/up [E, D, F], down [E, F, D] (axis `expert`)."""
 
     def __init__(self, cfg: ModelConfig, rules: Rules = _DEFAULT_RULES, *, rngs: nnx.Rngs):
@@ -178,42 +178,42 @@ class MoeFfn(nnx.Module):
         m = self.cfg.moe
         return max(1, math.ceil(m.capacity_factor * tokens * m.top_k / m.num_experts))
 
-    def __call__(self, x_BTD: jax.Array, router_state_BTR: jax.Array | None = None
+    def __call__(self, x_BTD: jax.Array, router_state_BTU: jax.Array | None = None
                  ) -> tuple[jax.Array, MoeStats, jax.Array | None]:
         m, dtype = self.cfg.moe, jnp.dtype(self.cfg.dtype)
         B, T, D = x_BTD.shape
-        x_ND = x_BTD.reshape(B * T, D).astype(dtype)
+        x_MD = x_BTD.reshape(B * T, D).astype(dtype)
         state = None
         if m.router == "recurrent":
-            h = jnp.zeros((B * T, m.router_state_dim), jnp.float32) if router_state_BTR is None else router_state_BTR.reshape(B * T, -1)
-            logits, h = self.router(x_ND, h)
+            h = jnp.zeros((B * T, m.router_state_dim), jnp.float32) if router_state_BTU is None else router_state_BTU.reshape(B * T, -1)
+            logits, h = self.router(x_MD, h)
             state = h.reshape(B, T, -1)
         else:
-            logits = jnp.dot(x_ND.astype(jnp.float32), self.router[...])
+            logits = jnp.dot(x_MD.astype(jnp.float32), self.router[...])
         r = route_logits(logits, m.top_k, m.normalize_top_k)
         weights = [w[...].astype(dtype) for w in (self.gate, self.up, self.down)]
         E, F = weights[0].shape[0], weights[0].shape[2]
         ep_axes = expert_axes(self.rules, E) if m.dispatch == "dropless" else ()
         if ep_axes:
-            run = lambda x_RD, e_R, w: grouped_experts(x_RD, e_R, *w, m.impl)
-            y = experts_expert_parallel(x_BTD.astype(dtype), r.expert_NK.reshape(B, T, -1), r.weight_NK.reshape(B, T, -1),
+            run = lambda x_AD, e_A, w: grouped_experts(x_AD, e_A, *w, m.impl)
+            y = experts_expert_parallel(x_BTD.astype(dtype), r.expert_MP.reshape(B, T, -1), r.weight_MP.reshape(B, T, -1),
                                         tuple(weights), self.rules, ep_axes, run).reshape(B * T, D)
-            real = jnp.sum(r.expert_NK < E)
+            real = jnp.sum(r.expert_MP < E)
             dropped = jnp.zeros((), jnp.float32)
         elif m.routing == "expert_choice":
-            y, dropped = experts_expert_choice(x_ND, r.probs_NS, *weights, self.capacity(B * T))
+            y, dropped = experts_expert_choice(x_MD, r.probs_MZ, *weights, self.capacity(B * T))
             real = jnp.asarray(E * min(self.capacity(B * T), B * T))
         elif m.dispatch == "dropless":
-            y = experts_dropless(x_ND, r, *weights, m.impl)
-            real = jnp.sum(r.expert_NK < E)
+            y = experts_dropless(x_MD, r, *weights, m.impl)
+            real = jnp.sum(r.expert_MP < E)
             dropped = jnp.zeros((), jnp.float32)
         else:
-            y, dropped = experts_capacity(x_ND, r, *weights, self.capacity(B * T))
-            real = jnp.sum(r.expert_NK < E) * (1 - dropped)
+            y, dropped = experts_capacity(x_MD, r, *weights, self.capacity(B * T))
+            real = jnp.sum(r.expert_MP < E) * (1 - dropped)
         if self.shared is not None:
-            shared = self.shared(x_ND).astype(jnp.float32)
+            shared = self.shared(x_MD).astype(jnp.float32)
             if self.shared_gate is not None:
-                shared = jax.nn.sigmoid(jnp.dot(x_ND, self.shared_gate[...].astype(dtype)).astype(jnp.float32)) * shared
+                shared = jax.nn.sigmoid(jnp.dot(x_MD, self.shared_gate[...].astype(dtype)).astype(jnp.float32)) * shared
             y = y + shared
         stats = routing_stats(r, dropped, real.astype(jnp.float32) * 2 * 3 * D * F,
                               balanced=m.routing == "expert_choice")

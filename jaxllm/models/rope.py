@@ -64,8 +64,8 @@ def _llama3_scale(inv_freq: np.ndarray, s: RopeScalingConfig) -> np.ndarray:
 
 def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray, scale: float = 1.0) -> jax.Array:
     """Rotate pairs (i, i + H/2) of each head by angle position * inv_freq[i], times `scale`; math in f32."""
-    angles_BTF = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
-    cos, sin = jnp.cos(angles_BTF)[:, :, None, :], jnp.sin(angles_BTF)[:, :, None, :]
+    angles_BTQ = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
+    cos, sin = jnp.cos(angles_BTQ)[:, :, None, :], jnp.sin(angles_BTQ)[:, :, None, :]
     if scale != 1.0:
         cos, sin = cos * scale, sin * scale
     x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)

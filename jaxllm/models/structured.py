@@ -64,31 +64,31 @@ def structured_params(structure: str, sizes: Sizes, i: int, o: int) -> int:
             "blockshuffle": lambda: min(i, o) * (i + o) // b}[structure]()
 
 
-def block_diagonal(x_NI: jax.Array, w_BIO: jax.Array, impl: str) -> jax.Array:
-    """x [N, b * i] @ blockdiag(w [b, i, o]) -> [N, b * o]."""
-    b, i, o = w_BIO.shape
+def block_diagonal(x_MI: jax.Array, w_JIO: jax.Array, impl: str) -> jax.Array:
+    """x [M, J * I] @ blockdiag(w [J, I, O]) -> [M, J * O] (J diagonal blocks)."""
+    b, i, o = w_JIO.shape
     if impl == "auto":
-        fits = plan(x_NI.shape[0], i, o, x_NI.dtype, backend_for(current_platform())).fits
+        fits = plan(x_MI.shape[0], i, o, x_MI.dtype, backend_for(current_platform())).fits
         impl = matmul_impl(impl, what="block-diagonal matmul", fits=fits)
     if impl == "pallas":
-        return block_sparse_matmul(x_NI, w_BIO, BlockLayout.block_diagonal(b, i, o), impl="pallas")
-    y_NBO = jnp.einsum("nbi,bio->nbo", x_NI.reshape(-1, b, i), w_BIO)
-    return y_NBO.reshape(-1, b * o)
+        return block_sparse_matmul(x_MI, w_JIO, BlockLayout.block_diagonal(b, i, o), impl="pallas")
+    y_MJO = jnp.einsum("mji,jio->mjo", x_MI.reshape(-1, b, i), w_JIO)
+    return y_MJO.reshape(-1, b * o)
 
 
-def shuffle(x_NC: jax.Array, blocks: int) -> jax.Array:
+def shuffle(x_MI: jax.Array, blocks: int) -> jax.Array:
     """Monarch's channel shuffle: channels viewed [blocks, C / blocks] -> [C / blocks, blocks]."""
-    n, c = x_NC.shape
-    return x_NC.reshape(n, blocks, c // blocks).swapaxes(1, 2).reshape(n, c)
+    n, c = x_MI.shape
+    return x_MI.reshape(n, blocks, c // blocks).swapaxes(1, 2).reshape(n, c)
 
 
-def structured_apply(structure: str, blocks: int | None, impl: str, x_NI: jax.Array, v: jax.Array, u: jax.Array):
-    """The structured map of factors (v, u) on rows x [N, in] -> [N, out]."""
+def structured_apply(structure: str, blocks: int | None, impl: str, x_MI: jax.Array, v: jax.Array, u: jax.Array):
+    """The structured map of factors (v, u) on rows x [M, in] -> [M, out]."""
     if structure == "lowrank":
-        return (x_NI @ v) @ u
+        return (x_MI @ v) @ u
     if structure == "blockdense":
-        return block_diagonal(x_NI, v, impl) @ u
-    h = shuffle(block_diagonal(x_NI, v, impl), blocks)
+        return block_diagonal(x_MI, v, impl) @ u
+    h = shuffle(block_diagonal(x_MI, v, impl), blocks)
     y = block_diagonal(h, u, impl)
     return shuffle(y, y.shape[1] // blocks)  # P^-1 on the outputs: [out/b, b] <- [b, out/b]
 
@@ -188,26 +188,26 @@ class StructuredLinear(nnx.Module):
     def num_params(self) -> int:
         return structured_params(self.structure, Sizes(self.rank, self.blocks), self.i, self.o)
 
-    def _apply(self, x_NI: jax.Array, v: jax.Array, u: jax.Array) -> jax.Array:
-        return structured_apply(self.structure, self.blocks, self.impl, x_NI, v, u)
+    def _apply(self, x_MI: jax.Array, v: jax.Array, u: jax.Array) -> jax.Array:
+        return structured_apply(self.structure, self.blocks, self.impl, x_MI, v, u)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         lead = x.shape[:-1]
-        x_NI = x.astype(self.dtype).reshape(-1, self.i)
-        y = self._apply(x_NI, self.v[...].astype(self.dtype), self.u[...].astype(self.dtype))
+        x_MI = x.astype(self.dtype).reshape(-1, self.i)
+        y = self._apply(x_MI, self.v[...].astype(self.dtype), self.u[...].astype(self.dtype))
         if self.guide is not None:
-            y = self._guided(x_NI, y, self.guide.get_value())
+            y = self._guided(x_MI, y, self.guide.get_value())
         return y.reshape(*lead, self.o)
 
-    def _guided(self, x_NI: jax.Array, y_NO: jax.Array, guide) -> jax.Array:
+    def _guided(self, x_MI: jax.Array, y_MO: jax.Array, guide) -> jax.Array:
         """a * x W + (1 - a) * y; sampled: the dense term only with probability a, else y alone."""
         if not isinstance(guide, GuidedKernel):
-            return x_NI @ guide.astype(self.dtype)
+            return x_MI @ guide.astype(self.dtype)
         a = guide.alpha.astype(self.dtype)
-        mixed = lambda: a * (x_NI @ guide.kernel.astype(self.dtype)) + (1 - a) * y_NO
+        mixed = lambda: a * (x_MI @ guide.kernel.astype(self.dtype)) + (1 - a) * y_MO
         if not guide.sampled:
             return mixed()
-        return jax.lax.cond(jax.random.bernoulli(guide.key, guide.alpha), mixed, lambda: y_NO)
+        return jax.lax.cond(jax.random.bernoulli(guide.key, guide.alpha), mixed, lambda: y_MO)
 
     def dense_kernel(self) -> jax.Array:
         """The equal dense matrix [i, o] (f32): the map applied to the identity."""

@@ -46,24 +46,24 @@ class LoraKernel:
         a = self.a.reshape(-1, self.a.shape[-1]).astype(dtype)
         return self.scale * (a @ self.b.reshape(self.b.shape[0], -1).astype(dtype))
 
-    def matmul(self, x_NI: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    def matmul(self, x_MI: jax.Array, dtype: jnp.dtype) -> jax.Array:
         w_IO = self.base_matrix(dtype)
         a_IR = self.a.reshape(w_IO.shape[0], -1).astype(dtype)
         b_RO = self.b.reshape(a_IR.shape[1], -1).astype(dtype)
-        y_NO = x_NI @ w_IO
-        xd_NI = x_NI
+        y_MO = x_MI @ w_IO
+        xd_MI = x_MI
         if self.dropout > 0 and self.dropout_key is not None:
-            keep = jax.random.bernoulli(self.dropout_key, 1 - self.dropout, x_NI.shape)
-            xd_NI = jnp.where(keep, x_NI / (1 - self.dropout), 0).astype(dtype)
-        lora_NO = self.scale * ((xd_NI @ a_IR) @ b_RO)
+            keep = jax.random.bernoulli(self.dropout_key, 1 - self.dropout, x_MI.shape)
+            xd_MI = jnp.where(keep, x_MI / (1 - self.dropout), 0).astype(dtype)
+        lora_MO = self.scale * ((xd_MI @ a_IR) @ b_RO)
         if self.magnitude is None:
-            return y_NO + lora_NO
+            return y_MO + lora_MO
         # DoRA: magnitude * (W + sAB) / ||W + sAB||_col, the norm held constant in the backward
         # pass (DoRA section 4.3, as peft does). With dropout only the adapter's input is dropped.
         norm_O = jax.lax.stop_gradient(column_norm(w_IO.astype(jnp.float32) + self.delta_matrix(jnp.float32)))
         g_O = (self.magnitude.reshape(-1).astype(jnp.float32) / norm_O).astype(dtype)
-        base_d_NO = y_NO if xd_NI is x_NI else xd_NI @ w_IO
-        return y_NO + (g_O - 1) * base_d_NO + g_O * lora_NO
+        base_d_MO = y_MO if xd_MI is x_MI else xd_MI @ w_IO
+        return y_MO + (g_O - 1) * base_d_MO + g_O * lora_MO
 
 
 def column_norm(w_IO: jax.Array) -> jax.Array:

@@ -50,10 +50,10 @@ class QuantizedKernel:
             unit = jnp.asarray(NF4_LEVELS, jnp.float32)[idx]
         return (unit * self.scales[..., None]).reshape(self.shape).astype(dtype)
 
-    def matmul(self, x_NI: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    def matmul(self, x_MI: jax.Array, dtype: jnp.dtype) -> jax.Array:
         """x [N, in] @ kernel viewed as [in, out] (the kernel minus its leading `in` dims)."""
         kernel = self.dequantize(dtype)
-        return x_NI @ kernel.reshape(x_NI.shape[-1], -1)
+        return x_MI @ kernel.reshape(x_MI.shape[-1], -1)
 
 
 def block_size(last_dim: int, block: int, kind: str) -> int:

@@ -51,6 +51,15 @@ class TrainingMethod:
         """The params the model runs on in a step (`rng`: a PRNG key for stochastic methods; None to evaluate)."""
         return trained
 
+    def loss_terms(self, trained: Params, frozen: Any) -> dict[str, jax.Array]:
+        """Loss terms the method adds once per step ({name: f32 scalar}; a regulariser), logged as `method/<name>`."""
+        return {}
+
+    def update_mask(self, trained: Params) -> Any:
+        """Which entries of the trained params may change: None (all), or a tree like `trained` holding, per leaf,
+        a 0/1 array broadcastable to it or None (the whole leaf trains). Masked entries keep their values."""
+        return None
+
     def frozen_at(self, frozen: Any, step: int) -> Any:
         """The step's fixed input: the frozen params (or a schedule's value at `step`)."""
         return frozen
