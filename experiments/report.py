@@ -134,8 +134,31 @@ def moe_experiment() -> str:
         *rows, "", *r["claims"], ""])
 
 
+def context_memory() -> str:
+    r = _load("context_memory")
+    rows = [x for x in r["rows"] if x["remat"] == "dots_no_batch"]
+    one = next(x for x in rows if x["sequence"] == 1)
+    table = [f"| {x['sequence']} | {x['method'] if x['sequence'] > 1 else 'one device'} | {r['length'] // x['sequence']:,} | "
+             f"{x['temp_bytes'] / 2**20:,.0f} | {x['temp_bytes'] / one['temp_bytes']:.2f} |" for x in rows]
+    return "\n".join([
+        f"\nOne row of {r['length']:,} tokens, `model.remat=dots_no_batch`, the loss + gradient program's temporary "
+        f"buffers per device (XLA's `memory_analysis`; {_made(r['meta'])}):", "",
+        "| mesh.sequence | attention | tokens per device | activation MiB per device | vs one device |",
+        "|---:|---|---:|---:|---:|", *table, ""])
+
+
+def long_context() -> str:
+    r = _load("long_context")
+    names = list(r["loss_by_range"])
+    first, last = r["loss_by_range"][names[0]], r["loss_by_range"][names[-1]]
+    return (f"trained at {r['short']} tokens per row and read at {r['long']}, held-out loss over positions "
+            f"{r['ranges'][-1]} is {first[-1]:.3f} nats/token without scaling and **{last[-1]:.3f}** after YaRN and "
+            f"{r['extend_steps']} steps at {r['long']} tokens under `mesh/cp` ({_made(r['meta'])})")
+
+
 REPORTS = {"suite_time": suite_time, "default_run": default_run, "bench_vs_torch": bench_vs_torch,
-           "bench_decode": bench_decode, "bench_finetune": bench_finetune,
+           "bench_decode": bench_decode, "bench_finetune": bench_finetune, "context_memory": context_memory,
+           "long_context": long_context,
            "moe_bench_layer": moe_bench_layer,
            "structured_ffn": structured_ffn, "lora_experiment": lora_experiment, "moe_experiment": moe_experiment}
 

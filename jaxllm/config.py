@@ -29,7 +29,8 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
+CONTEXT_PARALLEL = ("ring", "allgather")
 OPTIMIZERS = ("adamw", "lion", "adafactor")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 DATA_FORMATS = ("text", "sft")
@@ -69,6 +70,11 @@ class AttentionConfig:
     sliding_window: Optional[int] = None  # tokens a query may look back, itself included (Mistral)
     qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3/OLMo2)
     logit_softcap: Optional[float] = None  # cap * tanh(scores / cap) (Gemma-2)
+    # With the sequence split over mesh axes (`mesh.sequence` > 1): how a device sees the others' keys and values
+    # (ring: passed around with ppermute, one chunk held at a time; allgather: all gathered) and whether training
+    # lays each row out in the causal load-balancing zigzag order (device i holds chunks i and 2n - 1 - i of 2n).
+    context_parallel: str = "ring"
+    zigzag: bool = True
 
 
 @dataclass
@@ -153,7 +159,7 @@ def _default_rules() -> dict[str, list[str]]:
     # Logical axis -> mesh axes. Params: embed/vocab/mlp/heads...; activations: batch/length/act_*.
     return {
         "batch": ["data", "fsdp", "expert"],
-        "length": [],
+        "length": ["sequence"],
         "act_embed": [],
         "act_heads": ["tensor"],
         "act_kv_heads": ["tensor"],
@@ -179,6 +185,7 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     expert: int = 1
+    sequence: int = 1  # context parallelism: each row's positions split over this many devices
     tensor: int = 1
     # Multi-host (hybrid) meshes: how many granules (processes, or TPU slices) the data / fsdp axes
     # span over the slower network (DCN); the sizes above are then per granule (ICI).
@@ -480,6 +487,7 @@ def check_values(cfg: Config) -> None:
                 f"mesh.rules.{logical} names unknown mesh axes {unknown}; allowed: {list(MESH_AXES)}"
             )
     _check_tensor_axis(m, sizes["tensor"])
+    _choice("model.attention.context_parallel", m.attention.context_parallel, CONTEXT_PARALLEL)
 
 
 def _check_tensor_axis(m: ModelConfig, tensor: int) -> None:
@@ -537,4 +545,10 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
             f"train.batch_size={cfg.train.batch_size} / train.microbatches={cfg.train.microbatches} "
             f"= {micro} is not divisible by the data*fsdp*expert mesh axes ({batch_shards})"
         )
+    seq = math.prod(sizes[a] for a in cfg.mesh.rules.get("length", ()))
+    chunks = 2 * seq if cfg.model.attention.zigzag else seq
+    if seq > 1 and cfg.data.seq_len % chunks:
+        layout = " in the zigzag layout (2 chunks per device)" if cfg.model.attention.zigzag else ""
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be a multiple of {chunks} to split each row over "
+                          f"{seq} devices (mesh axes {cfg.mesh.rules['length']}){layout}")
     return sizes

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -21,6 +22,7 @@ from jax.sharding import Mesh
 
 from jaxllm.config import Config, ModelConfig, _default_rules
 from jaxllm.losses import chunked_cross_entropy_sums, loss_from_sums
+from jaxllm.models.context_parallel import sequence_axes, to_zigzag
 from jaxllm.models.kv_cache import KVCache
 from jaxllm.models.moe import MoeStats
 from jaxllm.models.layers import Dense
@@ -100,8 +102,13 @@ class LanguageModel:
         return self.loss_terms(params, batch)[:3]
 
     def loss_terms(self, params: Params, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, MoeStats | None]:
-        """`loss_sums` and the per-layer MoE statistics [L, ...] of the same forward (None without MoE)."""
+        """`loss_sums` and the per-layer MoE statistics [L, ...] of the same forward (None without MoE). With each row
+        split over devices (`mesh.sequence` > 1) and `model.attention.zigzag`, rows are first laid out in the zigzag
+        order, which balances causal attention work; the token sums do not change."""
         model: Transformer = nnx.merge(self.graphdef, params)
+        devices = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in sequence_axes(self.rules))
+        if devices > 1 and self.cfg.attention.zigzag:
+            batch = to_zigzag(batch, devices)
         hidden_BTD, _, stats = model.run(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
         sums = chunked_cross_entropy_sums(
             hidden_BTD, model.logits, batch["targets"], batch.get("loss_mask"),

@@ -108,7 +108,7 @@ def test_mesh_product_must_equal_device_count():
         validate(cfg, num_devices=8)
     with pytest.raises(ConfigError, match=r"at most one mesh axis may be -1"):
         load_config(["tiny"], ["mesh.fsdp=-1"])
-    assert validate(load_config(["tiny", "mesh/fsdp_tp"]), 8) == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
+    assert validate(load_config(["tiny", "mesh/fsdp_tp"]), 8) == {"data": 1, "fsdp": 4, "expert": 1, "sequence": 1, "tensor": 2}
 
 
 def test_seq_len_beyond_max_positions():
@@ -145,8 +145,8 @@ def test_hybrid_dcn_mesh_sizes():
     from jaxllm.config import MeshConfig, mesh_shape
 
     cfg = MeshConfig(data=-1, fsdp=2, dcn_data=2)  # 2 granules (processes) x 4 devices: data 1x2, fsdp 2
-    assert mesh_shape(cfg, 8) == {"data": 4, "fsdp": 2, "expert": 1, "tensor": 1}
-    assert mesh_shape(cfg, 8, per_granule=True) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 1}
+    assert mesh_shape(cfg, 8) == {"data": 4, "fsdp": 2, "expert": 1, "sequence": 1, "tensor": 1}
+    assert mesh_shape(cfg, 8, per_granule=True) == {"data": 2, "fsdp": 2, "expert": 1, "sequence": 1, "tensor": 1}
     with pytest.raises(ConfigError, match=r"mesh.dcn_\* multiply to 3 granules, which does not divide 8 devices"):
         mesh_shape(MeshConfig(dcn_data=3), 8)
     with pytest.raises(ConfigError, match=r"multiply to 3, which does not divide the 4 devices of each of 2 granules"):

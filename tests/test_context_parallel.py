@@ -1,20 +1,24 @@
 """Context-parallel attention (ring and all-gather over a `sequence` mesh axis of 2, 4 and 8 fake CPU devices)
 equals single-device attention written here as a naive masked softmax: causal and not, GQA, packed rows, sliding
-windows, contiguous and zigzag layouts; outputs and gradients."""
+windows, soft-capped logits, contiguous and zigzag layouts, local queries in one block and in tiles; outputs and
+gradients."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxllm.models import context_parallel
 from jaxllm.models.context_parallel import context_parallel_attention, zigzag_order
 
 B, T, N, K, H = 2, 32, 4, 2, 8
 
 
-def reference(q, k, v, pos, seg, *, causal, window):
+def reference(q, k, v, pos, seg, *, causal, window, softcap=None):
     """Naive attention over the whole sequence (jnp, so it differentiates): f32 softmax of masked scores."""
     s = jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, N // K, axis=2)) / np.sqrt(H)
+    if softcap:
+        s = softcap * jnp.tanh(s / softcap)
     allowed = seg[:, :, None] == seg[:, None, :]
     delta = pos[:, :, None] - pos[:, None, :]
     if causal:
@@ -40,30 +44,33 @@ def inputs():
 
 @pytest.mark.parametrize("devices", [2, 4, 8])
 @pytest.mark.parametrize("method", ["ring", "allgather"])
-def test_context_parallel_attention_equals_single_device(devices, method):
+def test_context_parallel_attention_equals_single_device(devices, method, monkeypatch):
+    if devices == 2:  # 16 local positions in query tiles of 4: the tiled blocks
+        monkeypatch.setattr(context_parallel, "QUERY_TILE", 4)
     mesh = jax.make_mesh((devices,), ("sequence",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:devices])
     q, k, v, pos, seg = inputs()
     cases = [dict(causal=True, window=6, zigzag=True), dict(causal=False, window=None, zigzag=False)]
     if devices == 4:  # the other two combinations once
-        cases += [dict(causal=True, window=None, zigzag=False), dict(causal=False, window=5, zigzag=True)]
-    for case in cases:
-        order = zigzag_order(T, devices) if case["zigzag"] else np.arange(T)
-        inverse = np.argsort(order)
-        kw = dict(causal=case["causal"], window=case["window"])
-        cp = jax.jit(lambda q, k, v: context_parallel_attention(
-            q, k, v, pos[:, order], seg[:, order], mesh=mesh, method=method, causal=kw["causal"],
-            sliding_window=kw["window"])[:, inverse])
-        permuted = lambda x: x[:, order]
-        out = cp(permuted(q), permuted(k), permuted(v))
-        want = reference(q, k, v, pos, seg, **kw)
-        np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5, err_msg=str(case))
+        cases += [dict(causal=True, window=None, zigzag=False, softcap=2.0), dict(causal=False, window=5, zigzag=True)]
+    with jax.set_mesh(mesh):
+        for case in cases:
+            order = zigzag_order(T, devices) if case["zigzag"] else np.arange(T)
+            inverse = np.argsort(order)
+            kw = dict(causal=case["causal"], window=case["window"], softcap=case.get("softcap"))
+            cp = jax.jit(lambda q, k, v: context_parallel_attention(
+                q, k, v, pos[:, order], seg[:, order], method=method, causal=kw["causal"],
+                sliding_window=kw["window"], logit_softcap=kw["softcap"])[:, inverse])
+            permuted = lambda x: x[:, order]
+            out = cp(permuted(q), permuted(k), permuted(v))
+            want = reference(q, k, v, pos, seg, **kw)
+            np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5, err_msg=str(case))
 
-        w = np.random.default_rng(1).normal(size=want.shape).astype(np.float32)
-        loss_cp = lambda q, k, v: jnp.sum(cp(permuted(q), permuted(k), permuted(v)) * w)
-        loss_ref = lambda q, k, v: jnp.sum(reference(q, k, v, pos, seg, **kw) * w)
-        got, ref = jax.grad(loss_cp, argnums=(0, 1, 2))(q, k, v), jax.grad(loss_ref, argnums=(0, 1, 2))(q, k, v)
-        for g, r, name in zip(got, ref, "qkv"):
-            np.testing.assert_allclose(g, r, atol=5e-5, rtol=5e-5, err_msg=f"d{name} {case}")
+            w = np.random.default_rng(1).normal(size=want.shape).astype(np.float32)
+            loss_cp = lambda q, k, v: jnp.sum(cp(permuted(q), permuted(k), permuted(v)) * w)
+            loss_ref = lambda q, k, v: jnp.sum(reference(q, k, v, pos, seg, **kw) * w)
+            got, ref = jax.grad(loss_cp, argnums=(0, 1, 2))(q, k, v), jax.grad(loss_ref, argnums=(0, 1, 2))(q, k, v)
+            for g, r, name in zip(got, ref, "qkv"):
+                np.testing.assert_allclose(g, r, atol=5e-5, rtol=5e-5, err_msg=f"d{name} {case}")
 
 
 def test_zigzag_balances_causal_work_and_is_a_permutation():

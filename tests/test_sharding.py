@@ -22,7 +22,7 @@ def test_fsdp_tp_param_specs_by_name():
     cfg = load_config(["tiny", "mesh/fsdp_tp"])
     lm = build(cfg)
     mesh = make_mesh(cfg.mesh)
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "expert": 1, "sequence": 1, "tensor": 2}
     sh = lm.param_shardings(mesh)
     specs = jax.tree.map(lambda s: s.spec, sh)
     assert specs["embed"]["embedding"] == P("tensor", "fsdp")  # (vocab, embed)

@@ -14,34 +14,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ModelConfig
+from jaxllm.models.attention_mask import MASKED, attention_mask
+from jaxllm.models.context_parallel import context_parallel_attention, sequence_axes
 from jaxllm.models.kv_cache import LayerCache, write_slots
 from jaxllm.models.layers import Dense, RMSNorm
 from jaxllm.models.rope import apply_rope, rope_attention_factor, rope_inv_freq
 from jaxllm.sharding import Rules, constrain
 from kernels_pallas.choose import attention_impl
 from kernels_pallas.flash_attention import flash_attention_sharded
-
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows stay NaN-free
-
-
-def attention_mask(
-    q_positions_BT: jax.Array,
-    kv_positions_BS: jax.Array,
-    q_segment_ids_BT: jax.Array,
-    kv_segment_ids_BS: jax.Array,
-    *,
-    causal: bool = True,
-    sliding_window: int | None = None,
-) -> jax.Array:
-    """Boolean [B, T, S]: True where query t may attend to key s."""
-    mask = q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :]
-    delta_BTS = q_positions_BT[:, :, None] - kv_positions_BS[:, None, :]
-    if causal:
-        mask &= delta_BTS >= 0
-    if sliding_window is not None:
-        mask &= jnp.abs(delta_BTS) < sliding_window
-    return mask
-
 
 def attend_xla(
     q_BTNH: jax.Array,
@@ -59,7 +39,7 @@ def attend_xla(
     s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
     if logit_softcap is not None:
         s_BKGTS = logit_softcap * jnp.tanh(s_BKGTS / logit_softcap)
-    s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, _MASKED)
+    s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, MASKED)
     p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKH.dtype)
     out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS, v_BSKH)
     return out_BTKGH.reshape(B, T, N, H)
@@ -96,6 +76,7 @@ def attend(
     impl: str = "xla",
     rules: Rules = (),
     packed: bool = True,
+    context_parallel: str = "ring",
 ) -> jax.Array:
     """softmax(q k^T * scale [soft-capped, masked]) v -> [B, T, N, H]. N must be a multiple of K.
 
@@ -103,7 +84,9 @@ def attend(
     current mesh's batch/head axes by `rules`; interpret mode on CPU), cudnn (jax.nn.dot_product_attention
     on a CUDA GPU), auto (`kernels_pallas.choose.attention_impl`: cudnn on GPU for unpacked rows without
     window or soft-cap, else pallas on GPU/TPU; xla on CPU and for decoding). `packed`: the rows may hold
-    several documents (segment ids given by the caller).
+    several documents (segment ids given by the caller). With each row's positions split over mesh axes (`length`'s
+    rule; `mesh.sequence` > 1), self-attention runs context-parallel (`context_parallel`: ring | allgather) with XLA
+    blocks, whatever `impl` says.
 
     With `causal` and T == S (self-attention), key index j > query index i is never attended, so
     positions must not decrease within a segment (true of packed rows and left padding with
@@ -111,6 +94,12 @@ def attend(
     """
     scale = 1.0 / math.sqrt(q_BTNH.shape[-1]) if scale is None else scale
     self_attention = q_BTNH.shape[1] == k_BSKH.shape[1]
+    if self_attention and (seq_axes := sequence_axes(rules)):
+        table = dict(rules)
+        return context_parallel_attention(
+            q_BTNH, k_BSKH, v_BSKH, q_positions_BT, q_segment_ids_BT, axis=seq_axes, method=context_parallel,
+            causal=causal, sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale,
+            batch_axes=table.get("batch", ()), head_axes=table.get("act_kv_heads", ()))
     impl = attention_impl(impl, self_attention=self_attention, packed=packed, window=sliding_window is not None,
                           softcap=logit_softcap is not None)
     kw = dict(q_positions=q_positions_BT, kv_positions=kv_positions_BS, q_segment_ids=q_segment_ids_BT,
@@ -197,7 +186,7 @@ class Attention(nnx.Module):
             q_positions_BT=positions_BT, kv_positions_BS=kv_positions_BS,
             q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=kv_segment_ids_BS,
             sliding_window=cfg.attention.sliding_window, logit_softcap=cfg.attention.logit_softcap,
-            impl=cfg.attention.impl, rules=rules, packed=packed,
+            impl=cfg.attention.impl, rules=rules, packed=packed, context_parallel=cfg.attention.context_parallel,
         )
         out_BTNH = constrain(out_BTNH, ("batch", "length", "act_heads", "head_dim"), rules)
         out_BTD = self.o(out_BTNH)

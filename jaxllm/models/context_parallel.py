@@ -1,6 +1,6 @@
-"""Context parallelism: attention over a sequence split across the devices of one mesh axis.
+"""Context parallelism: attention over a sequence split across the devices of the mesh axes `length` maps to.
 
-Every device holds a chunk of the sequence (queries, keys, values, positions, segment ids); masks come from the
+Every device holds a chunk of each row (queries, keys, values, positions, segment ids); masks come from the
 positions and segment ids, so any layout works: contiguous chunks, or the causal load-balancing "zigzag" layout
 (`zigzag_order`) where device i holds chunks i and 2n - 1 - i of 2n. Two ways to see the other devices' keys:
 
@@ -8,8 +8,10 @@ positions and segment ids, so any layout works: contiguous chunks, or the causal
 - `ring`: pass key/value chunks around the ring with `ppermute`, n steps, each step attending to the chunk at
   hand and merging it into the running result by log-sum-exp (memory of one chunk, not the whole sequence).
 
-Both are differentiable (the ring's backward passes the chunks the other way). Letters: B batch, T local query
-positions, S key positions of one chunk, N query heads, K kv heads, G = N / K, H head dim.
+Both are differentiable (the ring's backward passes the chunks the other way). Each block's scores are
+recomputed in the backward pass (`jax.checkpoint`), so no [T, S] probabilities are kept: activation memory per
+device stays linear in its share of the sequence. Letters: B batch, T local query positions, S key positions of one
+chunk, N query heads, K kv heads, G = N / K, H head dim.
 """
 
 from __future__ import annotations
@@ -19,9 +21,27 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import PartitionSpec
 
-from jaxllm.models.attention import _MASKED, attention_mask
+from jaxllm.models.attention_mask import MASKED, attention_mask
+from jaxllm.sharding import Rules
+
+Axes = tuple[str, ...]
+
+
+def sequence_axes(rules: Rules) -> Axes:
+    """The mesh axes (of size > 1 in the current mesh) that each row's positions are split over: `length`'s rule."""
+    shape = jax.sharding.get_abstract_mesh().shape
+    return tuple(a for a in dict(rules).get("length", ()) if shape.get(a, 1) > 1)
+
+
+def _fitting(axes: Axes, size: int) -> Axes:
+    """The axes among `axes` that the current mesh splits and that, together, divide `size` (the rest replicate)."""
+    shape, kept = jax.sharding.get_abstract_mesh().shape, []
+    for a in axes:
+        if shape.get(a, 1) > 1 and size % (int(np.prod([shape[b] for b in kept])) * shape[a]) == 0:
+            kept.append(a)
+    return tuple(kept)
 
 
 def zigzag_order(length: int, devices: int) -> np.ndarray:
@@ -33,14 +53,44 @@ def zigzag_order(length: int, devices: int) -> np.ndarray:
     return np.concatenate([np.concatenate([chunks[i], chunks[2 * devices - 1 - i]]) for i in range(devices)])
 
 
-def _block(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, scale):
-    """One chunk's unnormalised attention: (running max [B, K, G, T], sum of exp [B, K, G, T], out [B, K, G, T, H])."""
+def to_zigzag(batch: dict[str, jax.Array], devices: int) -> dict[str, jax.Array]:
+    """A batch of [B, T] arrays with every row in the zigzag order for `devices` (positions made explicit, so masks
+    and RoPE see the true positions). Token-sum losses are unchanged: the targets move with their inputs."""
+    B, T = batch["inputs"].shape
+    order = zigzag_order(T, devices)
+    full = {"positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)), **batch}
+    return {k: v[:, order] for k, v in full.items()}
+
+
+QUERY_TILE = 256  # at most this many local query positions per block: a block's scores are [tile, S], not [T, S]
+
+
+@partial(jax.checkpoint, static_argnums=(7, 8, 9, 10))
+def _block(q_BTKGH, qpos_BT, qseg_BT, k_BSKH, v_BSKH, kpos_BS, kseg_BS, scale, softcap, causal, window):
+    """One chunk's unnormalised attention: (running max [B, K, G, T], sum of exp [B, K, G, T], out [B, K, G, T, H]).
+    Recomputed in the backward pass: its [T, S] scores are never kept."""
+    mask_BTS = attention_mask(qpos_BT, kpos_BS, qseg_BT, kseg_BS, causal=causal, sliding_window=window)
     s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
-    s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, _MASKED)
+    if softcap is not None:
+        s_BKGTS = softcap * jnp.tanh(s_BKGTS / softcap)
+    s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, MASKED)
     m_BKGT = jnp.max(s_BKGTS, axis=-1)
     p_BKGTS = jnp.exp(s_BKGTS - m_BKGT[..., None])
     o_BKGTH = jnp.einsum("bkgts,bskh->bkgth", p_BKGTS, v_BSKH.astype(jnp.float32))
     return m_BKGT, jnp.sum(p_BKGTS, axis=-1), o_BKGTH
+
+
+def _tiled_block(q_BTKGH, qpos_BT, qseg_BT, *kv, **static):
+    """`_block` over query tiles of at most QUERY_TILE positions, one after another (`lax.map`)."""
+    T = q_BTKGH.shape[1]
+    tile = next(t for t in range(min(T, QUERY_TILE), 0, -1) if T % t == 0)
+    args = lambda q, pos, seg: (q, pos, seg, *kv, static["scale"], static["softcap"], static["causal"], static["window"])
+    if tile == T:
+        return _block(*args(q_BTKGH, qpos_BT, qseg_BT))
+    split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], T // tile, tile, *x.shape[2:]), 1, 0)  # [tiles, B, tile, ...]
+    parts = jax.lax.map(lambda xs: _block(*args(*xs)), (split(q_BTKGH), split(qpos_BT), split(qseg_BT)))
+    join = lambda x: (y := jnp.moveaxis(x, 0, 3)).reshape(*y.shape[:3], T, *y.shape[5:])  # [tiles, B, K, G, tile, ...]
+    return tuple(join(x) for x in parts)
 
 
 def _merge(a, b):
@@ -51,28 +101,24 @@ def _merge(a, b):
     return m, l1 * w1 + l2 * w2, o1 * w1[..., None] + o2 * w2[..., None]
 
 
-def _local(q_BTNH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, *, axis, method, causal, window, scale):
+def _local(q_BTNH, k_BSKH, v_BSKH, pos_BT, seg_BT, *, axis, method, **static):
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    mask = partial(attention_mask, qpos_BT, q_segment_ids_BT=qseg_BT, causal=causal, sliding_window=window)
+    block = lambda k, v, kpos, kseg: _tiled_block(q_BTKGH, pos_BT, seg_BT, k, v, kpos, kseg, **static)
     if method == "allgather":
         gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
-        k_all, v_all, kpos, kseg = map(gather, (k_BSKH, v_BSKH, kpos_BS, kseg_BS))
-        m, l, o = _block(q_BTKGH, k_all, v_all, mask(kpos, kv_segment_ids_BS=kseg), scale)
+        m, l, o = block(*map(gather, (k_BSKH, v_BSKH, pos_BT, seg_BT)))
     else:
         n = jax.lax.axis_size(axis)
         shift = partial(jax.lax.ppermute, axis_name=axis, perm=[(i, (i + 1) % n) for i in range(n)])
 
         def step(carry, _):
             acc, chunk = carry
-            k, v, kpos, kseg = chunk
-            acc = _merge(acc, _block(q_BTKGH, k, v, mask(kpos, kv_segment_ids_BS=kseg), scale))
-            return (acc, jax.tree.map(shift, chunk)), None
+            return (_merge(acc, block(*chunk)), jax.tree.map(shift, chunk)), None
 
-        chunk = (k_BSKH, v_BSKH, kpos_BS, kseg_BS)
-        first = _block(q_BTKGH, k_BSKH, v_BSKH, mask(kpos_BS, kv_segment_ids_BS=kseg_BS), scale)
-        (acc, _), _ = jax.lax.scan(step, (first, jax.tree.map(shift, chunk)), None, length=n - 1)
+        chunk = (k_BSKH, v_BSKH, pos_BT, seg_BT)
+        (acc, _), _ = jax.lax.scan(step, (block(*chunk), jax.tree.map(shift, chunk)), None, length=n - 1)
         m, l, o = acc
     out_BKGTH = o / l[..., None]
     return jnp.einsum("bkgth->btkgh", out_BKGTH).reshape(B, T, N, H).astype(q_BTNH.dtype)
@@ -85,21 +131,27 @@ def context_parallel_attention(
     positions_BT: jax.Array,
     segment_ids_BT: jax.Array,
     *,
-    mesh: Mesh,
-    axis: str = "sequence",
+    axis: str | Axes = "sequence",
     method: str = "ring",
     causal: bool = True,
     sliding_window: int | None = None,
+    logit_softcap: float | None = None,
     scale: float | None = None,
+    batch_axes: Axes = (),
+    head_axes: Axes = (),
 ) -> jax.Array:
-    """softmax(q k^T * scale, masked by positions / segments / causality / window) v with the sequence (T) split
-    over mesh axis `axis`; `method`: ring | allgather. Arrays are global; returns [B, T, N, H] split like q."""
+    """softmax(q k^T * scale, soft-capped, masked by positions / segments / causality / window) v with each row's
+    positions (T) split over mesh axis `axis` of the current mesh; `method`: ring | allgather. Rows may also be split
+    over `batch_axes` and kv heads over `head_axes` (those of them that divide B and K). Arrays are global; returns
+    [B, T, N, H] split like q."""
     if method not in ("ring", "allgather"):
         raise ValueError(f"context parallel method {method!r}: choose ring or allgather")
     scale = 1.0 / float(np.sqrt(q_BTNH.shape[-1])) if scale is None else scale
-    seq3, seq2 = PartitionSpec(None, axis, None, None), PartitionSpec(None, axis)
-    local = partial(_local, axis=axis, method=method, causal=causal, window=sliding_window, scale=scale)
-    return jax.shard_map(
-        lambda q, k, v, pos, seg: local(q, k, v, pos, pos, seg, seg), mesh=mesh,
-        in_specs=(seq3, seq3, seq3, seq2, seq2), out_specs=seq3,
-    )(q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT)
+    spec = lambda axes: (tuple(axes) or None) if not isinstance(axes, str) else axes
+    rows, heads = _fitting(batch_axes, q_BTNH.shape[0]), _fitting(head_axes, k_BTKH.shape[2])
+    seq3 = PartitionSpec(spec(rows), spec(axis), spec(heads), None)
+    seq2 = PartitionSpec(spec(rows), spec(axis))
+    local = partial(_local, axis=axis, method=method, causal=causal, window=sliding_window, scale=scale,
+                    softcap=logit_softcap)
+    return jax.shard_map(local, in_specs=(seq3, seq3, seq3, seq2, seq2), out_specs=seq3)(
+        q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT)

@@ -124,7 +124,7 @@ def load_run(path: Path) -> tuple[Config, LanguageModel, Params]:
     """(config, model, params) of a jaxllm run directory's newest complete checkpoint, on this process's devices; a
     fine-tuning run gives its model as trained (e.g. LoRA: the adapters merged into the base)."""
     cfg = load_config([path / "config.yaml"], ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.expert=1",
-                                               "mesh.dcn_data=1", "mesh.dcn_fsdp=1",
+                                               "mesh.sequence=1", "mesh.dcn_data=1", "mesh.dcn_fsdp=1",
                                                f"train.batch_size={jax.device_count()}", "train.microbatches=1"])
     ckpt = Checkpointer(path / "checkpoints", cfg.checkpoint)
     cfg = phase_config(cfg, ckpt.latest_step() or 0)  # e.g. saved after its self-guided phase: no guides

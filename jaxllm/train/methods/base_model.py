@@ -69,10 +69,13 @@ def load_base(cfg: Config, lm: LanguageModel, mesh: Mesh, base: Base) -> Params:
 
 def with_execution_of(base: ModelConfig, run: ModelConfig) -> ModelConfig:
     """The base model's architecture run the way `run` runs a model: compute dtype, remat, layer scan, loss
-    chunk and attention / grouped-matmul kernels may differ from the base without changing its function."""
+    chunk, attention / grouped-matmul kernels and context parallelism may differ from the base without changing its
+    function; so may the context it is extended to (`max_seq_len`, `rope_scaling`: e.g. YaRN for a longer context)."""
     return dataclasses.replace(
         base, dtype=run.dtype, remat=run.remat, scan_layers=run.scan_layers, loss_chunk_tokens=run.loss_chunk_tokens,
-        attention=dataclasses.replace(base.attention, impl=run.attention.impl),
+        max_seq_len=run.max_seq_len, rope_scaling=run.rope_scaling,
+        attention=dataclasses.replace(base.attention, impl=run.attention.impl,
+                                      context_parallel=run.attention.context_parallel, zigzag=run.attention.zigzag),
         moe=dataclasses.replace(base.moe, impl=run.moe.impl))
 
 
