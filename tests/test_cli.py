@@ -59,9 +59,9 @@ def test_train_then_generate_convert_eval_and_resume_converted(tmp_path, capsys)
     assert 0 < result["loss"] < 10 and result["perplexity"] == pytest.approx(2.718281828 ** result["loss"])
 
     # resuming a converted checkpoint continues training from its weights (step 0, no iterator state)
-    out = jaxllm_process("train", f"checkpoint.run_dir={tmp_path / 'run2'}", "train.steps=2", "train.warmup_steps=1",
-                          "checkpoint.async_save=false")
-    assert "resuming from step 0" in out
+    assert main(["train", f"checkpoint.run_dir={tmp_path / 'run2'}", "train.steps=2", "train.warmup_steps=1",
+                 "checkpoint.async_save=false"]) == 0
+    assert "resuming from step 0" in capsys.readouterr().out
 
 
 def test_generate_needs_a_model_directory(tmp_path, capsys):

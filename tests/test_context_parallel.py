@@ -3,6 +3,8 @@ equals single-device attention written here as a naive masked softmax: causal an
 windows, soft-capped logits, contiguous and zigzag layouts, local queries in one block and in tiles; outputs and
 gradients."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,20 +59,26 @@ def test_context_parallel_attention_equals_single_device(devices, method, monkey
             order = zigzag_order(T, devices) if case["zigzag"] else np.arange(T)
             inverse = np.argsort(order)
             kw = dict(causal=case["causal"], window=case["window"], softcap=case.get("softcap"))
-            cp = jax.jit(lambda q, k, v: context_parallel_attention(
-                q, k, v, pos[:, order], seg[:, order], method=method, causal=kw["causal"],
-                sliding_window=kw["window"], logit_softcap=kw["softcap"])[:, inverse])
-            permuted = lambda x: x[:, order]
-            out = cp(permuted(q), permuted(k), permuted(v))
-            want = reference(q, k, v, pos, seg, **kw)
+            attend = lambda q, k, v: context_parallel_attention(
+                q[:, order], k[:, order], v[:, order], pos[:, order], seg[:, order], method=method,
+                causal=kw["causal"], sliding_window=kw["window"], logit_softcap=kw["softcap"])[:, inverse]
+            want, w, ref = expected(kw["causal"], kw["window"], kw["softcap"])
+            weighted = lambda q, k, v: (lambda out: (jnp.sum(out * w), out))(attend(q, k, v))
+            (_, out), got = jax.jit(jax.value_and_grad(weighted, argnums=(0, 1, 2), has_aux=True))(q, k, v)
             np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5, err_msg=str(case))
-
-            w = np.random.default_rng(1).normal(size=want.shape).astype(np.float32)
-            loss_cp = lambda q, k, v: jnp.sum(cp(permuted(q), permuted(k), permuted(v)) * w)
-            loss_ref = lambda q, k, v: jnp.sum(reference(q, k, v, pos, seg, **kw) * w)
-            got, ref = jax.grad(loss_cp, argnums=(0, 1, 2))(q, k, v), jax.grad(loss_ref, argnums=(0, 1, 2))(q, k, v)
             for g, r, name in zip(got, ref, "qkv"):
                 np.testing.assert_allclose(g, r, atol=5e-5, rtol=5e-5, err_msg=f"d{name} {case}")
+
+
+@functools.lru_cache
+def expected(causal, window, softcap):
+    """The reference's output, a fixed random cotangent w and the gradients of sum(output * w) in q, k, v."""
+    q, k, v, pos, seg = inputs()
+    kw = dict(causal=causal, window=window, softcap=softcap)
+    want = reference(q, k, v, pos, seg, **kw)
+    w = np.random.default_rng(1).normal(size=want.shape).astype(np.float32)
+    grads = jax.grad(lambda q, k, v: jnp.sum(reference(q, k, v, pos, seg, **kw) * w), argnums=(0, 1, 2))(q, k, v)
+    return np.asarray(want), w, [np.asarray(g) for g in grads]
 
 
 def test_zigzag_balances_causal_work_and_is_a_permutation():

@@ -176,7 +176,9 @@ def _packed_batch(T=37):
 
 # the model features around the kernel (grouped heads, window, softcap + qk-norm, learned positions + biases);
 # head-group sizes 1..8 (MHA and MQA included) are swept against the naive reference by the kernel tests above
-@pytest.mark.parametrize("name", ["gqa", "sliding_window", "qk_norm_softcap", "gpt2_style"])
+# (windows are swept by the kernel tests; the window and learned-position models run in the slow set)
+@pytest.mark.parametrize("name", ["gqa", "qk_norm_softcap",
+                                  *(pytest.param(n, marks=pytest.mark.slow) for n in ("sliding_window", "gpt2_style"))])
 def test_model_with_pallas_attention_equals_xla(name):
     cfg = VARIANTS[name]
     xla = LanguageModel(cfg)

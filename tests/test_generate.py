@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_model
+from conftest import VARIANTS, tiny_model
 
 from jaxllm.config import AttentionConfig, ConfigError
 from jaxllm.generate import Sampling, _pad_prompts, generate, sample_token, stream
@@ -13,9 +13,13 @@ from jaxllm.language_model import LanguageModel
 TOL = dict(atol=1e-4, rtol=1e-4)  # f32: cached and full attention sum in different orders
 
 
-def test_kv_cache_decoding_equals_full_recompute(variant):
+# MHA and MQA are GQA with other head groupings (swept by the kernel tests): in the slow set
+@pytest.mark.parametrize("name", ["gqa", "sliding_window", "qk_norm_softcap", "gpt2_style",
+                                  *(pytest.param(n, marks=pytest.mark.slow) for n in ("mha", "mqa"))])
+def test_kv_cache_decoding_equals_full_recompute(name):
     """Prefill two left-padded prompts, feed 8 tokens one by one through the cache; every step's
     logits equal a full forward over the whole (padded) sequence so far."""
+    variant = VARIANTS[name]
     lm = LanguageModel(variant)
     params = lm.init(jax.random.key(0))
     p = _pad_prompts([[1, 5, 9, 4, 7], [1, 8, 3]], pad_id=0)
@@ -97,7 +101,8 @@ def test_ring_writes_wrap_around_the_end():
     np.testing.assert_array_equal(write_slots(buf, jnp.array([4]), jnp.array([[9]]))[0], [0, 0, 0, 0, 9])
 
 
-@pytest.mark.parametrize("window", [None, 4], ids=["full", "window4"])
+# the full-attention case also runs end to end in test_cli (`jaxllm generate --prefill-chunk 2`)
+@pytest.mark.parametrize("window", [pytest.param(None, marks=pytest.mark.slow), 4], ids=["full", "window4"])
 def test_chunked_prefill_continues_as_a_full_forward_does(window):
     """Prompts of 15 and 9 tokens fed 4 at a time (the 3-token remainder first): the greedy continuation equals the
     argmax of a full forward recomputed over the whole sequence at every step (no cache), for `generate` and
