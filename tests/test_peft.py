@@ -35,8 +35,13 @@ def _moved(tree, seed=7, size=0.05):
     return treedef.unflatten([x + size * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
-@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-@pytest.mark.parametrize("init", sorted(INITS))
+SLOW = pytest.mark.slow  # the cross-product's remaining cells run with `pytest -m slow`
+
+
+# every init with plain LoRA; DoRA's magnitude with the default init (its other inits in the slow set)
+@pytest.mark.parametrize("init, dora", [(i, False) for i in sorted(INITS)]
+                         + [("lora", True)] + [pytest.param(i, True, marks=SLOW) for i in sorted(INITS) if i != "lora"],
+                         ids=lambda x: ("dora" if x else "lora") if isinstance(x, bool) else x)
 def test_every_init_starts_at_the_base_model(model, init, dora):
     lm, params, tokens = model
     adapter = LoraAdapter(lm, LoraConfig(rank=4, init=init, dora=dora, targets=[".*"]))  # lm_head too
@@ -45,8 +50,10 @@ def test_every_init_starts_at_the_base_model(model, init, dora):
     np.testing.assert_allclose(out, lm.apply(params, tokens), atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("quant", ["none", "int8", "nf4"])
-@pytest.mark.parametrize("variant", ["lora", "rslora", "pissa", "dora", "olora"])
+# every variant unquantised, LoRA and DoRA on every quantised base; the other quantised cells in the slow set
+@pytest.mark.parametrize("variant, quant", [
+    (v, q) if q == "none" or v in ("lora", "dora") else pytest.param(v, q, marks=SLOW)
+    for v in ["lora", "rslora", "pissa", "dora", "olora"] for q in ["none", "int8", "nf4"]])
 def test_merge_then_forward_equals_adapter_forward(model, variant, quant):
     lm, params, tokens = model
     kw = {"rslora": dict(rslora=True), "pissa": dict(init="pissa"), "dora": dict(dora=True),

@@ -54,7 +54,8 @@ def test_logical_to_spec_skips_axes_already_used():
     assert logical_to_spec(("batch", "mlp"), rules, {"data": 1, "fsdp": 4, "tensor": 2}) == P("fsdp", "tensor")
 
 
-@pytest.mark.parametrize("preset", ["mesh/dp", "mesh/fsdp", "mesh/fsdp_tp"])
+# data parallelism alone (batch split only) is what most training tests run on 8 devices: in the slow set here
+@pytest.mark.parametrize("preset", [pytest.param("mesh/dp", marks=pytest.mark.slow), "mesh/fsdp", "mesh/fsdp_tp"])
 def test_sharded_forward_and_grad_equal_single_device(preset):
     cfg = load_config(["tiny", preset])
     lm = build(cfg)
