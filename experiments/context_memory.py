@@ -14,7 +14,6 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -74,7 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    from provenance import provenance
+    from provenance import provenance, write_artifacts
 
     rows = run(args.quick)
     meta = provenance("python experiments/context_memory.py" + (" --quick" if args.quick else ""), ("jax", "flax"))
@@ -89,9 +88,7 @@ def main() -> None:
           "them). `dots` keeps every matmul output, attention scores included, outside the context-parallel blocks; "
           "`dots_no_batch` keeps only the weight matmuls' outputs.", "", *table(rows)]
     if not args.quick:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "context_memory.json").write_text(json.dumps(result, indent=2) + "\n")
-        (RESULTS / "context_memory.md").write_text("\n".join(md) + "\n")
+        write_artifacts(RESULTS, "context_memory", result, md)
     print("\n".join(md))
 
 

@@ -18,7 +18,6 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -96,7 +95,7 @@ def main() -> None:
                    "YaRN, no training": loss_by_position(extended.lm, base.params, rows, RANGES),
                    f"YaRN + {args.extend_steps} steps at {args.long}": loss_by_position(extended.lm, extended.params,
                                                                                      rows, RANGES)}
-    from provenance import provenance
+    from provenance import provenance, write_artifacts
 
     cmd = "python experiments/long_context.py" + (" --quick" if args.quick else "")
     meta = provenance(cmd, ("jax", "flax"))
@@ -113,9 +112,7 @@ def main() -> None:
     result = {"meta": meta, "short": args.short, "long": args.long, "base_steps": args.base_steps,
               "extend_steps": args.extend_steps, "ranges": edges, "loss_by_range": results}
     if not args.quick:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "long_context.json").write_text(json.dumps(result, indent=2) + "\n")
-        (RESULTS / "long_context.md").write_text("\n".join(md) + "\n")
+        write_artifacts(RESULTS, "long_context", result, md)
     print("\n".join(md))
 
 

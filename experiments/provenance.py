@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -28,3 +29,10 @@ def provenance(command: str, packages: tuple[str, ...] = ("jax", "flax", "torch"
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                        f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {cpu_model()}",
             "python": platform.python_version(), **{pkg: metadata.version(pkg) for pkg in packages}}
+
+
+def write_artifacts(results: Path, name: str, result: dict, markdown: list[str]) -> None:
+    """`results/<name>.json` (the numbers with their provenance) and `results/<name>.md` (the table a reader sees)."""
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (results / f"{name}.md").write_text("\n".join(markdown) + "\n")
