@@ -22,12 +22,12 @@ from jax.sharding import Mesh
 
 from jaxllm.config import Config, ModelConfig, _default_rules
 from jaxllm.losses import chunked_cross_entropy_sums, loss_from_sums
-from jaxllm.models.context_parallel import sequence_axes, to_zigzag
+from jaxllm.models.context_parallel import to_zigzag
 from jaxllm.models.kv_cache import KVCache
 from jaxllm.models.moe import MoeStats
 from jaxllm.models.layers import Dense
 from jaxllm.models.transformer import Transformer
-from jaxllm.sharding import Rules, make_rules, param_shardings
+from jaxllm.sharding import Rules, make_rules, param_shardings, split_axes
 
 Params = dict[str, Any]
 Batch = Mapping[str, jax.Array]
@@ -106,7 +106,7 @@ class LanguageModel:
         split over devices (`mesh.sequence` > 1) and `model.attention.zigzag`, rows are first laid out in the zigzag
         order, which balances causal attention work; the token sums do not change."""
         model: Transformer = nnx.merge(self.graphdef, params)
-        devices = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in sequence_axes(self.rules))
+        devices = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in split_axes("length", self.rules))
         if devices > 1 and self.cfg.attention.zigzag:
             batch = to_zigzag(batch, devices)
         hidden_BTD, _, stats = model.run(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))

@@ -11,6 +11,7 @@ place that decides the axis type is `make_mesh`.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -89,6 +90,22 @@ def param_shardings(
         return NamedSharding(mesh, spec)
 
     return jax.tree.map_with_path(one, logical_axes, shapes, is_leaf=is_axes)
+
+
+def split_axes(logical: str, rules: Rules) -> tuple[str, ...]:
+    """The mesh axes that `rules` map `logical` onto and that the current mesh splits (size > 1); () without a mesh."""
+    shape = jax.sharding.get_abstract_mesh().shape
+    return tuple(a for a in dict(rules).get(logical, ()) if shape.get(a, 1) > 1)
+
+
+def dividing_axes(axes: Sequence[str], size: int) -> tuple[str, ...]:
+    """Those of `axes`, in order, that the current mesh splits and that together divide `size` (a `shard_map`
+    splits a dim over them; the others replicate it)."""
+    shape, kept = jax.sharding.get_abstract_mesh().shape, []
+    for a in axes:
+        if shape.get(a, 1) > 1 and size % (math.prod(shape[b] for b in kept) * shape[a]) == 0:
+            kept.append(a)
+    return tuple(kept)
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: Rules) -> jax.Array:

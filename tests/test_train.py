@@ -171,7 +171,7 @@ def test_gradient_accumulation_equals_the_big_batch():
     chex.assert_trees_all_close(acc_state.params, big_state.params, atol=1e-6, rtol=1e-5)
 
 
-def test_method_loss_terms_and_update_masks_enter_the_step_as_their_formula_says():
+def test_method_regularizers_and_update_masks_enter_the_step_as_their_formula_says():
     """SGD (lr 1): a term c/2 * sum(w^2) adds c * w to every gradient, so the two runs' params differ by exactly
     -c * w where the mask lets a leaf train; masked entries keep their values bitwise, adamw's decay included."""
     lm = build(load_config(["tiny"]))
@@ -185,7 +185,7 @@ def test_method_loss_terms_and_update_masks_enter_the_step_as_their_formula_says
     tx = optax.sgd(1.0)
     state = init_state(lm, tx, seed=0)
     plain_state, plain = jax.jit(make_train_step(lm, tx, update_mask=rows))(state, batch)
-    term_state, term = jax.jit(make_train_step(lm, tx, loss_terms=l2, update_mask=rows))(state, batch)
+    term_state, term = jax.jit(make_train_step(lm, tx, regularizers=l2, update_mask=rows))(state, batch)
     w0 = jax.tree.leaves(state.params)
     expected_term = 0.5 * c * sum(float(np.sum(np.square(np.asarray(w, np.float64)))) for w in w0)
     np.testing.assert_allclose(term["method/l2"], expected_term, rtol=1e-5)

@@ -54,7 +54,7 @@ class NormsOnly(TrainingMethod):
     def to_model(self, trained, frozen, rng):
         return jax.tree.map(lambda a, b: b if a is None else a, trained, frozen, is_leaf=lambda x: x is None)
 
-    def loss_terms(self, trained, frozen):
+    def regularizers(self, trained, frozen):
         return {"norm_l2": PENALTY * sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(trained))}
 
     def update_mask(self, trained):

@@ -15,11 +15,11 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.attention_mask import MASKED, attention_mask
-from jaxllm.models.context_parallel import context_parallel_attention, sequence_axes
+from jaxllm.models.context_parallel import context_parallel_attention
 from jaxllm.models.kv_cache import LayerCache, write_slots
 from jaxllm.models.layers import Dense, RMSNorm
 from jaxllm.models.rope import apply_rope, rope_attention_factor, rope_inv_freq
-from jaxllm.sharding import Rules, constrain
+from jaxllm.sharding import Rules, constrain, split_axes
 from kernels_pallas.choose import attention_impl
 from kernels_pallas.flash_attention import flash_attention_sharded
 
@@ -94,7 +94,7 @@ def attend(
     """
     scale = 1.0 / math.sqrt(q_BTNH.shape[-1]) if scale is None else scale
     self_attention = q_BTNH.shape[1] == k_BSKH.shape[1]
-    if self_attention and (seq_axes := sequence_axes(rules)):
+    if self_attention and (seq_axes := split_axes("length", rules)):
         table = dict(rules)
         return context_parallel_attention(
             q_BTNH, k_BSKH, v_BSKH, q_positions_BT, q_segment_ids_BT, axis=seq_axes, method=context_parallel,

@@ -1,4 +1,5 @@
-"""Context parallelism: attention over a sequence split across the devices of the mesh axes `length` maps to.
+"""Context parallelism: attention over a sequence split across the devices of the mesh axes `length` maps to
+(`jaxllm.sharding.split_axes("length", rules)`).
 
 Every device holds a chunk of each row (queries, keys, values, positions, segment ids); masks come from the
 positions and segment ids, so any layout works: contiguous chunks, or the causal load-balancing "zigzag" layout
@@ -17,6 +18,7 @@ chunk, N query heads, K kv heads, G = N / K, H head dim.
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,24 +26,9 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from jaxllm.models.attention_mask import MASKED, attention_mask
-from jaxllm.sharding import Rules
+from jaxllm.sharding import dividing_axes
 
 Axes = tuple[str, ...]
-
-
-def sequence_axes(rules: Rules) -> Axes:
-    """The mesh axes (of size > 1 in the current mesh) that each row's positions are split over: `length`'s rule."""
-    shape = jax.sharding.get_abstract_mesh().shape
-    return tuple(a for a in dict(rules).get("length", ()) if shape.get(a, 1) > 1)
-
-
-def _fitting(axes: Axes, size: int) -> Axes:
-    """The axes among `axes` that the current mesh splits and that, together, divide `size` (the rest replicate)."""
-    shape, kept = jax.sharding.get_abstract_mesh().shape, []
-    for a in axes:
-        if shape.get(a, 1) > 1 and size % (int(np.prod([shape[b] for b in kept])) * shape[a]) == 0:
-            kept.append(a)
-    return tuple(kept)
 
 
 def zigzag_order(length: int, devices: int) -> np.ndarray:
@@ -65,14 +52,23 @@ def to_zigzag(batch: dict[str, jax.Array], devices: int) -> dict[str, jax.Array]
 QUERY_TILE = 256  # at most this many local query positions per block: a block's scores are [tile, S], not [T, S]
 
 
-@partial(jax.checkpoint, static_argnums=(7, 8, 9, 10))
-def _block(q_BTKGH, qpos_BT, qseg_BT, k_BSKH, v_BSKH, kpos_BS, kseg_BS, scale, softcap, causal, window):
+class _How(NamedTuple):
+    """What a block computes besides its arrays (static)."""
+
+    scale: float
+    softcap: float | None
+    causal: bool
+    window: int | None
+
+
+@partial(jax.checkpoint, static_argnums=(7,))
+def _block(q_BTKGH, qpos_BT, qseg_BT, k_BSKH, v_BSKH, kpos_BS, kseg_BS, how: _How):
     """One chunk's unnormalised attention: (running max [B, K, G, T], sum of exp [B, K, G, T], out [B, K, G, T, H]).
     Recomputed in the backward pass: its [T, S] scores are never kept."""
-    mask_BTS = attention_mask(qpos_BT, kpos_BS, qseg_BT, kseg_BS, causal=causal, sliding_window=window)
-    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
-    if softcap is not None:
-        s_BKGTS = softcap * jnp.tanh(s_BKGTS / softcap)
+    mask_BTS = attention_mask(qpos_BT, kpos_BS, qseg_BT, kseg_BS, causal=how.causal, sliding_window=how.window)
+    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * how.scale
+    if how.softcap is not None:
+        s_BKGTS = how.softcap * jnp.tanh(s_BKGTS / how.softcap)
     s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, MASKED)
     m_BKGT = jnp.max(s_BKGTS, axis=-1)
     p_BKGTS = jnp.exp(s_BKGTS - m_BKGT[..., None])
@@ -80,15 +76,15 @@ def _block(q_BTKGH, qpos_BT, qseg_BT, k_BSKH, v_BSKH, kpos_BS, kseg_BS, scale, s
     return m_BKGT, jnp.sum(p_BKGTS, axis=-1), o_BKGTH
 
 
-def _tiled_block(q_BTKGH, qpos_BT, qseg_BT, *kv, **static):
-    """`_block` over query tiles of at most QUERY_TILE positions, one after another (`lax.map`)."""
+def _tiled_block(q_BTKGH, qpos_BT, qseg_BT, kv, how: _How):
+    """`_block` against one chunk `kv` = (k, v, positions, segment ids) over query tiles of at most QUERY_TILE
+    positions, one after another (`lax.map`)."""
     T = q_BTKGH.shape[1]
     tile = next(t for t in range(min(T, QUERY_TILE), 0, -1) if T % t == 0)
-    args = lambda q, pos, seg: (q, pos, seg, *kv, static["scale"], static["softcap"], static["causal"], static["window"])
     if tile == T:
-        return _block(*args(q_BTKGH, qpos_BT, qseg_BT))
+        return _block(q_BTKGH, qpos_BT, qseg_BT, *kv, how)
     split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], T // tile, tile, *x.shape[2:]), 1, 0)  # [tiles, B, tile, ...]
-    parts = jax.lax.map(lambda xs: _block(*args(*xs)), (split(q_BTKGH), split(qpos_BT), split(qseg_BT)))
+    parts = jax.lax.map(lambda qs: _block(*qs, *kv, how), (split(q_BTKGH), split(qpos_BT), split(qseg_BT)))
     join = lambda x: (y := jnp.moveaxis(x, 0, 3)).reshape(*y.shape[:3], T, *y.shape[5:])  # [tiles, B, K, G, tile, ...]
     return tuple(join(x) for x in parts)
 
@@ -101,11 +97,11 @@ def _merge(a, b):
     return m, l1 * w1 + l2 * w2, o1 * w1[..., None] + o2 * w2[..., None]
 
 
-def _local(q_BTNH, k_BSKH, v_BSKH, pos_BT, seg_BT, *, axis, method, **static):
+def _local(q_BTNH, k_BSKH, v_BSKH, pos_BT, seg_BT, *, axis, method, how: _How):
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    block = lambda k, v, kpos, kseg: _tiled_block(q_BTKGH, pos_BT, seg_BT, k, v, kpos, kseg, **static)
+    block = lambda *kv: _tiled_block(q_BTKGH, pos_BT, seg_BT, kv, how)
     if method == "allgather":
         gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
         m, l, o = block(*map(gather, (k_BSKH, v_BSKH, pos_BT, seg_BT)))
@@ -148,10 +144,10 @@ def context_parallel_attention(
         raise ValueError(f"context parallel method {method!r}: choose ring or allgather")
     scale = 1.0 / float(np.sqrt(q_BTNH.shape[-1])) if scale is None else scale
     spec = lambda axes: (tuple(axes) or None) if not isinstance(axes, str) else axes
-    rows, heads = _fitting(batch_axes, q_BTNH.shape[0]), _fitting(head_axes, k_BTKH.shape[2])
+    rows = dividing_axes(batch_axes, q_BTNH.shape[0])
+    heads = dividing_axes(tuple(a for a in head_axes if a not in rows), k_BTKH.shape[2])
     seq3 = PartitionSpec(spec(rows), spec(axis), spec(heads), None)
     seq2 = PartitionSpec(spec(rows), spec(axis))
-    local = partial(_local, axis=axis, method=method, causal=causal, window=sliding_window, scale=scale,
-                    softcap=logit_softcap)
+    local = partial(_local, axis=axis, method=method, how=_How(scale, logit_softcap, causal, sliding_window))
     return jax.shard_map(local, in_specs=(seq3, seq3, seq3, seq2, seq2), out_specs=seq3)(
         q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT)

@@ -19,30 +19,17 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxllm.sharding import Rules
+from jaxllm.sharding import Rules, dividing_axes, split_axes
 
 
 def expert_axes(rules: Rules, num_experts: int) -> tuple[str, ...]:
     """Mesh axes (size > 1, under the current mesh) that the `expert` axis is split over; () means no
     expert parallelism. Raises if they do not divide the experts."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return ()
-    axes = tuple(a for a in dict(rules).get("expert", ()) if mesh.shape.get(a, 1) > 1)
-    size = math.prod(mesh.shape[a] for a in axes)
+    axes = split_axes("expert", rules)
+    size = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes)
     if num_experts % size:
         raise ValueError(f"{num_experts} experts do not split over mesh axes {axes} of total size {size}")
     return axes
-
-
-def _token_axes(mesh, rules: Rules, batch: int) -> tuple[str, ...]:
-    """The `batch` mesh axes that evenly split `batch` rows (in rule order)."""
-    kept: list[str] = []
-    for a in dict(rules).get("batch", ()):
-        n = mesh.shape.get(a, 1)
-        if n > 1 and batch % (math.prod(mesh.shape[b] for b in kept) * n) == 0:
-            kept.append(a)
-    return tuple(kept)
 
 
 def experts_expert_parallel(
@@ -54,7 +41,7 @@ def experts_expert_parallel(
     `run_experts(x_AD, local_expert_A, weights_local)` runs the local experts on rows tagged with a local
     expert id (rows tagged `E_local` are padding and must come back as zeros)."""
     mesh = jax.sharding.get_abstract_mesh()
-    tok = _token_axes(mesh, rules, x_BTD.shape[0])
+    tok = dividing_axes(dict(rules).get("batch", ()), x_BTD.shape[0])  # the batch axes that split the rows
     rows = P(tok or None, None, None)
     E = weights[0].shape[0]
     ep = math.prod(mesh.shape[a] for a in ep_axes)

@@ -2,7 +2,7 @@
 
     dropless   assignments sorted by expert, experts run as grouped matmuls (`kernels_pallas.grouped_matmul`:
                Pallas gmm/tgmm on GPU/TPU, `lax.ragged_dot` on CPU); nothing is dropped
-    capacity   each expert takes at most C = capacity_factor * M * P / E assignments (M tokens, P = top_k) (GShard/Switch
+    capacity   each expert takes at most C = capacity_factor * M * P / E assignments (M tokens, P = top_k; GShard/Switch
                priority: all first choices before any second choice, in token order), gathered into
                [E, C] slots and run as one batched matmul; overflow is dropped and reported
 

@@ -17,7 +17,7 @@ Batch = dict[str, jax.Array]
 ToModel = Callable[[Params, Any, "jax.Array | None"], Params]
 # A method's own loss terms, from the trained and frozen params: {name: scalar}, added to the step's loss once per
 # step (regularisers such as SORSA's orthogonality penalty). Logged as `method/<name>`.
-LossTerms = Callable[[Params, Any], dict[str, jax.Array]]
+Regularizers = Callable[[Params, Any], dict[str, jax.Array]]
 # Which entries of the trained params may change: a tree like the params with a 0/1 array (broadcastable to its
 # leaf) or None (all of it) per leaf; None for no mask. Masked entries get zero gradient and zero update.
 UpdateMask = Callable[[Params], Any]
@@ -42,13 +42,13 @@ def init_state(lm: LanguageModel, tx: optax.GradientTransformation, seed: int) -
 
 def make_train_step(
     lm: LanguageModel, tx: optax.GradientTransformation, *, microbatches: int = 1, z_loss: float = 0.0,
-    schedule: optax.Schedule | None = None, to_model: ToModel = _identity, loss_terms: LossTerms | None = None,
+    schedule: optax.Schedule | None = None, to_model: ToModel = _identity, regularizers: Regularizers | None = None,
     update_mask: UpdateMask | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """Build the pure step `(state, batch, frozen=None) -> (state, metrics)`. The batch ([B, T] arrays)
     is split into `microbatches` run sequentially with `lax.scan`; token-sum losses make the result
     equal to one step on the whole batch. Only `state.params` is trained; the model runs on
-    `to_model(params, frozen, rng)` (adapters on a frozen base, for fine-tuning). A method's `loss_terms` are
+    `to_model(params, frozen, rng)` (adapters on a frozen base, for fine-tuning). A method's `regularizers` are
     added to the loss once per step; `update_mask` confines the gradient and the update to part of each leaf."""
 
     def sums(params: Params, frozen: Any, rng: jax.Array, mb: Batch):
@@ -78,8 +78,8 @@ def make_train_step(
         loss, parts = loss_from_sums(ce, zl, n, z_loss, aux)
         grads = jax.tree.map(lambda g: g / jnp.maximum(n, 1.0), g_sum)
         terms = {}
-        if loss_terms is not None:
-            (extra, terms), extra_grads = jax.value_and_grad(_summed(loss_terms, frozen), has_aux=True)(state.params)
+        if regularizers is not None:
+            (extra, terms), extra_grads = jax.value_and_grad(_summed(regularizers, frozen), has_aux=True)(state.params)
             if terms:
                 loss, grads = loss + extra, jax.tree.map(jnp.add, grads, extra_grads)
         mask = None if update_mask is None else update_mask(state.params)
@@ -106,10 +106,10 @@ def make_train_step(
     return step
 
 
-def _summed(loss_terms: LossTerms, frozen: Any) -> Callable[[Params], tuple[jax.Array, dict[str, jax.Array]]]:
+def _summed(regularizers: Regularizers, frozen: Any) -> Callable[[Params], tuple[jax.Array, dict[str, jax.Array]]]:
     """params -> (the sum of the method's loss terms, the terms)."""
     def total(params: Params):
-        terms = loss_terms(params, frozen)
+        terms = regularizers(params, frozen)
         return sum(terms.values(), jnp.zeros((), jnp.float32)), terms
 
     return total

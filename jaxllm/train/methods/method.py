@@ -51,7 +51,7 @@ class TrainingMethod:
         """The params the model runs on in a step (`rng`: a PRNG key for stochastic methods; None to evaluate)."""
         return trained
 
-    def loss_terms(self, trained: Params, frozen: Any) -> dict[str, jax.Array]:
+    def regularizers(self, trained: Params, frozen: Any) -> dict[str, jax.Array]:
         """Loss terms the method adds once per step ({name: f32 scalar}; a regulariser), logged as `method/<name>`."""
         return {}
 
