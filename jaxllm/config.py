@@ -261,10 +261,28 @@ class LoraConfig:
 
 
 @dataclass
+class HftConfig:
+    """Half fine-tuning: in every layer, half of each category's matrices (attention, MLP, norms) train."""
+
+    seed: int = 0  # which half; a new stage of sequential fine-tuning re-draws it with a new seed
+
+
+@dataclass
+class SorsaConfig:
+    """SORSA: the principal rank-`finetune.lora.rank` SVD part of each target trains as U, S, V^T."""
+
+    gamma: float = 4e-4  # weight of the orthonormality regulariser sum ||U^T U - I||_F + ||V^T V - I||_F
+
+
+@dataclass
 class FinetuneConfig:
     base: str = ""  # the model to adapt: a Hugging Face checkpoint directory or a jaxllm run directory
-    method: str = "lora"  # lora: train adapters only; full: every parameter; mixlora: router + LoRA experts (model.moe)
+    # lora: train adapters only; full: every parameter; mixlora: router + LoRA experts (model.moe); hft: half of each
+    # layer's matrices; sorsa: singular vectors and values of each target's principal part (finetune.lora targets/rank)
+    method: str = "lora"
     lora: LoraConfig = field(default_factory=LoraConfig)
+    hft: HftConfig = field(default_factory=HftConfig)
+    sorsa: SorsaConfig = field(default_factory=SorsaConfig)
 
 
 @dataclass
@@ -399,6 +417,8 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"finetune.lora.dropout={lora.dropout} must be within [0, 1)")
     if not lora.targets:
         raise ConfigError("finetune.lora.targets is empty; name at least one linear map, e.g. [q, v]")
+    if cfg.finetune.sorsa.gamma < 0:
+        raise ConfigError(f"finetune.sorsa.gamma={cfg.finetune.sorsa.gamma} must be >= 0")
     _positive("train.steps", cfg.train.steps)
     _positive("train.learning_rate", cfg.train.learning_rate)
     if not 0 <= cfg.train.warmup_steps <= cfg.train.steps:

@@ -14,6 +14,7 @@ from jaxllm.config import ConfigError, LoraConfig  # noqa: E402
 from jaxllm.interop.hf_checkpoint import load_hf_checkpoint  # noqa: E402
 from jaxllm.interop.peft_adapter import load_peft_adapter, save_peft_adapter  # noqa: E402
 from jaxllm.peft import LoraAdapter  # noqa: E402
+from jaxllm.peft.sorsa import SorsaAdapter  # noqa: E402
 
 TOL = 1e-4  # max abs logit difference, f32
 TARGETS_HF = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -98,6 +99,21 @@ def test_peft_adapter_imported_into_jaxllm(method, base, tmp_path):
     assert adapter.spec.rank == (8 if method == "pissa" else 4)
     ours = np.asarray(lm.apply(adapter.apply(params, jax.tree.map(jnp.asarray, lora)), _tokens()))
     np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
+
+
+def test_sorsa_adapter_exported_to_peft_as_a_lora_on_the_original_base(base, tmp_path):
+    """SORSA trains against a residual base; exported (s folded into A, minus the initial adapter, rank 2r), peft puts
+    it on the original base and computes what jaxllm does."""
+    path, lm, params, model_type = base
+    adapter = SorsaAdapter(lm, LoraConfig(rank=4))
+    initial, frozen = adapter.init(jax.random.key(1), params)
+    trained = _perturbed(initial, 2)
+    ours = np.asarray(lm.apply(adapter.apply(frozen, trained), _tokens()))
+    save_peft_adapter(tmp_path / "adapter", adapter, adapter.as_lora(trained), model_type,
+                      initial=adapter.as_lora(initial))
+    model = peft.PeftModel.from_pretrained(_torch_base(path), tmp_path / "adapter").eval()
+    np.testing.assert_allclose(ours, _peft_logits(model, _tokens()), atol=TOL, rtol=0)
+    assert np.abs(ours - np.asarray(lm.apply(params, _tokens()))).max() > 1e-2  # the adapter matters
 
 
 def test_pissa_init_matches_peft(base):

@@ -7,7 +7,7 @@
     merged = adapter.merge(frozen, lora)               # plain dense params again
 
 The adapter tree mirrors the module paths of its targets: {"blocks": {"attn": {"q": {"a", "b"}}}}
-with `a` [*lead, *in, r], `b` [*lead, r, *out] (and DoRA's `magnitude` [*lead, *out]), where lead is
+with `a` [*lead, *in, r], `b` [*lead, r, *out] (DoRA's `magnitude` [*lead, *out], SORSA's `s` [*lead, r]), where lead is
 the stacked `layers` axis of block params. Several adapters on one base are several such trees;
 pick one per call. `frozen` is the base with PiSSA-style residuals and, for QLoRA, quantised kernels.
 """
@@ -184,6 +184,7 @@ class LoraAdapter:
                 key = jax.random.split(key, t.lead) if t.n_lead else key
             kernel = LoraKernel(
                 base=get_path(frozen, t.path + ("kernel",)), a=leaves["a"], b=leaves["b"], magnitude=leaves.get("magnitude"),
+                mid=leaves.get("s"),
                 dropout_key=key, scale=self.scale, dropout=self.spec.dropout if use_dropout else 0.0,
             )
             params = replace_path(params, t.path + ("kernel",), kernel)
@@ -248,6 +249,8 @@ class LoraAdapter:
         w = jnp.asarray(get_path(params, t.path + ("kernel",)), jnp.float32)
         w_LIO = w.reshape(-1, math.prod(t.in_shape), math.prod(t.out_shape))
         a_LIR = jnp.asarray(leaves["a"], jnp.float32).reshape(w_LIO.shape[0], w_LIO.shape[1], -1)
+        if "s" in leaves:  # SORSA's singular values between A and B
+            a_LIR = a_LIR * jnp.asarray(leaves["s"], jnp.float32).reshape(w_LIO.shape[0], 1, -1)
         b_LRO = jnp.asarray(leaves["b"], jnp.float32).reshape(w_LIO.shape[0], -1, w_LIO.shape[2])
         return w_LIO, self.scale * jnp.einsum("lir,lro->lio", a_LIR, b_LRO), leaves
 

@@ -19,7 +19,8 @@ from jaxllm.peft.quantized_kernel import QuantizedKernel
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LoraKernel:
-    """base [*in, *out] (an array or QuantizedKernel), a [*in, r], b [r, *out]; DoRA's magnitude [*out].
+    """base [*in, *out] (an array or QuantizedKernel), a [*in, r], b [r, *out]; DoRA's magnitude [*out]; SORSA's
+    singular values `mid` [r] between A and B (y = x W + scale * ((x A) * mid) B).
 
     Leaves may carry extra leading (stacked-layer) axes; `matmul` runs on one layer's slice.
     """
@@ -28,6 +29,7 @@ class LoraKernel:
     a: jax.Array
     b: jax.Array
     magnitude: jax.Array | None = None
+    mid: jax.Array | None = None
     dropout_key: jax.Array | None = None  # typed PRNG key; None: no dropout (evaluation)
     scale: float = dataclasses.field(metadata=dict(static=True), default=1.0)
     dropout: float = dataclasses.field(metadata=dict(static=True), default=0.0)
@@ -42,8 +44,10 @@ class LoraKernel:
         return w.reshape(self.a.size // self.a.shape[-1], -1)
 
     def delta_matrix(self, dtype: jnp.dtype = jnp.float32) -> jax.Array:
-        """scale * A @ B as a matrix [in, out]."""
+        """scale * A @ B (scale * A diag(mid) B) as a matrix [in, out]."""
         a = self.a.reshape(-1, self.a.shape[-1]).astype(dtype)
+        if self.mid is not None:
+            a = a * self.mid.reshape(-1).astype(dtype)
         return self.scale * (a @ self.b.reshape(self.b.shape[0], -1).astype(dtype))
 
     def matmul(self, x_MI: jax.Array, dtype: jnp.dtype) -> jax.Array:
@@ -55,7 +59,10 @@ class LoraKernel:
         if self.dropout > 0 and self.dropout_key is not None:
             keep = jax.random.bernoulli(self.dropout_key, 1 - self.dropout, x_MI.shape)
             xd_MI = jnp.where(keep, x_MI / (1 - self.dropout), 0).astype(dtype)
-        lora_MO = self.scale * ((xd_MI @ a_IR) @ b_RO)
+        xa_MR = xd_MI @ a_IR
+        if self.mid is not None:
+            xa_MR = xa_MR * self.mid.reshape(-1).astype(dtype)
+        lora_MO = self.scale * (xa_MR @ b_RO)
         if self.magnitude is None:
             return y_MO + lora_MO
         # DoRA: magnitude * (W + sAB) / ||W + sAB||_col, the norm held constant in the backward

@@ -22,10 +22,16 @@ from jaxllm.train.optimizer import make_optimizer
 
 @register("lora")
 class Lora(TrainingMethod):
+    kind = "LoRA"  # what the run's first line calls the adapters
+
     def __init__(self, cfg: Config, lm: LanguageModel):
         super().__init__(cfg, lm)
-        self.adapter = LoraAdapter(lm, cfg.finetune.lora)
+        self.adapter = self.make_adapter(lm, cfg)
         self.initial: Params | None = None  # the adapter as initialised (PiSSA-style exports need it)
+
+    @staticmethod
+    def make_adapter(lm: LanguageModel, cfg: Config) -> LoraAdapter:
+        return LoraAdapter(lm, cfg.finetune.lora)
 
     def optimizer(self) -> optax.GradientTransformation:
         return make_optimizer(self.cfg.train, self.cfg.finetune.lora.lr_ratio)  # LoRA+: B's own learning rate
@@ -53,8 +59,12 @@ class Lora(TrainingMethod):
 
     def describe(self, trained_abstract: Params) -> str:
         a, n = self.adapter, self.lm.num_params
-        return (f"{a.num_params:,} trainable LoRA params ({100 * a.num_params / n:.2f}%) on {len(a.targets)} linear "
+        return (f"{a.num_params:,} trainable {self.kind} params ({100 * a.num_params / n:.2f}%) on {len(a.targets)} linear "
                 f"maps of a frozen {n:,}-param base")
+
+    def as_lora(self, trained: Params) -> Params:
+        """The trained tree as the LoRA factors {a, b} (and DoRA's magnitude) that peft's format holds."""
+        return trained
 
     def export(self, trained: Params, run_dir: Path, console: Console) -> Path | None:
         """The adapter as a peft directory (`run_dir/adapter`) when the base is a Hugging Face family."""
@@ -62,8 +72,8 @@ class Lora(TrainingMethod):
         from jaxllm.interop.peft_adapter import save_peft_adapter
 
         try:
-            out = save_peft_adapter(run_dir / "adapter", self.adapter, jax.device_get(trained),
-                                    model_type_of(self.lm.cfg), initial=jax.device_get(self.initial),
+            out = save_peft_adapter(run_dir / "adapter", self.adapter, self.as_lora(jax.device_get(trained)),
+                                    model_type_of(self.lm.cfg), initial=self.as_lora(jax.device_get(self.initial)),
                                     base_model=self.cfg.finetune.base)
         except ConfigError as err:
             console.print(f"[yellow]adapter not exported in peft format: {err}[/]")

@@ -1,0 +1,200 @@
+"""The PEFT family beyond LoRA, each as a training method: HFT (half of each layer's categories train, the rest stays
+bitwise the base; the trained half moves as full fine-tuning moves it) and SORSA (principal singular triplets
+against numpy's SVD, its regulariser against the numpy formula); each steps on 8 devices (fsdp x tensor) as on one and
+runs through `jaxllm finetune`, resuming exactly."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_base_and_sft_data, tiny_model
+from jaxllm.cli import main
+from jaxllm.config import LoraConfig
+from jaxllm.language_model import LanguageModel
+from jaxllm.peft.half_finetune import half_masks, split_stacked
+from jaxllm.peft.sorsa import SorsaAdapter
+from jaxllm.train.setup import setup_step
+from jaxllm.train.step import make_train_step
+from jaxllm.train.trainer import resolve_finetune_config
+
+
+@pytest.fixture(scope="module")
+def base_and_data(tmp_path_factory):
+    return tiny_base_and_sft_data(tmp_path_factory.mktemp("family"))
+
+
+def _leaves(tree):
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+# ------------------------------------------------------------------------------------------------------------ HFT
+def test_hft_trains_half_of_each_category_in_every_layer():
+    lm = LanguageModel(tiny_model(num_layers=4))
+    stacks, rest = split_stacked(lm.param_shapes, lm.logical_axes)
+    assert sorted(stacks) == ["blocks"] and "embed" in rest and "lm_head" in rest
+    masks = half_masks(stacks, seed=0)
+    blocks = {k.rsplit("']['", 1)[0].removeprefix("['blocks']['"): m.reshape(-1) for k, m in _leaves(masks).items()}
+    attention = np.stack([blocks[f"attn']['{n}"] for n in "qkvo"])  # [4 modules, 4 layers]
+    mlp = np.stack([blocks[f"mlp']['{n}"] for n in ("gate", "up", "down")])
+    norms = np.stack([blocks["attn_norm"], blocks["mlp_norm"]])
+    np.testing.assert_array_equal(attention.sum(0), [2, 2, 2, 2])
+    np.testing.assert_array_equal(mlp.sum(0), [2, 1, 2, 1])  # 3 matrices: 2 and 1 alternately, half of the stack
+    np.testing.assert_array_equal(norms.sum(0), [1, 1, 1, 1])
+    assert len({tuple(attention[:, layer]) for layer in range(4)}) > 1  # drawn per layer
+    again, other = half_masks(stacks, seed=0), half_masks(stacks, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(again)))
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(other)))
+
+
+def _cfg(base, data, *overrides):
+    return resolve_finetune_config(str(base), ["finetune/lora"], [
+        f"data.source={data}", "data.seq_len=64", "train.batch_size=8", "train.steps=4", "train.warmup_steps=0",
+        *overrides])
+
+
+def _steps(setup, batch, n):
+    state = setup.init()
+    with jax.set_mesh(setup.mesh):
+        for _ in range(n):
+            state, _ = setup.train_step(state, setup.global_batch(batch), setup.frozen)
+    return setup.method.model_params(state.params, setup.frozen, n)
+
+
+def test_hft_moves_the_drawn_half_as_full_finetuning_and_keeps_the_rest_bitwise(base_and_data):
+    base, data = base_and_data
+    hft = setup_step(_cfg(base, data, "finetune.method=hft"))
+    full = setup_step(_cfg(base, data, "finetune.method=full"))
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(0, 256, (8, 64)), "targets": rng.integers(0, 256, (8, 64)),
+             "loss_mask": np.ones((8, 64), np.float32)}
+    start = _leaves(jax.device_get(hft.method.model_params(hft.init().params, hft.frozen, 0)))
+    masks = _leaves({"blocks": half_masks(hft.abstract_state.params, 0)["blocks"]})
+    one_hft, one_full = _leaves(_steps(hft, batch, 1)), _leaves(_steps(full, batch, 1))
+    three_hft = _leaves(_steps(hft, batch, 3))
+    for name, before in start.items():
+        if name not in masks:  # outside the layer stack: frozen
+            np.testing.assert_array_equal(three_hft[name], before)
+            continue
+        trains = masks[name].reshape(-1).astype(bool)
+        np.testing.assert_array_equal(three_hft[name][~trains], before[~trains])  # the frozen half: bitwise
+        assert not trains.any() or not np.array_equal(three_hft[name][trains], before[trains])
+        # one step from the same start: the trained half is where full fine-tuning puts it
+        np.testing.assert_allclose(one_hft[name][trains], one_full[name][trains], rtol=1e-6, atol=1e-7)
+    # the step performs full fine-tuning's FLOPs but the head's weight gradient
+    cfg = hft.lm.cfg
+    assert full.flops_per_token(64) - hft.flops_per_token(64) == 2 * cfg.vocab_size * cfg.d_model
+
+
+# ---------------------------------------------------------------------------------------------------------- SORSA
+@pytest.fixture(scope="module")
+def sorsa():
+    lm = LanguageModel(tiny_model())
+    params = lm.init(jax.random.key(0))
+    adapter = SorsaAdapter(lm, LoraConfig(rank=4, targets=["q", "o", "down"]))
+    trained, frozen = adapter.init(jax.random.key(1), params)
+    return lm, params, adapter, trained, frozen
+
+
+def test_sorsa_adapters_are_the_principal_singular_triplets(sorsa):
+    lm, params, adapter, trained, frozen = sorsa
+    assert [t.name for t in adapter.targets] == ["blocks.attn.o", "blocks.attn.q", "blocks.mlp.down"]
+    for t in adapter.targets:
+        leaves = {k: np.asarray(v, np.float64) for k, v in trained["blocks"][t.path[1]][t.path[2]].items()}
+        w = np.asarray(params["blocks"][t.path[1]][t.path[2]]["kernel"], np.float64)
+        residual = np.asarray(frozen["blocks"][t.path[1]][t.path[2]]["kernel"], np.float64)
+        for layer in range(w.shape[0]):
+            w_IO = w[layer].reshape(np.prod(t.in_shape), -1)
+            u, s, vt = np.linalg.svd(w_IO, full_matrices=False)
+            a, b = leaves["a"][layer].reshape(w_IO.shape[0], 4), leaves["b"][layer].reshape(4, -1)
+            np.testing.assert_allclose(leaves["s"][layer], s[:4], rtol=1e-5)
+            principal = u[:, :4] * s[:4] @ vt[:4]
+            np.testing.assert_allclose(a * leaves["s"][layer] @ b, principal, atol=1e-5)
+            np.testing.assert_allclose(residual[layer].reshape(w_IO.shape), w_IO - principal, atol=1e-5)
+            np.testing.assert_allclose(a.T @ a, np.eye(4), atol=1e-5)
+    tokens = np.arange(20).reshape(2, 10)
+    np.testing.assert_allclose(lm.apply(adapter.apply(frozen, trained), tokens), lm.apply(params, tokens), atol=1e-5)
+
+
+def test_sorsa_regulariser_is_the_orthonormality_formula_and_merging_keeps_the_function(sorsa):
+    lm, params, adapter, trained, frozen = sorsa
+    leaves, treedef = jax.tree.flatten(trained)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    moved = treedef.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    expected = 0.0
+    for t in adapter.targets:
+        node = moved["blocks"][t.path[1]][t.path[2]]
+        for layer in range(2):
+            a = np.asarray(node["a"][layer], np.float64).reshape(-1, 4)
+            vt = np.asarray(node["b"][layer], np.float64).reshape(4, -1)
+            expected += np.linalg.norm(a.T @ a - np.eye(4)) + np.linalg.norm(vt @ vt.T - np.eye(4))
+    np.testing.assert_allclose(adapter.orthonormality(moved), expected, rtol=1e-5)
+    assert float(adapter.orthonormality(trained)) < 1e-4  # at init: orthonormal
+    grads = jax.grad(adapter.orthonormality)(trained)  # finite where the norm is ~0
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    tokens = np.arange(20).reshape(2, 10)
+    unmerged = lm.apply(adapter.apply(frozen, moved), tokens)
+    np.testing.assert_allclose(lm.apply(adapter.merge(frozen, moved), tokens), unmerged, atol=1e-4)
+    assert np.abs(np.asarray(unmerged) - np.asarray(lm.apply(params, tokens))).max() > 1e-2  # the adapter matters
+
+
+# ----------------------------------------------------------------------------------- every method through the CLI
+def _logged(run, name):
+    return [json.loads(line)[name] for line in (run / "metrics.jsonl").read_text().splitlines() if name in line]
+
+
+@pytest.mark.parametrize("method", ["hft", "sorsa"])
+def test_method_steps_sharded_fsdp_tp_like_one_device(method, base_and_data):
+    base, data = base_and_data
+    setup = setup_step(_cfg(base, data, f"finetune.method={method}", "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"))
+    assert {d for x in jax.tree.leaves(setup.frozen) for d in x.sharding.device_set} == set(jax.devices())
+    rng = np.random.default_rng(1)
+    batches = [{"inputs": rng.integers(0, 256, (8, 64)), "targets": rng.integers(0, 256, (8, 64)),
+                "loss_mask": np.ones((8, 64), np.float32)} for _ in range(3)]
+    state = setup.init()
+    one = jax.devices()[0]
+    ref_state, frozen = jax.device_put(jax.tree.map(np.array, (state, setup.frozen)), one)
+    m = setup.method
+    ref_step = jax.jit(make_train_step(setup.lm, setup.tx, to_model=m.to_model, regularizers=m.regularizers,
+                                       update_mask=m.update_mask))
+    losses, ref_losses = [], []
+    with jax.set_mesh(setup.mesh):
+        for b in batches:
+            state, metrics = setup.train_step(state, setup.global_batch(b), setup.frozen)
+            losses.append(float(metrics["loss"]))
+    for b in batches:
+        ref_state, metrics = ref_step(ref_state, jax.device_put(b, one), frozen)
+        ref_losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert losses[-1] != losses[0]
+    # params: AdamW's g / sqrt(v) turns float noise in a near-zero gradient into a full step of either sign, so
+    # they agree within a few learning rates
+    lr = setup.method.cfg.train.learning_rate
+    for name, x in _leaves(jax.device_get(state.params)).items():
+        np.testing.assert_allclose(x, _leaves(jax.device_get(ref_state.params))[name], atol=6 * lr, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["hft", "sorsa"])
+def test_method_finetunes_through_the_cli_and_resumes_exactly(method, base_and_data, tmp_path, capsys):
+    base, data = base_and_data
+    args = ["finetune", "--base", str(base), f"finetune.method={method}", f"data.source={data}", "data.format=sft",
+            "data.seq_len=64", "train.batch_size=8", "train.eval_every=0", "train.log_every=1", "train.warmup_steps=1",
+            "train.steps=4", "train.learning_rate=1e-2", "checkpoint.save_every=2", "checkpoint.keep_last=5",
+            "checkpoint.async_save=false", "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main([*args, f"checkpoint.run_dir={straight}"]) == 0
+    shutil.copytree(straight, resumed)  # as if stopped right after saving step 2
+    shutil.rmtree(resumed / "checkpoints" / "4")
+    capsys.readouterr()
+    assert main([*args, f"checkpoint.run_dir={resumed}"]) == 0
+    assert "resuming from step 2" in capsys.readouterr().out
+    assert _logged(resumed, "train/loss")[-2:] == _logged(straight, "train/loss")[-2:]  # steps 3, 4, bitwise
+    losses = _logged(straight, "train/loss")
+    assert losses[-1] < losses[0]
+    if method == "sorsa":  # the regulariser is in the loss and the log
+        ortho, ce = _logged(straight, "train/method/orthonormality"), _logged(straight, "train/cross_entropy")
+        np.testing.assert_allclose(np.array(losses) - np.array(ce), ortho, atol=1e-6)
+        assert ortho[-1] > ortho[0]
+        assert (straight / "adapter" / "adapter_model.safetensors").exists()
