@@ -1,4 +1,4 @@
-"""LoRA / PiSSA / DoRA against Hugging Face `peft` (torch, CPU) on a tiny random Llama: the same adapter
+"""LoRA / PiSSA / DoRA / SORSA / MiSS (Bone, Bat) against Hugging Face `peft` (torch, CPU) on a tiny random Llama: the same adapter
 weights give the same logits in both, in both directions of the adapter export/import."""
 
 import jax
@@ -14,6 +14,7 @@ from jaxllm.config import ConfigError, LoraConfig  # noqa: E402
 from jaxllm.interop.hf_checkpoint import load_hf_checkpoint  # noqa: E402
 from jaxllm.interop.peft_adapter import load_peft_adapter, save_peft_adapter  # noqa: E402
 from jaxllm.peft import LoraAdapter  # noqa: E402
+from jaxllm.peft.miss import MissAdapter  # noqa: E402
 from jaxllm.peft.sorsa import SorsaAdapter  # noqa: E402
 
 TOL = 1e-4  # max abs logit difference, f32
@@ -114,6 +115,57 @@ def test_sorsa_adapter_exported_to_peft_as_a_lora_on_the_original_base(base, tmp
     model = peft.PeftModel.from_pretrained(_torch_base(path), tmp_path / "adapter").eval()
     np.testing.assert_allclose(ours, _peft_logits(model, _tokens()), atol=TOL, rtol=0)
     assert np.abs(ours - np.asarray(lm.apply(params, _tokens()))).max() > 1e-2  # the adapter matters
+
+
+@pytest.mark.parametrize("bat", [False, True], ids=["bone", "bat"])
+def test_miss_adapters_against_peft_both_ways_and_merge_unmerge(bat, base, tmp_path):
+    """Bone and Bat (peft's MiSS, `init_weights=True | "bat"`): zero blocks are the base; peft's trained blocks
+    imported, and ours exported, give the same logits in both; merging keeps the function and unmerging restores
+    the base (bitwise with the record)."""
+    path, lm, params, model_type = base
+    init = "bat" if bat else True
+    model = peft.get_peft_model(_torch_base(path), peft.MissConfig(r=4, init_weights=init, target_modules=TARGETS_HF))
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "miss_block" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    theirs = _peft_logits(model, _tokens())
+    model.save_pretrained(tmp_path / "theirs")
+    adapter, blocks = load_peft_adapter(tmp_path / "theirs", lm, model_type)
+    assert isinstance(adapter, MissAdapter) and adapter.bat == bat
+    blocks = jax.tree.map(jnp.asarray, blocks)
+    ours = np.asarray(lm.apply(adapter.apply(params, blocks), _tokens()))
+    np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
+    assert np.abs(ours - np.asarray(lm.apply(params, _tokens()))).max() > 1e-2  # the adapter matters
+
+    ours_adapter = MissAdapter(lm, LoraConfig(rank=4), bat=bat)
+    zeros, frozen = ours_adapter.init(jax.random.key(0), params)
+    np.testing.assert_allclose(lm.apply(ours_adapter.apply(frozen, zeros), _tokens()), lm.apply(params, _tokens()),
+                               atol=1e-5)
+    trained = _perturbed(zeros, 5)
+    mine = np.asarray(lm.apply(ours_adapter.apply(frozen, trained), _tokens()))
+    save_peft_adapter(tmp_path / "ours", ours_adapter, trained, model_type)
+    loaded = peft.PeftModel.from_pretrained(_torch_base(path), tmp_path / "ours").eval()
+    np.testing.assert_allclose(mine, _peft_logits(loaded, _tokens()), atol=TOL, rtol=0)
+
+    merged, record = ours_adapter.merge_reversibly(frozen, trained)
+    np.testing.assert_allclose(lm.apply(merged, _tokens()), mine, atol=TOL)
+    with torch.no_grad():
+        peft_merged = loaded.merge_and_unload().state_dict()["model.layers.1.mlp.down_proj.weight"].numpy()
+    np.testing.assert_allclose(np.asarray(merged["blocks"]["mlp"]["down"]["kernel"][1]).T, peft_merged, atol=1e-5)
+    back = ours_adapter.unmerge(merged, trained)
+    for name, x in jax.tree_util.tree_leaves_with_path(params):
+        np.testing.assert_allclose(np.asarray(_get(back, name)), np.asarray(x), atol=1e-5)
+    exact = ours_adapter.unmerge(merged, trained, record)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(exact), jax.tree.leaves(params)))
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k.key]
+    return tree
 
 
 def test_pissa_init_matches_peft(base):

@@ -1,8 +1,10 @@
-"""Hugging Face `peft` LoRA adapters in and out: `adapter_config.json` + `adapter_model.safetensors`.
+"""Hugging Face `peft` LoRA and MiSS (Bone / Bat) adapters in and out: `adapter_config.json` +
+`adapter_model.safetensors`.
 
 peft stores, per adapted torch Linear `<module>`, `base_model.model.<module>.lora_A.weight` [r, in],
 `lora_B.weight` [out, r] and for DoRA `lora_magnitude_vector` [out]; ours are `a` [*in, r], `b`
-[r, *out] and `magnitude` [*out] stacked over layers. Module names come from the same table that maps
+[r, *out] and `magnitude` [*out] stacked over layers. MiSS stores `<module>.miss_block`: Bone [r, out] (ours
+[r, *out]), Bat [out / r, r, r] (ours the same). Module names come from the same table that maps
 the base checkpoint (`hf_mapping`), so every family whose targets map one-to-one is covered.
 
 Adapters initialised from W (PiSSA, MiLoRA, OLoRA) are trained against a residual base; exported,
@@ -25,6 +27,7 @@ from jaxllm.interop.hf_mapping import _entries
 from jaxllm.language_model import LanguageModel, Params
 from jaxllm.nested import get_path, merge_into
 from jaxllm.peft.lora import LoraAdapter
+from jaxllm.peft.miss import MissAdapter
 
 PREFIX = "base_model.model."
 _RESIDUAL_INITS = ("pissa", "milora", "olora")
@@ -71,6 +74,8 @@ def save_peft_adapter(
     missing = [t.name for t in adapter.targets if t.path not in names]
     if missing:
         raise ConfigError(f"{missing} have no single Hugging Face {model_type} Linear to attach a peft adapter to")
+    if isinstance(adapter, MissAdapter):
+        return _save_miss(Path(directory), adapter, lora, names, base_model)
     spec, lora = _as_plain_lora(adapter, lora, initial)
     tensors: dict[str, np.ndarray] = {}
     for t in adapter.targets:
@@ -99,8 +104,30 @@ def save_peft_adapter(
     return out
 
 
+def _save_miss(out: Path, adapter: MissAdapter, tree: Params, names: dict[tuple[str, ...], str],
+               base_model: str | None) -> Path:
+    from safetensors.numpy import save_file
+
+    tensors: dict[str, np.ndarray] = {}
+    for t in adapter.targets:
+        block = np.asarray(get_path(tree, t.path)["block"], np.float32)
+        for i in range(t.lead[0]) if t.n_lead else [None]:
+            one = block[i] if i is not None else block
+            shape = one.shape if adapter.bat else (adapter.spec.rank, -1)  # Bat's [out / r, r, r] is peft's layout
+            tensors[f"{PREFIX}{names[t.path].format(i=i)}.miss_block"] = np.ascontiguousarray(one.reshape(shape))
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {"peft_type": "MISS", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+              "r": adapter.spec.rank, "init_weights": "bat" if adapter.bat else True, "mini_r": 1, "miss_dropout": 0.0,
+              "bias": "none", "target_modules": sorted({names[t.path].rsplit(".", 1)[-1] for t in adapter.targets}),
+              "modules_to_save": None, "inference_mode": True}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
 def load_peft_adapter(directory: str | Path, lm: LanguageModel, model_type: str) -> tuple[LoraAdapter, Params]:
-    """(LoraAdapter, adapter params) from a peft LoRA directory, for `lm` (the same base model)."""
+    """(adapter, adapter params) from a peft LoRA or MiSS directory, for `lm` (the same base model): a LoraAdapter, or
+    for MiSS its MissAdapter subclass; `adapter.apply(base, params)` either way."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -110,8 +137,11 @@ def load_peft_adapter(directory: str | Path, lm: LanguageModel, model_type: str)
     if not (d / "adapter_model.safetensors").exists():
         raise ConfigError(f"{d} holds no adapter_model.safetensors (pickled adapter_model.bin is never loaded)")
     hf: dict[str, Any] = json.loads((d / "adapter_config.json").read_text())
-    if hf.get("peft_type") != "LORA":
-        raise ConfigError(f"peft_type {hf.get('peft_type')!r} is not supported; supported: LORA")
+    if hf.get("peft_type") not in ("LORA", "MISS"):
+        raise ConfigError(f"peft_type {hf.get('peft_type')!r} is not supported; supported: LORA, MISS")
+    if hf["peft_type"] == "MISS" and hf.get("init_weights", True) not in (True, "bat"):
+        raise ConfigError(f"peft MiSS init_weights={hf.get('init_weights')!r} is not supported; supported: true (Bone), "
+                          "'bat'")
     for key in ("rank_pattern", "alpha_pattern"):
         if hf.get(key):
             raise ConfigError(f"peft {key} (per-module ranks) is not supported")
@@ -128,27 +158,38 @@ def load_peft_adapter(directory: str | Path, lm: LanguageModel, model_type: str)
     unknown = [t for t in targets if t not in by_short]
     if unknown:
         raise ConfigError(f"peft target_modules {unknown} are not {model_type} linear layers; known: {sorted(by_short)}")
-    spec = LoraConfig(targets=[".".join(by_short[t]) for t in targets], rank=int(hf["r"]),
-                      alpha=float(hf["lora_alpha"]), dropout=float(hf.get("lora_dropout") or 0.0),
-                      rslora=bool(hf.get("use_rslora")), dora=bool(hf.get("use_dora")))
-    adapter = LoraAdapter(lm, spec)
+    paths = [".".join(by_short[t]) for t in targets]
+    if hf["peft_type"] == "MISS":
+        bat = hf.get("init_weights") == "bat"
+        adapter: LoraAdapter = MissAdapter(lm, LoraConfig(targets=paths, rank=int(hf["r"])), bat=bat)
+
+        def read(module, t):  # our leaf -> (peft's tensor name, its layout -> ours)
+            return {"block": (f"{module}.miss_block", lambda x: x if bat else x.reshape(x.shape[0], *t.out_shape))}
+    else:
+        spec = LoraConfig(targets=paths, rank=int(hf["r"]), alpha=float(hf["lora_alpha"]),
+                          dropout=float(hf.get("lora_dropout") or 0.0), rslora=bool(hf.get("use_rslora")),
+                          dora=bool(hf.get("use_dora")))
+        adapter = LoraAdapter(lm, spec)
+
+        def read(module, t):
+            leaves = {"a": (f"{module}.lora_A.weight", lambda x: x.T.reshape(*t.in_shape, spec.rank)),
+                      "b": (f"{module}.lora_B.weight", lambda x: x.T.reshape(spec.rank, *t.out_shape))}
+            if spec.dora:
+                leaves["magnitude"] = (f"{module}.lora_magnitude_vector", lambda x: x.reshape(t.out_shape))
+            return leaves
+
     lora: Params = {}
     used: set[str] = set()
     for t in adapter.targets:
         per_layer: dict[str, list[np.ndarray]] = {}
         for i in range(t.lead[0]) if t.n_lead else [None]:
-            module = PREFIX + names[t.path].format(i=i)
-            keys = {"a": f"{module}.lora_A.weight", "b": f"{module}.lora_B.weight"}
-            if spec.dora:
-                keys["magnitude"] = f"{module}.lora_magnitude_vector"
-            absent = [k for k in keys.values() if k not in tensors]
+            leaves = read(PREFIX + names[t.path].format(i=i), t)
+            absent = [key for key, _ in leaves.values() if key not in tensors]
             if absent:
                 raise ConfigError(f"peft adapter in {d} lacks {absent[:4]}")
-            used.update(keys.values())
-            per_layer.setdefault("a", []).append(tensors[keys["a"]].T.reshape(*t.in_shape, spec.rank))
-            per_layer.setdefault("b", []).append(tensors[keys["b"]].T.reshape(spec.rank, *t.out_shape))
-            if spec.dora:
-                per_layer.setdefault("magnitude", []).append(tensors[keys["magnitude"]].reshape(t.out_shape))
+            for leaf, (key, layout) in leaves.items():
+                used.add(key)
+                per_layer.setdefault(leaf, []).append(layout(tensors[key]))
         merge_into(lora, t.path, {k: np.stack(v) if t.n_lead else v[0] for k, v in per_layer.items()})
     extra = sorted(set(tensors) - used)
     if extra:

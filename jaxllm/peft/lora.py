@@ -115,6 +115,11 @@ class LoraAdapter:
     def num_params(self) -> int:
         return sum(math.prod(s.shape) for s in jax.tree.leaves(self.param_shapes))
 
+    def flops_per_token(self) -> int:
+        """Adapter FLOPs per training token: 6 per A and B weight (forward, input- and weight-gradient matmuls)."""
+        shapes = jax.tree_util.tree_leaves_with_path(self.param_shapes)
+        return 6 * sum(int(x.size) for p, x in shapes if getattr(p[-1], "key", None) in ("a", "b"))
+
     def shardings(self, mesh: Mesh) -> Params:
         return param_shardings(self.logical_axes, self.param_shapes, mesh, self.lm.rules)
 

@@ -40,8 +40,7 @@ class LoraKernel:
 
     def base_matrix(self, dtype: jnp.dtype) -> jax.Array:
         """The frozen kernel as a matrix [in, out] in `dtype`."""
-        w = self.base.dequantize(dtype) if isinstance(self.base, QuantizedKernel) else self.base.astype(dtype)
-        return w.reshape(self.a.size // self.a.shape[-1], -1)
+        return dense_matrix(self.base, self.b.size // self.b.shape[0], dtype)
 
     def delta_matrix(self, dtype: jnp.dtype = jnp.float32) -> jax.Array:
         """scale * A @ B (scale * A diag(mid) B) as a matrix [in, out]."""
@@ -71,6 +70,12 @@ class LoraKernel:
         g_O = (self.magnitude.reshape(-1).astype(jnp.float32) / norm_O).astype(dtype)
         base_d_MO = y_MO if xd_MI is x_MI else xd_MI @ w_IO
         return y_MO + (g_O - 1) * base_d_MO + g_O * lora_MO
+
+
+def dense_matrix(kernel: Any, out_size: int, dtype: jnp.dtype) -> jax.Array:
+    """A frozen kernel (an array or QuantizedKernel) [*in, *out] as a matrix [in, out_size] in `dtype`."""
+    w = kernel.dequantize(dtype) if isinstance(kernel, QuantizedKernel) else kernel.astype(dtype)
+    return w.reshape(-1, out_size)
 
 
 def column_norm(w_IO: jax.Array) -> jax.Array:

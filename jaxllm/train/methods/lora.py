@@ -50,12 +50,9 @@ class Lora(TrainingMethod):
         return jax.jit(self.adapter.merge)(frozen, trained)  # the adapters merged into the base
 
     def flops_per_token(self, seq_len: int) -> float:
-        """The base's forward and input gradients (no dW: frozen) + 6 FLOPs per adapter weight (forward,
-        input- and weight-gradient matmuls)."""
+        """The base's forward and input gradients (no dW: frozen) + the adapters' (`adapter.flops_per_token`)."""
         lm = self.lm
-        lora_matmul = sum(int(x.size) for p, x in jax.tree_util.tree_leaves_with_path(self.adapter.param_shapes)
-                          if getattr(p[-1], "key", None) in ("a", "b"))
-        return lm.flops_per_token(seq_len, frozen_matmul_params=lm.active_matmul_params) + 6 * lora_matmul
+        return lm.flops_per_token(seq_len, frozen_matmul_params=lm.active_matmul_params) + self.adapter.flops_per_token()
 
     def describe(self, trained_abstract: Params) -> str:
         a, n = self.adapter, self.lm.num_params
