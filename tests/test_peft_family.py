@@ -1,6 +1,6 @@
 """The PEFT family beyond LoRA, each as a training method: HFT (half of each layer's categories train, the rest stays
 bitwise the base; the trained half moves as full fine-tuning moves it), SORSA (principal singular triplets
-against numpy's SVD, its regulariser against the numpy formula), Bone and Bat (their peft parity is in
+against numpy's SVD, its regulariser against the numpy formula), Bone, Bat and ABBA (their peft parity is in
 tests/test_peft_parity.py); each steps on 8 devices (fsdp x tensor) as on one and
 runs through `jaxllm finetune`, resuming exactly."""
 
@@ -146,7 +146,7 @@ def _logged(run, name):
     return [json.loads(line)[name] for line in (run / "metrics.jsonl").read_text().splitlines() if name in line]
 
 
-@pytest.mark.parametrize("method", ["hft", "sorsa", "bone", "bat"])
+@pytest.mark.parametrize("method", ["hft", "sorsa", "bone", "bat", "abba"])
 def test_method_steps_sharded_fsdp_tp_like_one_device(method, base_and_data):
     base, data = base_and_data
     setup = setup_step(_cfg(base, data, f"finetune.method={method}", "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"))
@@ -177,7 +177,7 @@ def test_method_steps_sharded_fsdp_tp_like_one_device(method, base_and_data):
         np.testing.assert_allclose(x, _leaves(jax.device_get(ref_state.params))[name], atol=6 * lr, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["hft", "sorsa", "bone", "bat"])
+@pytest.mark.parametrize("method", ["hft", "sorsa", "bone", "bat", "abba"])
 def test_method_finetunes_through_the_cli_and_resumes_exactly(method, base_and_data, tmp_path, capsys):
     base, data = base_and_data
     args = ["finetune", "--base", str(base), f"finetune.method={method}", f"data.source={data}", "data.format=sft",

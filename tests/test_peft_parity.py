@@ -1,4 +1,4 @@
-"""LoRA / PiSSA / DoRA / SORSA / MiSS (Bone, Bat) against Hugging Face `peft` (torch, CPU) on a tiny random Llama: the same adapter
+"""LoRA / PiSSA / DoRA / SORSA / MiSS (Bone, Bat) / ABBA (as LoHa) against Hugging Face `peft` (torch, CPU) on a tiny random Llama: the same adapter
 weights give the same logits in both, in both directions of the adapter export/import."""
 
 import jax
@@ -14,6 +14,7 @@ from jaxllm.config import ConfigError, LoraConfig  # noqa: E402
 from jaxllm.interop.hf_checkpoint import load_hf_checkpoint  # noqa: E402
 from jaxllm.interop.peft_adapter import load_peft_adapter, save_peft_adapter  # noqa: E402
 from jaxllm.peft import LoraAdapter  # noqa: E402
+from jaxllm.peft.abba import AbbaAdapter  # noqa: E402
 from jaxllm.peft.miss import MissAdapter  # noqa: E402
 from jaxllm.peft.sorsa import SorsaAdapter  # noqa: E402
 
@@ -160,6 +161,43 @@ def test_miss_adapters_against_peft_both_ways_and_merge_unmerge(bat, base, tmp_p
         np.testing.assert_allclose(np.asarray(_get(back, name)), np.asarray(x), atol=1e-5)
     exact = ours_adapter.unmerge(merged, trained, record)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(exact), jax.tree.leaves(params)))
+
+
+def test_abba_against_peft_loha_both_ways_and_its_init(base, tmp_path):
+    """ABBA's update s (A1 B1) * (A2 B2), run through its Khatri-Rao factors, equals peft's LoHa (which forms the
+    product) with the same factors, in both directions; at init A1 B1 is W's principal rank-r part (numpy's SVD) and
+    the model is the base; merging keeps the function and unmerging restores the base."""
+    path, lm, params, model_type = base
+    adapter = AbbaAdapter(lm, LoraConfig(rank=4, alpha=8.0))
+    initial, frozen = adapter.init(jax.random.key(1), params)
+    np.testing.assert_allclose(lm.apply(adapter.apply(frozen, initial), _tokens()), lm.apply(params, _tokens()), atol=1e-5)
+    w = np.asarray(params["blocks"]["mlp"]["down"]["kernel"][1], np.float64)
+    u, sv, vt = np.linalg.svd(w, full_matrices=False)
+    leaves = {k: np.asarray(v[1], np.float64) for k, v in initial["blocks"]["mlp"]["down"].items()}
+    np.testing.assert_allclose(leaves["a1"] @ leaves["b1"], u[:, :4] * sv[:4] @ vt[:4], atol=1e-5)
+    trained = _perturbed(initial, 2)
+    ours = np.asarray(lm.apply(adapter.apply(frozen, trained), _tokens()))
+    save_peft_adapter(tmp_path / "ours", adapter, trained, model_type)
+    loaded = peft.PeftModel.from_pretrained(_torch_base(path), tmp_path / "ours").eval()
+    np.testing.assert_allclose(ours, _peft_logits(loaded, _tokens()), atol=TOL, rtol=0)
+    assert np.abs(ours - np.asarray(lm.apply(params, _tokens()))).max() > 10 * TOL  # the adapter matters
+    merged = adapter.merge(frozen, trained)
+    np.testing.assert_allclose(lm.apply(merged, _tokens()), ours, atol=TOL)
+    back = adapter.unmerge(merged, trained)
+    np.testing.assert_allclose(back["blocks"]["attn"]["q"]["kernel"], params["blocks"]["attn"]["q"]["kernel"], atol=1e-5)
+
+    model = peft.get_peft_model(_torch_base(path), peft.LoHaConfig(r=4, alpha=8, target_modules=TARGETS_HF))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "hada_" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    model.save_pretrained(tmp_path / "theirs")
+    imported, tree = load_peft_adapter(tmp_path / "theirs", lm, model_type)
+    assert isinstance(imported, AbbaAdapter) and imported.scale == 2.0
+    np.testing.assert_allclose(lm.apply(imported.apply(params, jax.tree.map(jnp.asarray, tree)), _tokens()),
+                               _peft_logits(model, _tokens()), atol=TOL, rtol=0)
 
 
 def _get(tree, path):

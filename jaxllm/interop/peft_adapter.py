@@ -1,10 +1,10 @@
-"""Hugging Face `peft` LoRA and MiSS (Bone / Bat) adapters in and out: `adapter_config.json` +
+"""Hugging Face `peft` LoRA, MiSS (Bone / Bat) and LoHa (ABBA) adapters in and out: `adapter_config.json` +
 `adapter_model.safetensors`.
 
 peft stores, per adapted torch Linear `<module>`, `base_model.model.<module>.lora_A.weight` [r, in],
 `lora_B.weight` [out, r] and for DoRA `lora_magnitude_vector` [out]; ours are `a` [*in, r], `b`
 [r, *out] and `magnitude` [*out] stacked over layers. MiSS stores `<module>.miss_block`: Bone [r, out] (ours
-[r, *out]), Bat [out / r, r, r] (ours the same). Module names come from the same table that maps
+[r, *out]), Bat [out / r, r, r] (ours the same). LoHa stores `hada_w{1,2}_{a,b}`: ABBA's B^T and A^T. Module names come from the same table that maps
 the base checkpoint (`hf_mapping`), so every family whose targets map one-to-one is covered.
 
 Adapters initialised from W (PiSSA, MiLoRA, OLoRA) are trained against a residual base; exported,
@@ -26,6 +26,7 @@ from jaxllm.config import ConfigError, LoraConfig
 from jaxllm.interop.hf_mapping import _entries
 from jaxllm.language_model import LanguageModel, Params
 from jaxllm.nested import get_path, merge_into
+from jaxllm.peft.abba import AbbaAdapter
 from jaxllm.peft.lora import LoraAdapter
 from jaxllm.peft.miss import MissAdapter
 
@@ -76,6 +77,8 @@ def save_peft_adapter(
         raise ConfigError(f"{missing} have no single Hugging Face {model_type} Linear to attach a peft adapter to")
     if isinstance(adapter, MissAdapter):
         return _save_miss(Path(directory), adapter, lora, names, base_model)
+    if isinstance(adapter, AbbaAdapter):
+        return _save_loha(Path(directory), adapter, lora, names, base_model)
     spec, lora = _as_plain_lora(adapter, lora, initial)
     tensors: dict[str, np.ndarray] = {}
     for t in adapter.targets:
@@ -125,9 +128,37 @@ def _save_miss(out: Path, adapter: MissAdapter, tree: Params, names: dict[tuple[
     return out
 
 
+def _loha_names(module: str) -> dict[str, str]:
+    """Our ABBA leaf -> peft's LoHa tensor: hada_w1_a [out, r] = B1^T, hada_w1_b [r, in] = A1^T (and 2 likewise)."""
+    return {"a1": f"{module}.hada_w1_b", "b1": f"{module}.hada_w1_a", "a2": f"{module}.hada_w2_b",
+            "b2": f"{module}.hada_w2_a"}
+
+
+def _save_loha(out: Path, adapter: AbbaAdapter, tree: Params, names: dict[tuple[str, ...], str],
+               base_model: str | None) -> Path:
+    from safetensors.numpy import save_file
+
+    r, tensors = adapter.spec.rank, {}
+    for t in adapter.targets:
+        leaves = {k: np.asarray(v, np.float32) for k, v in get_path(tree, t.path).items()}
+        for i in range(t.lead[0]) if t.n_lead else [None]:
+            for leaf, key in _loha_names(PREFIX + names[t.path].format(i=i)).items():
+                x = leaves[leaf][i] if i is not None else leaves[leaf]
+                x = x.reshape(-1, r) if leaf[0] == "a" else x.reshape(r, -1)
+                tensors[key] = np.ascontiguousarray(x.T)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {"peft_type": "LOHA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": r,
+              "alpha": adapter.scale * r, "rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False,
+              "init_weights": True, "target_modules": sorted({names[t.path].rsplit(".", 1)[-1] for t in adapter.targets}),
+              "modules_to_save": None, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
 def load_peft_adapter(directory: str | Path, lm: LanguageModel, model_type: str) -> tuple[LoraAdapter, Params]:
-    """(adapter, adapter params) from a peft LoRA or MiSS directory, for `lm` (the same base model): a LoraAdapter, or
-    for MiSS its MissAdapter subclass; `adapter.apply(base, params)` either way."""
+    """(adapter, adapter params) from a peft LoRA, MiSS or LoHa directory, for `lm` (the same base model): a
+    LoraAdapter, or its MissAdapter / AbbaAdapter subclass; `adapter.apply(base, params)` either way."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -137,8 +168,10 @@ def load_peft_adapter(directory: str | Path, lm: LanguageModel, model_type: str)
     if not (d / "adapter_model.safetensors").exists():
         raise ConfigError(f"{d} holds no adapter_model.safetensors (pickled adapter_model.bin is never loaded)")
     hf: dict[str, Any] = json.loads((d / "adapter_config.json").read_text())
-    if hf.get("peft_type") not in ("LORA", "MISS"):
-        raise ConfigError(f"peft_type {hf.get('peft_type')!r} is not supported; supported: LORA, MISS")
+    if hf.get("peft_type") not in ("LORA", "MISS", "LOHA"):
+        raise ConfigError(f"peft_type {hf.get('peft_type')!r} is not supported; supported: LORA, MISS, LOHA")
+    if hf["peft_type"] == "LOHA" and (hf.get("rank_dropout") or hf.get("module_dropout")):
+        raise ConfigError("peft LoHa adapters with rank_dropout or module_dropout are not supported")
     if hf["peft_type"] == "MISS" and hf.get("init_weights", True) not in (True, "bat"):
         raise ConfigError(f"peft MiSS init_weights={hf.get('init_weights')!r} is not supported; supported: true (Bone), "
                           "'bat'")
@@ -165,6 +198,14 @@ def load_peft_adapter(directory: str | Path, lm: LanguageModel, model_type: str)
 
         def read(module, t):  # our leaf -> (peft's tensor name, its layout -> ours)
             return {"block": (f"{module}.miss_block", lambda x: x if bat else x.reshape(x.shape[0], *t.out_shape))}
+    elif hf["peft_type"] == "LOHA":
+        r = int(hf["r"])
+        adapter = AbbaAdapter(lm, LoraConfig(targets=paths, rank=r, alpha=float(hf["alpha"])))
+
+        def read(module, t):
+            layout = lambda leaf: ((lambda x: x.T.reshape(*t.in_shape, r)) if leaf[0] == "a"
+                                   else (lambda x: x.T.reshape(r, *t.out_shape)))
+            return {leaf: (key, layout(leaf)) for leaf, key in _loha_names(module).items()}
     else:
         spec = LoraConfig(targets=paths, rank=int(hf["r"]), alpha=float(hf["lora_alpha"]),
                           dropout=float(hf.get("lora_dropout") or 0.0), rslora=bool(hf.get("use_rslora")),
