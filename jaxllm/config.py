@@ -275,14 +275,27 @@ class SorsaConfig:
 
 
 @dataclass
+class CordaConfig:
+    """CorDA: adapters from the SVD of each target oriented by its input covariance on calibration samples."""
+
+    mode: str = "ipm"  # ipm: train the top-r directions (learn the task) | kpm: the bottom-r (keep what `data` uses)
+    samples: int = 64  # calibration rows of data.seq_len tokens
+    data: str = ""  # calibration source; empty: the fine-tuning data (data.source)
+    format: str = "text"  # data.format of `data` when it is given
+
+
+@dataclass
 class FinetuneConfig:
     base: str = ""  # the model to adapt: a Hugging Face checkpoint directory or a jaxllm run directory
     # lora: train adapters only; full: every parameter; mixlora: router + LoRA experts (model.moe); hft: half of each
-    # layer's matrices; sorsa: singular vectors and values of each target's principal part (finetune.lora targets/rank)
+    # layer's matrices; sorsa: singular vectors and values of each target's principal part (finetune.lora targets/rank);
+    # bone / bat: block-affine adapters (peft's MiSS); abba: Hadamard product of two low-rank pairs; corda: LoRA from
+    # the covariance-oriented SVD (finetune.corda)
     method: str = "lora"
     lora: LoraConfig = field(default_factory=LoraConfig)
     hft: HftConfig = field(default_factory=HftConfig)
     sorsa: SorsaConfig = field(default_factory=SorsaConfig)
+    corda: CordaConfig = field(default_factory=CordaConfig)
 
 
 @dataclass
@@ -419,6 +432,9 @@ def check_values(cfg: Config) -> None:
         raise ConfigError("finetune.lora.targets is empty; name at least one linear map, e.g. [q, v]")
     if cfg.finetune.sorsa.gamma < 0:
         raise ConfigError(f"finetune.sorsa.gamma={cfg.finetune.sorsa.gamma} must be >= 0")
+    _choice("finetune.corda.mode", cfg.finetune.corda.mode, ("ipm", "kpm"))
+    _positive("finetune.corda.samples", cfg.finetune.corda.samples)
+    _choice("finetune.corda.format", cfg.finetune.corda.format, DATA_FORMATS)
     _positive("train.steps", cfg.train.steps)
     _positive("train.learning_rate", cfg.train.learning_rate)
     if not 0 <= cfg.train.warmup_steps <= cfg.train.steps:

@@ -54,6 +54,12 @@ def tiny_base_and_sft_data(root):
     return root / "base", data
 
 
+@pytest.fixture(scope="session")
+def base_and_data(tmp_path_factory):
+    """A 2-step `tiny` base run and instruction data, shared by the fine-tuning modules (read only)."""
+    return tiny_base_and_sft_data(tmp_path_factory.mktemp("finetune_base"))
+
+
 # The attention/model variants every causality and packing property must hold for.
 VARIANTS = {
     "mha": tiny_model(num_kv_heads=4),
@@ -102,9 +108,9 @@ def pallas_block_shapes(fn, *args) -> list[tuple[tuple[int, ...], tuple[int, ...
 # modules to workers in collection order (--no-loadscope-reorder), so the workers finish together instead of one
 # running a long module alone at the end. Modules not listed keep their order, after these.
 LONGEST_FIRST = ["test_moe", "test_multiprocess", "test_reproduce", "test_peft", "test_flash_attention", "test_structured",
-                 "test_finetune", "test_generate", "test_train", "test_block_sparse_matmul", "test_model", "test_cli",
+                 "test_finetune", "test_peft_family", "test_generate", "test_train", "test_block_sparse_matmul", "test_model", "test_cli",
                  "test_hf_parity", "test_peft_parity", "test_context_parallel", "test_hf_cli", "test_sharding",
-                 "test_grouped_matmul", "test_peft_family", "test_lm_eval", "test_training_method", "test_notebooks", "test_bench_gpu"]
+                 "test_grouped_matmul", "test_lm_eval", "test_training_method", "test_notebooks", "test_bench_gpu"]
 
 
 def pytest_collection_modifyitems(items):

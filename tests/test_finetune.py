@@ -8,7 +8,6 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_base_and_sft_data
 from jaxllm.cli import main
 from jaxllm.config import ConfigError, load_config
 from jaxllm.data.pipeline import load_corpus, make_batches
@@ -21,11 +20,6 @@ from jaxllm.peft import LoraAdapter
 from jaxllm.train.setup import setup_step
 from jaxllm.train.step import make_train_step
 from jaxllm.train.trainer import resolve_finetune_config
-
-
-@pytest.fixture(scope="module")
-def base_and_data(tmp_path_factory):
-    return tiny_base_and_sft_data(tmp_path_factory.mktemp("finetune"))
 
 
 def _finetune_cfg(base, data, *overrides):

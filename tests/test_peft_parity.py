@@ -1,4 +1,4 @@
-"""LoRA / PiSSA / DoRA / SORSA / MiSS (Bone, Bat) / ABBA (as LoHa) against Hugging Face `peft` (torch, CPU) on a tiny random Llama: the same adapter
+"""LoRA / PiSSA / DoRA / SORSA / MiSS (Bone, Bat) / ABBA (as LoHa) / CorDA against Hugging Face `peft` (torch, CPU) on a tiny random Llama: the same adapter
 weights give the same logits in both, in both directions of the adapter export/import."""
 
 import jax
@@ -15,6 +15,7 @@ from jaxllm.interop.hf_checkpoint import load_hf_checkpoint  # noqa: E402
 from jaxllm.interop.peft_adapter import load_peft_adapter, save_peft_adapter  # noqa: E402
 from jaxllm.peft import LoraAdapter  # noqa: E402
 from jaxllm.peft.abba import AbbaAdapter  # noqa: E402
+from jaxllm.peft.corda import CordaAdapter  # noqa: E402
 from jaxllm.peft.miss import MissAdapter  # noqa: E402
 from jaxllm.peft.sorsa import SorsaAdapter  # noqa: E402
 
@@ -198,6 +199,44 @@ def test_abba_against_peft_loha_both_ways_and_its_init(base, tmp_path):
     assert isinstance(imported, AbbaAdapter) and imported.scale == 2.0
     np.testing.assert_allclose(lm.apply(imported.apply(params, jax.tree.map(jnp.asarray, tree)), _tokens()),
                                _peft_logits(model, _tokens()), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["ipm", "kpm"])
+def test_corda_matches_peft_on_the_same_calibration_samples(mode, base, tmp_path):
+    """CorDA from jaxllm's calibration pass (input covariances through the probe's gradient) builds the adapter and
+    residual peft builds from its forward hooks on the same samples (compared sign-free: s A B and the residual);
+    the model starts as the base, and the trained adapter exports as a LoRA peft puts on the original base."""
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    path, lm, params, model_type = base
+    samples = [np.random.default_rng(10 + i).integers(0, 97, 12) for i in range(3)]
+    model = _torch_base(path)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS_HF, init_lora_weights="corda",
+                          corda_config=CordaConfig(corda_method=mode))
+    with torch.no_grad():
+        preprocess_corda(model, cfg, run_model=lambda: [model(input_ids=torch.tensor(s)[None]) for s in samples])
+    model = peft.get_peft_model(model, cfg)
+
+    adapter = CordaAdapter(lm, LoraConfig(rank=4, alpha=8.0), mode)
+    assert adapter.calibrate(params, samples) == 3
+    lora, frozen = adapter.init(jax.random.key(0), params)
+    layers = model.base_model.model.model.layers
+    for t in adapter.targets:
+        hf = getattr(layers[1].self_attn if t.path[1] == "attn" else layers[1].mlp, f"{t.path[2]}_proj")
+        theirs_delta = (2.0 * hf.lora_B["default"].weight @ hf.lora_A["default"].weight).detach().numpy().T
+        a, b = (np.asarray(lora["blocks"][t.path[1]][t.path[2]][k][1]) for k in "ab")
+        ours_delta = 2.0 * a.reshape(-1, 4) @ b.reshape(4, -1)
+        np.testing.assert_allclose(ours_delta, theirs_delta, atol=1e-4, err_msg=t.name)
+        residual = np.asarray(frozen["blocks"][t.path[1]][t.path[2]]["kernel"][1]).reshape(ours_delta.shape)
+        np.testing.assert_allclose(residual, hf.base_layer.weight.detach().numpy().T, atol=1e-4, err_msg=t.name)
+    np.testing.assert_allclose(lm.apply(adapter.apply(frozen, lora), _tokens()), lm.apply(params, _tokens()), atol=1e-5)
+
+    trained = _perturbed(lora, 2)
+    ours = np.asarray(lm.apply(adapter.apply(frozen, trained), _tokens()))
+    save_peft_adapter(tmp_path / "adapter", adapter, trained, model_type, initial=lora)
+    loaded = peft.PeftModel.from_pretrained(_torch_base(path), tmp_path / "adapter").eval()
+    np.testing.assert_allclose(ours, _peft_logits(loaded, _tokens()), atol=TOL, rtol=0)
 
 
 def _get(tree, path):

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import tiny_base_and_sft_data
 from jaxllm.cli import main
 from jaxllm.config import ConfigError, load_config
 from jaxllm.interop.models import load_model
@@ -67,11 +66,6 @@ class NormsOnly(TrainingMethod):
         flat = {path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(jax.device_get(trained))}
         save_file(flat, run_dir / "norms.safetensors")
         return run_dir / "norms.safetensors"
-
-
-@pytest.fixture(scope="module")
-def base_and_data(tmp_path_factory):
-    return tiny_base_and_sft_data(tmp_path_factory.mktemp("method"))
 
 
 def _logged(run, name: str) -> list[float]:

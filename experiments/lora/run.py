@@ -1,6 +1,7 @@
 """PEFT on real text: pretrain a base on the stdlib corpus, then adapt it to the stdlib docstring task (function code
--> its docstring's first sentence) with full fine-tuning, LoRA, rsLoRA, PiSSA, MiLoRA, OLoRA, DoRA, LoRA+ and QLoRA
-(NF4 base), >= 3 seeds each.
+-> its docstring's first sentence) with full fine-tuning, LoRA, rsLoRA, PiSSA, MiLoRA, OLoRA, DoRA, LoRA+, QLoRA
+(NF4 base), HFT, SORSA, Bone, Bat, ABBA and CorDA (IPM calibrated on the task, KPM on pretraining text), >= 3 seeds
+each.
 
     python experiments/lora/run.py [--base-steps 300] [--steps 50] [--seeds 3] [--out experiments/lora]
     python experiments/lora/run.py --quick   # tiny base, 2 methods, 2 seeds, a few steps (the tests)
@@ -49,6 +50,13 @@ METHODS = {  # name -> (overrides, learning rate)
     "dora": (["finetune.lora.dora=true"], 2e-3),
     "lora+": (["finetune.lora.lr_ratio=16"], 2e-3),
     "qlora": (["finetune.lora.quantize=nf4"], 2e-3),
+    "hft": (["finetune.method=hft"], 5e-4),
+    "sorsa": (["finetune.method=sorsa"], 2e-3),
+    "bone": (["finetune.method=bone"], 2e-3),
+    "bat": (["finetune.method=bat"], 2e-3),
+    "abba": (["finetune.method=abba"], 2e-3),
+    "corda-ipm": (["finetune.method=corda", "finetune.corda.mode=ipm"], 2e-3),
+    "corda-kpm": (["finetune.method=corda", "finetune.corda.mode=kpm"], 2e-3),  # calibrated on pretraining text
 }
 
 
@@ -178,7 +186,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"data.source={work / 'task' / 'train.jsonl'}", f"data.seq_len={seq}", "train.batch_size=8",
                 f"train.steps={args.steps}", f"train.learning_rate={lr}", f"train.warmup_steps={max(1, args.steps // 10)}",
                 "train.log_every=5", "train.eval_every=0", "data.eval_fraction=0", f"checkpoint.save_every={args.steps}",
-                f"checkpoint.run_dir={run_dir}", *overrides, *seed_overrides(seed, data_order=True)])
+                f"checkpoint.run_dir={run_dir}", *overrides, *seed_overrides(seed, data_order=True),
+                # CorDA-KPM orients its decomposition by the knowledge to keep: the pretraining text
+                *([f"finetune.corda.data={work / 'pretrain.jsonl'}", "finetune.corda.format=text"]
+                  if name == "corda-kpm" else [])])
             result = train(cfg)
             if result.interrupted:
                 raise SystemExit(f"interrupted at step {result.end_step}; run again to resume")
@@ -196,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     mib = lambda b: f"{b / 2**20:.2f}"
     early = str(min(int(s) for s in runs[f"{names[1]}|0"]["losses"] if int(s) >= args.steps // 3))
     lines = [
-        "# PEFT on real text: full fine-tuning vs the LoRA family on the stdlib docstring task",
+        "# PEFT on real text: full fine-tuning vs the LoRA family and its successors on the stdlib docstring task",
         "",
         f"`{m['command']}` at commit {m['commit']}{' + changes' if m['dirty'] else ''} (runs at "
         f"{', '.join(results.commits())}), {m['date']}, {m['machine']}; "
@@ -208,7 +219,9 @@ def main(argv: list[str] | None = None) -> None:
         f"examples from {task['train_modules']} modules, {task['held_out']:,} held-out from {task['held_out_modules']} "
         f"other modules), loss on the response only. Every method: {args.steps} steps of 8 x {seq} tokens, warmup "
         f"{max(1, args.steps // 10)}, cosine; LoRA family rank 8, alpha 16 on q, k, v, o, gate, up, down; LoRA+ B lr x16; "
-        "QLoRA: the same LoRA over an NF4 base (blocks of 64). Seed = adapter initialisation and data order.",
+        "QLoRA: the same LoRA over an NF4 base (blocks of 64); HFT: half of each layer's matrices, full fine-tuning's lr; "
+        "SORSA, Bone, Bat, ABBA, CorDA at the LoRA family's rank 8 (and alpha 16 where it applies; SORSA gamma 4e-4); "
+        "CorDA calibrates on 64 rows (IPM: the task, KPM: pretraining text). Seed = adapter initialisation and data order.",
         f"Held-out: every example of the held-out modules, teacher-forced. Forgetting: loss on {len(pretrain_eval)} "
         f"pretraining eval files; the base scores {base_scores['pretrain_eval_loss']:.3f} there and "
         f"{base_scores['held_out_loss']:.3f} (accuracy {base_scores['held_out_accuracy']:.1%}) on the held-out task.",
@@ -245,6 +258,21 @@ def main(argv: list[str] | None = None) -> None:
                   "- LoRA vs full fine-tuning (forgetting): " + compare(by("lora", "pretrain_eval_loss"),
                                                                        by("full", "pretrain_eval_loss"), "LoRA", "full",
                                                                        "pretraining-eval loss")]
+    claims = [  # (names needed, claim, (a, b, what)): the paper's claim that a beats b
+        ({"hft", "full"}, "HFT forgets less than full fine-tuning", ("hft", "full", "pretrain_eval_loss")),
+        ({"hft", "full"}, "HFT vs full fine-tuning (held-out loss)", ("hft", "full", "held_out_loss")),
+        ({"sorsa", "lora"}, f"SORSA converges faster than LoRA (train loss at step {early})", ("sorsa", "lora", early)),
+        ({"sorsa", "pissa"}, f"SORSA converges faster than PiSSA (train loss at step {early})", ("sorsa", "pissa", early)),
+        ({"bone", "lora"}, f"Bone converges faster than LoRA (train loss at step {early})", ("bone", "lora", early)),
+        ({"abba", "lora"}, "ABBA ends lower than LoRA (held-out loss)", ("abba", "lora", "held_out_loss")),
+        ({"corda-ipm", "lora"}, "CorDA-IPM ends lower than LoRA (held-out loss)", ("corda-ipm", "lora", "held_out_loss")),
+        ({"corda-kpm", "lora"}, "CorDA-KPM forgets less than LoRA", ("corda-kpm", "lora", "pretrain_eval_loss")),
+    ]
+    for needed, claim, (a, b, what) in claims:
+        if needed <= set(names):
+            values = early_losses if what == early else (lambda n, w=what: by(n, w))
+            label = "train loss" if what == early else what.replace("_", " ").replace("pretrain", "pretraining")
+            found.append(f"- {claim}: " + compare(values(a), values(b), a, b, label))
     lines += ["", "## Which claims reproduce (in direction; two-std rule)", "", *found]
     results.save(base=base_summary, task=task, early_step=early,
                  claims=found)

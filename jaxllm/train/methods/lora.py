@@ -38,10 +38,14 @@ class Lora(TrainingMethod):
 
     def prepare(self, mesh: Mesh, key: jax.Array, base: Base) -> Prepared:
         shardings = self.adapter.shardings(mesh)
-        init = jax.jit(self.adapter.init, out_shardings=(shardings, self.adapter.frozen_shardings(mesh)))
-        trained, frozen = init(key, load_base(self.cfg, self.lm, mesh, base))
+        trained, frozen = self.initialise(key, load_base(self.cfg, self.lm, mesh, base), mesh)
         self.initial = jax.tree.map(jnp.copy, trained)  # not donated with the state
         return Prepared(fresh_copies(trained, shardings), shardings, frozen)
+
+    def initialise(self, key: jax.Array, base: Params, mesh: Mesh) -> tuple[Params, Params]:
+        """(adapter, frozen) from the placed base, placed on `mesh`."""
+        init = jax.jit(self.adapter.init, out_shardings=(self.adapter.shardings(mesh), self.adapter.frozen_shardings(mesh)))
+        return init(key, base)
 
     def to_model(self, trained: Params, frozen: Params, rng: jax.Array | None) -> Params:
         return self.adapter.apply(frozen, trained, rng)
