@@ -275,6 +275,15 @@ class SorsaConfig:
 
 
 @dataclass
+class S2ftConfig:
+    """S²FT: per layer, rows of a few attention heads of `o` and of a few MLP channels of `down` train."""
+
+    head_fraction: float = 0.05  # share of the heads (at least one)
+    channel_fraction: float = 0.02  # share of the MLP's hidden channels (at least one)
+    seed: int = 0  # which rows
+
+
+@dataclass
 class CordaConfig:
     """CorDA: adapters from the SVD of each target oriented by its input covariance on calibration samples."""
 
@@ -290,12 +299,13 @@ class FinetuneConfig:
     # lora: train adapters only; full: every parameter; mixlora: router + LoRA experts (model.moe); hft: half of each
     # layer's matrices; sorsa: singular vectors and values of each target's principal part (finetune.lora targets/rank);
     # bone / bat: block-affine adapters (peft's MiSS); abba: Hadamard product of two low-rank pairs; corda: LoRA from
-    # the covariance-oriented SVD (finetune.corda)
+    # the covariance-oriented SVD (finetune.corda); s2ft: row deltas on a few heads of o and channels of down
     method: str = "lora"
     lora: LoraConfig = field(default_factory=LoraConfig)
     hft: HftConfig = field(default_factory=HftConfig)
     sorsa: SorsaConfig = field(default_factory=SorsaConfig)
     corda: CordaConfig = field(default_factory=CordaConfig)
+    s2ft: S2ftConfig = field(default_factory=S2ftConfig)
 
 
 @dataclass

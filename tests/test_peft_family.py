@@ -1,13 +1,14 @@
 """The PEFT family beyond LoRA, each as a training method: HFT (half of each layer's categories train, the rest stays
 bitwise the base; the trained half moves as full fine-tuning moves it), SORSA (principal singular triplets
-against numpy's SVD, its regulariser against the numpy formula), Bone, Bat, ABBA and CorDA (their peft parity is in
-tests/test_peft_parity.py); each runs through `jaxllm finetune` on 8 devices (fsdp x tensor) with the losses of one
+against numpy's SVD, its regulariser against the numpy formula), S²FT (gradients = full fine-tuning's on the chosen rows, state
+sized to them), Bone, Bat, ABBA and CorDA (their peft parity is in tests/test_peft_parity.py); each runs through `jaxllm finetune` on 8 devices (fsdp x tensor) with the losses of one
 device, resuming exactly."""
 
 import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -17,6 +18,7 @@ from jaxllm.config import LoraConfig, load_config
 from jaxllm.data.pipeline import RowStreams, load_corpus, local_rows
 from jaxllm.language_model import LanguageModel
 from jaxllm.peft.half_finetune import half_masks, split_stacked
+from jaxllm.peft.s2ft import S2ftAdapter
 from jaxllm.peft.sorsa import SorsaAdapter
 from jaxllm.train.setup import setup_step
 from jaxllm.train.step import make_train_step
@@ -137,6 +139,45 @@ def test_sorsa_regulariser_is_the_orthonormality_formula_and_merging_keeps_the_f
     assert np.abs(np.asarray(unmerged) - np.asarray(lm.apply(params, tokens))).max() > 1e-2  # the adapter matters
 
 
+# ----------------------------------------------------------------------------------------------------------- S²FT
+def test_s2ft_gradients_are_full_finetunings_on_the_chosen_rows_and_zero_elsewhere():
+    lm = LanguageModel(tiny_model())
+    params = lm.init(jax.random.key(0))
+    adapter = S2ftAdapter(lm, head_fraction=0.25, channel_fraction=0.05, seed=0)  # 1 of 4 heads, 3 of 64 channels
+    rows_o, rows_down = adapter.rows[("blocks", "attn", "o")], adapter.rows[("blocks", "mlp", "down")]
+    head_dim = lm.cfg.resolved_head_dim
+    assert rows_o.shape == (2, head_dim) and rows_down.shape == (2, 3)
+    for layer in rows_o:  # one whole head's rows
+        assert layer[0] % head_dim == 0 and list(layer) == list(range(layer[0], layer[0] + head_dim))
+    deltas, frozen = adapter.init(jax.random.key(1), params)
+    tokens = np.random.default_rng(0).integers(0, 97, (2, 12))
+    weights = jax.random.normal(jax.random.key(2), (2, 12, 97))
+    score = lambda p: jnp.sum(lm.apply(p, tokens) * weights)
+    full = jax.grad(score)(params)
+    ours = jax.grad(lambda d: score(adapter.apply(frozen, d)))(deltas)
+    D = lm.cfg.d_model  # both maps write the residual stream
+    assert sorted(x.shape for x in jax.tree.leaves(ours)) == [(2, 3, D), (2, head_dim, D)]
+    for path, rows in adapter.rows.items():
+        g_full = np.asarray(full["blocks"][path[1]][path[2]]["kernel"]).reshape(2, -1, D)
+        g_ours = np.asarray(ours["blocks"][path[1]][path[2]]["delta"])
+        for layer in range(2):
+            np.testing.assert_allclose(g_ours[layer], g_full[layer][rows[layer]], rtol=1e-4, atol=1e-6)
+    moved = _perturbed_tree(deltas)
+    adapted = lm.apply(adapter.apply(frozen, moved), tokens)
+    merged = adapter.merge(frozen, moved)
+    np.testing.assert_allclose(lm.apply(merged, tokens), adapted, atol=1e-5)
+    changed = np.asarray(merged["blocks"]["mlp"]["down"]["kernel"]) != np.asarray(params["blocks"]["mlp"]["down"]["kernel"])
+    assert set(np.nonzero(changed.any(axis=-1))[1]) <= set(rows_down.reshape(-1))  # only the chosen rows moved
+    back = adapter.unmerge(merged, moved)
+    np.testing.assert_allclose(back["blocks"]["attn"]["o"]["kernel"], params["blocks"]["attn"]["o"]["kernel"], atol=1e-6)
+
+
+def _perturbed_tree(tree, seed=3):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return treedef.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
 # ----------------------------------------------------------------------------------- every method through the CLI
 def _logged(run, name):
     return [json.loads(line)[name] for line in (run / "metrics.jsonl").read_text().splitlines() if name in line]
@@ -145,7 +186,7 @@ def _logged(run, name):
 EXTRA = {"corda": ["finetune.corda.samples=4"]}  # a method's own settings in the test
 
 
-@pytest.mark.parametrize("method", ["hft", "sorsa", "bone", "bat", "abba", "corda"])
+@pytest.mark.parametrize("method", ["hft", "sorsa", "bone", "bat", "abba", "corda", "s2ft"])
 def test_method_finetunes_sharded_like_one_device_and_resumes_exactly(method, base_and_data, tmp_path, capsys):
     """Through `jaxllm finetune` on 8 devices (fsdp 4 x tensor 2): the logged losses are those of the same steps run
     on one device (the step jitted without shardings on the trainer's batches), and a run resumed from its step-2
@@ -186,5 +227,11 @@ def test_method_finetunes_sharded_like_one_device_and_resumes_exactly(method, ba
         ortho, ce = _logged(straight, "train/method/orthonormality"), _logged(straight, "train/cross_entropy")
         np.testing.assert_allclose(np.array(losses) - np.array(ce), ortho, atol=1e-6)
         assert ortho[-1] > ortho[0]
-    if method != "hft":  # adapters leave a peft directory (its parity: tests/test_peft_parity.py)
+    if method == "s2ft":  # gradients and optimizer state for the chosen rows only
+        rows = setup.method.adapter.rows
+        assert sorted(x.shape for x in jax.tree.leaves(setup.init().params)) == sorted(
+            (2, r.shape[1], 64) for r in rows.values())
+        moments = [x for x in jax.tree.leaves(setup.init().opt_state) if x.ndim > 0]
+        assert sum(x.size for x in moments) == 2 * sum(r.size * 64 for r in rows.values())
+    if method not in ("hft", "s2ft"):  # adapters leave a peft directory (its parity: tests/test_peft_parity.py)
         assert (straight / "adapter" / "adapter_model.safetensors").exists()

@@ -56,6 +56,16 @@ def _peft_logits(model, tokens):
         return model(input_ids=torch.tensor(tokens)).logits.numpy()
 
 
+def _trained_in_peft(model, marker: str, seed: int):
+    """A peft model as after some training: every adapter tensor (name containing `marker`) moved; in eval mode."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if marker in name:
+                p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
 def _perturbed(tree, seed):
     """Adapter weights as after some training: every leaf moved (B no longer zero)."""
     leaves, treedef = jax.tree.flatten(tree)
@@ -87,11 +97,7 @@ def test_peft_adapter_imported_into_jaxllm(method, base, tmp_path):
     model = peft.get_peft_model(_torch_base(path), peft_cfg)
     if method == "pissa":  # keep the initial adapter: peft converts PiSSA to LoRA on the original base
         model.save_pretrained(tmp_path / "initial")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.add_(0.05 * torch.randn_like(p))
-    model.eval()
+    model = _trained_in_peft(model, "lora_", 3)
     theirs = _peft_logits(model, _tokens())
     if method == "pissa":
         model.save_pretrained(tmp_path / "adapter", path_initial_model_for_weight_conversion=tmp_path / "initial")
@@ -127,12 +133,7 @@ def test_miss_adapters_against_peft_both_ways_and_merge_unmerge(bat, base, tmp_p
     path, lm, params, model_type = base
     init = "bat" if bat else True
     model = peft.get_peft_model(_torch_base(path), peft.MissConfig(r=4, init_weights=init, target_modules=TARGETS_HF))
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "miss_block" in name:
-                p.add_(0.05 * torch.randn_like(p))
-    model.eval()
+    model = _trained_in_peft(model, "miss_block", 4)
     theirs = _peft_logits(model, _tokens())
     model.save_pretrained(tmp_path / "theirs")
     adapter, blocks = load_peft_adapter(tmp_path / "theirs", lm, model_type)
@@ -188,12 +189,7 @@ def test_abba_against_peft_loha_both_ways_and_its_init(base, tmp_path):
     np.testing.assert_allclose(back["blocks"]["attn"]["q"]["kernel"], params["blocks"]["attn"]["q"]["kernel"], atol=1e-5)
 
     model = peft.get_peft_model(_torch_base(path), peft.LoHaConfig(r=4, alpha=8, target_modules=TARGETS_HF))
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "hada_" in name:
-                p.add_(0.05 * torch.randn_like(p))
-    model.eval()
+    model = _trained_in_peft(model, "hada_", 5)
     model.save_pretrained(tmp_path / "theirs")
     imported, tree = load_peft_adapter(tmp_path / "theirs", lm, model_type)
     assert isinstance(imported, AbbaAdapter) and imported.scale == 2.0

@@ -1,7 +1,7 @@
 """PEFT on real text: pretrain a base on the stdlib corpus, then adapt it to the stdlib docstring task (function code
 -> its docstring's first sentence) with full fine-tuning, LoRA, rsLoRA, PiSSA, MiLoRA, OLoRA, DoRA, LoRA+, QLoRA
-(NF4 base), HFT, SORSA, Bone, Bat, ABBA and CorDA (IPM calibrated on the task, KPM on pretraining text), >= 3 seeds
-each.
+(NF4 base), HFT, SORSA, Bone, Bat, ABBA, CorDA (IPM calibrated on the task, KPM on pretraining text) and S²FT, >= 3
+seeds each.
 
     python experiments/lora/run.py [--base-steps 300] [--steps 50] [--seeds 3] [--out experiments/lora]
     python experiments/lora/run.py --quick   # tiny base, 2 methods, 2 seeds, a few steps (the tests)
@@ -57,6 +57,7 @@ METHODS = {  # name -> (overrides, learning rate)
     "abba": (["finetune.method=abba"], 2e-3),
     "corda-ipm": (["finetune.method=corda", "finetune.corda.mode=ipm"], 2e-3),
     "corda-kpm": (["finetune.method=corda", "finetune.corda.mode=kpm"], 2e-3),  # calibrated on pretraining text
+    "s2ft": (["finetune.method=s2ft"], 2e-3),
 }
 
 
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{max(1, args.steps // 10)}, cosine; LoRA family rank 8, alpha 16 on q, k, v, o, gate, up, down; LoRA+ B lr x16; "
         "QLoRA: the same LoRA over an NF4 base (blocks of 64); HFT: half of each layer's matrices, full fine-tuning's lr; "
         "SORSA, Bone, Bat, ABBA, CorDA at the LoRA family's rank 8 (and alpha 16 where it applies; SORSA gamma 4e-4); "
-        "CorDA calibrates on 64 rows (IPM: the task, KPM: pretraining text). Seed = adapter initialisation and data order.",
+        "CorDA calibrates on 64 rows (IPM: the task, KPM: pretraining text); S²FT: 5% of the heads' rows of o, 2% of "
+        "the channels' rows of down. Seed = adapter initialisation and data order.",
         f"Held-out: every example of the held-out modules, teacher-forced. Forgetting: loss on {len(pretrain_eval)} "
         f"pretraining eval files; the base scores {base_scores['pretrain_eval_loss']:.3f} there and "
         f"{base_scores['held_out_loss']:.3f} (accuracy {base_scores['held_out_accuracy']:.1%}) on the held-out task.",
@@ -267,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         ({"abba", "lora"}, "ABBA ends lower than LoRA (held-out loss)", ("abba", "lora", "held_out_loss")),
         ({"corda-ipm", "lora"}, "CorDA-IPM ends lower than LoRA (held-out loss)", ("corda-ipm", "lora", "held_out_loss")),
         ({"corda-kpm", "lora"}, "CorDA-KPM forgets less than LoRA", ("corda-kpm", "lora", "pretrain_eval_loss")),
+        ({"s2ft", "lora"}, "S²FT forgets less than LoRA", ("s2ft", "lora", "pretrain_eval_loss")),
     ]
     for needed, claim, (a, b, what) in claims:
         if needed <= set(names):

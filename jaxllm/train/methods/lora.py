@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -81,3 +82,10 @@ class Lora(TrainingMethod):
             return None
         console.print(f"adapter ({self.adapter.num_params:,} params) in peft format: {out}")
         return out
+
+
+def adapter_method(name: str, kind: str, make_adapter: Callable[[LanguageModel, Config], LoraAdapter]) -> type[Lora]:
+    """Register `name` (a `finetune.method`) as LoRA's method over another adapter type: the same optimizer, merge,
+    FLOP count and peft export, the adapters `make_adapter(lm, cfg)` builds; the run's first line calls them `kind`."""
+    cls = type(kind, (Lora,), {"kind": kind, "make_adapter": staticmethod(make_adapter), "__module__": __name__})
+    return register(name)(cls)
