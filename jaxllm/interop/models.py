@@ -30,8 +30,8 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, adapter: str | Path | None = None) -> LoadedModel:
-    """A model with its params and tokenizer; `adapter`: a peft adapter directory (LoRA, MiSS, LoHa) merged into a Hugging Face base
-    (as peft's merge_and_unload does)."""
+    """A model with its params and tokenizer; `adapter`: a peft adapter directory (LoRA, MiSS, LoHa) merged into a
+    Hugging Face base (as peft's merge_and_unload does)."""
     path = Path(path)
     if is_hf_dir(path):
         lm, params, family = load_hf_checkpoint(path)

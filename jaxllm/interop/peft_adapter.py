@@ -4,7 +4,8 @@
 peft stores, per adapted torch Linear `<module>`, `base_model.model.<module>.lora_A.weight` [r, in],
 `lora_B.weight` [out, r] and for DoRA `lora_magnitude_vector` [out]; ours are `a` [*in, r], `b`
 [r, *out] and `magnitude` [*out] stacked over layers. MiSS stores `<module>.miss_block`: Bone [r, out] (ours
-[r, *out]), Bat [out / r, r, r] (ours the same). LoHa stores `hada_w{1,2}_{a,b}`: ABBA's B^T and A^T. Module names come from the same table that maps
+[r, *out]), Bat [out / r, r, r] (ours the same). LoHa stores `hada_w{1,2}_{a,b}`: ABBA's B^T and A^T.
+Module names come from the same table that maps
 the base checkpoint (`hf_mapping`), so every family whose targets map one-to-one is covered.
 
 Adapters initialised from W (PiSSA, MiLoRA, OLoRA) are trained against a residual base; exported,

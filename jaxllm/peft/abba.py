@@ -48,12 +48,13 @@ class AbbaKernel:
         r = self.a1.shape[-1]
         a1, a2 = (x.reshape(-1, r).astype(dtype) for x in (self.a1, self.a2))
         b1, b2 = (x.reshape(r, -1).astype(dtype) for x in (self.b1, self.b2))
-        return (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], r * r), (b1[:, None] * b2[None]).reshape(r * r, -1)
+        kr_a = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], r * r)
+        return kr_a, (b1[:, None] * b2[None]).reshape(r * r, -1)
 
     def matmul(self, x_MI: jax.Array, dtype: jnp.dtype) -> jax.Array:
-        ka_IS, kb_SO = self.factors(dtype)
-        w_IO = dense_matrix(self.base, kb_SO.shape[1], dtype)
-        return x_MI @ w_IO + self.scale * ((x_MI @ ka_IS) @ kb_SO)
+        kr_a, kr_b = self.factors(dtype)
+        w_IO = dense_matrix(self.base, kr_b.shape[1], dtype)
+        return x_MI @ w_IO + self.scale * ((x_MI @ kr_a) @ kr_b)
 
 
 class AbbaAdapter(LoraAdapter):
@@ -105,4 +106,5 @@ class AbbaAdapter(LoraAdapter):
     def flops_per_token(self) -> int:
         """6 per weight of the Khatri-Rao factors [in, r^2] and [r^2, out] (forward, input and weight gradients)."""
         r = self.spec.rank
-        return 6 * r * r * sum(math.prod(t.lead) * (math.prod(t.in_shape) + math.prod(t.out_shape)) for t in self.targets)
+        sides = sum(math.prod(t.lead) * (math.prod(t.in_shape) + math.prod(t.out_shape)) for t in self.targets)
+        return 6 * r * r * sides

@@ -77,6 +77,7 @@ class CordaAdapter(LoraAdapter):
             cov_LII = get_path(self.covariance, t.path)["stat"].reshape(w_LIO.shape[0], w_LIO.shape[1], -1)
             parts = [corda_factors(w_IO, c, self.spec.rank, self.scale, self.mode) for w_IO, c in zip(w_LIO, cov_LII)]
             a, b, residual = (np.stack(x).astype(np.float32) for x in zip(*parts))
-            merge_into(adapter, t.path, {"a": a.reshape(*t.lead, *t.in_shape, -1), "b": b.reshape(*t.lead, -1, *t.out_shape)})
+            merge_into(adapter, t.path, {"a": a.reshape(*t.lead, *t.in_shape, -1),
+                                         "b": b.reshape(*t.lead, -1, *t.out_shape)})
             frozen = replace_path(frozen, t.path + ("kernel",), residual.reshape(t.shape).astype(w.dtype))
         return adapter, self.frozen_of(frozen)

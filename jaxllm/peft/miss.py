@@ -108,7 +108,8 @@ class MissAdapter(LoraAdapter):
         """(zero blocks: the adapted model is the base, the frozen base); `key` is unused."""
         adapter: Params = {}
         for t in self.targets:
-            merge_into(adapter, t.path, {k: jnp.zeros(shape, jnp.float32) for k, (shape, _) in self._leaf_specs(t).items()})
+            leaves = {k: jnp.zeros(shape, jnp.float32) for k, (shape, _) in self._leaf_specs(t).items()}
+            merge_into(adapter, t.path, leaves)
         return adapter, self.frozen_of(base)
 
     def apply(self, frozen: Params, adapter: Params, rng: jax.Array | None = None) -> Params:
@@ -123,8 +124,9 @@ class MissAdapter(LoraAdapter):
         for t in self.targets:
             kernel = get_path(params, t.path + ("kernel",))
             block = jnp.asarray(get_path(adapter, t.path)["block"], jnp.float32)
-            merged = jax.vmap(lambda w, b: MissKernel(w, b, self.bat).matrix(jnp.float32))(
-                jnp.asarray(kernel, jnp.float32).reshape(-1, *t.shape[t.n_lead :]), block.reshape(-1, *block.shape[t.n_lead :]))
+            w_L = jnp.asarray(kernel, jnp.float32).reshape(-1, *t.shape[t.n_lead :])
+            b_L = block.reshape(-1, *block.shape[t.n_lead :])
+            merged = jax.vmap(lambda w, b: MissKernel(w, b, self.bat).matrix(jnp.float32))(w_L, b_L)
             params = replace_path(params, t.path + ("kernel",), merged.reshape(t.shape).astype(kernel.dtype))
         return params
 

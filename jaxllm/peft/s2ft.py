@@ -97,9 +97,10 @@ class S2ftAdapter(LoraAdapter):
         for t in self.targets:
             kernel = get_path(params, t.path + ("kernel",))
             w_LIO = jnp.asarray(kernel, jnp.float32).reshape(-1, math.prod(t.in_shape), math.prod(t.out_shape))
-            d_LKO = jnp.asarray(get_path(adapter, t.path)["delta"], jnp.float32).reshape(w_LIO.shape[0], -1, w_LIO.shape[2])
-            rows = jnp.asarray(self.rows[t.path])
-            out = jax.vmap(lambda w, r, d: w.at[r].add(sign * d))(w_LIO, rows, d_LKO).reshape(t.shape).astype(kernel.dtype)
+            d_LKO = jnp.asarray(get_path(adapter, t.path)["delta"], jnp.float32).reshape(w_LIO.shape[0], -1,
+                                                                                          w_LIO.shape[2])
+            out_LIO = jax.vmap(lambda w, r, d: w.at[r].add(sign * d))(w_LIO, jnp.asarray(self.rows[t.path]), d_LKO)
+            out = out_LIO.reshape(t.shape).astype(kernel.dtype)
             if record is not None:
                 out = _add_ulps(out, get_path(record, t.path))
             params = replace_path(params, t.path + ("kernel",), out)

@@ -45,7 +45,8 @@ class Lora(TrainingMethod):
 
     def initialise(self, key: jax.Array, base: Params, mesh: Mesh) -> tuple[Params, Params]:
         """(adapter, frozen) from the placed base, placed on `mesh`."""
-        init = jax.jit(self.adapter.init, out_shardings=(self.adapter.shardings(mesh), self.adapter.frozen_shardings(mesh)))
+        shardings = (self.adapter.shardings(mesh), self.adapter.frozen_shardings(mesh))
+        init = jax.jit(self.adapter.init, out_shardings=shardings)
         return init(key, base)
 
     def to_model(self, trained: Params, frozen: Params, rng: jax.Array | None) -> Params:
