@@ -54,6 +54,13 @@ def tiny_base_and_sft_data(root):
     return root / "base", data
 
 
+def perturbed(tree, seed: int):
+    """Adapter weights as after some training: every leaf moved by 0.05 N(0, 1) (B no longer zero)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return treedef.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
 @pytest.fixture(scope="session")
 def base_and_data(tmp_path_factory):
     """A 2-step `tiny` base run and instruction data, shared by the fine-tuning modules (read only)."""

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_model
+from conftest import perturbed, tiny_model
 from jaxllm.cli import main
 from jaxllm.config import LoraConfig, load_config
 from jaxllm.data.pipeline import RowStreams, load_corpus, local_rows
@@ -120,9 +120,7 @@ def test_sorsa_adapters_are_the_principal_singular_triplets(sorsa):
 
 def test_sorsa_regulariser_is_the_orthonormality_formula_and_merging_keeps_the_function(sorsa):
     lm, params, adapter, trained, frozen = sorsa
-    leaves, treedef = jax.tree.flatten(trained)
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    moved = treedef.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    moved = perturbed(trained, 2)
     expected = 0.0
     for t in adapter.targets:
         node = moved["blocks"][t.path[1]][t.path[2]]
@@ -164,7 +162,7 @@ def test_s2ft_gradients_are_full_finetunings_on_the_chosen_rows_and_zero_elsewhe
         g_ours = np.asarray(ours["blocks"][path[1]][path[2]]["delta"])
         for layer in range(2):
             np.testing.assert_allclose(g_ours[layer], g_full[layer][rows[layer]], rtol=1e-4, atol=1e-6)
-    moved = _perturbed_tree(deltas)
+    moved = perturbed(deltas, 3)
     logits = jax.jit(lm.apply)
     adapted = logits(adapter.apply(frozen, moved), tokens)
     merged = adapter.merge(frozen, moved)
@@ -173,12 +171,6 @@ def test_s2ft_gradients_are_full_finetunings_on_the_chosen_rows_and_zero_elsewhe
     assert set(np.nonzero(changed.any(axis=-1))[1]) <= set(rows_down.reshape(-1))  # only the chosen rows moved
     back = adapter.unmerge(merged, moved)
     np.testing.assert_allclose(back["blocks"]["attn"]["o"]["kernel"], params["blocks"]["attn"]["o"]["kernel"], atol=1e-6)
-
-
-def _perturbed_tree(tree, seed=3):
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return treedef.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
 # ----------------------------------------------------------------------------------- every method through the CLI
@@ -204,7 +196,7 @@ def test_adapter_kernels_shard_fsdp_tp_like_one_device(method, base_and_data):
     setup = setup_step(resolve_finetune_config(str(base), ["finetune/lora"], [
         f"finetune.method={method}", f"data.source={data}", "data.seq_len=64", "mesh.data=1", "mesh.fsdp=4",
         "mesh.tensor=2"]))
-    trained = jax.tree.map(lambda x, s: jax.device_put(x, s), _perturbed_tree(setup.init().params),
+    trained = jax.tree.map(lambda x, s: jax.device_put(x, s), perturbed(setup.init().params, 3),
                            setup.method.adapter.shardings(setup.mesh))
     assert {d for x in jax.tree.leaves(trained) for d in x.sharding.device_set} == set(jax.devices())
     rng = np.random.default_rng(2)

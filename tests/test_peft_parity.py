@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import perturbed
+
 torch = pytest.importorskip("torch", reason="peft parity needs the [hf] extra")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -66,20 +68,13 @@ def _trained_in_peft(model, marker: str, seed: int):
     return model.eval()
 
 
-def _perturbed(tree, seed):
-    """Adapter weights as after some training: every leaf moved (B no longer zero)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return treedef.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-
-
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_jaxllm_adapter_exported_to_peft(method, base, tmp_path):
     path, lm, params, model_type = base
     spec = LoraConfig(rank=4, alpha=8.0, **METHODS[method][1])
     adapter = LoraAdapter(lm, spec)
     initial, frozen = adapter.init(jax.random.key(1), params)
-    trained = _perturbed(initial, 2)
+    trained = perturbed(initial, 2)
     ours = np.asarray(lm.apply(adapter.apply(frozen, trained), _tokens()))
 
     save_peft_adapter(tmp_path / "adapter", adapter, trained, model_type, initial=initial)
@@ -116,7 +111,7 @@ def test_sorsa_adapter_exported_to_peft_as_a_lora_on_the_original_base(base, tmp
     path, lm, params, model_type = base
     adapter = SorsaAdapter(lm, LoraConfig(rank=4))
     initial, frozen = adapter.init(jax.random.key(1), params)
-    trained = _perturbed(initial, 2)
+    trained = perturbed(initial, 2)
     ours = np.asarray(lm.apply(adapter.apply(frozen, trained), _tokens()))
     save_peft_adapter(tmp_path / "adapter", adapter, adapter.as_lora(trained), model_type,
                       initial=adapter.as_lora(initial))
@@ -147,7 +142,7 @@ def test_miss_adapters_against_peft_both_ways_and_merge_unmerge(bat, base, tmp_p
     zeros, frozen = ours_adapter.init(jax.random.key(0), params)
     np.testing.assert_allclose(lm.apply(ours_adapter.apply(frozen, zeros), _tokens()), lm.apply(params, _tokens()),
                                atol=1e-5)
-    trained = _perturbed(zeros, 5)
+    trained = perturbed(zeros, 5)
     mine = np.asarray(lm.apply(ours_adapter.apply(frozen, trained), _tokens()))
     save_peft_adapter(tmp_path / "ours", ours_adapter, trained, model_type)
     loaded = peft.PeftModel.from_pretrained(_torch_base(path), tmp_path / "ours").eval()
@@ -177,7 +172,7 @@ def test_abba_against_peft_loha_both_ways_and_its_init(base, tmp_path):
     u, sv, vt = np.linalg.svd(w, full_matrices=False)
     leaves = {k: np.asarray(v[1], np.float64) for k, v in initial["blocks"]["mlp"]["down"].items()}
     np.testing.assert_allclose(leaves["a1"] @ leaves["b1"], u[:, :4] * sv[:4] @ vt[:4], atol=1e-5)
-    trained = _perturbed(initial, 2)
+    trained = perturbed(initial, 2)
     ours = np.asarray(lm.apply(adapter.apply(frozen, trained), _tokens()))
     save_peft_adapter(tmp_path / "ours", adapter, trained, model_type)
     loaded = peft.PeftModel.from_pretrained(_torch_base(path), tmp_path / "ours").eval()
@@ -228,7 +223,7 @@ def test_corda_matches_peft_on_the_same_calibration_samples(mode, base, tmp_path
         np.testing.assert_allclose(residual, hf.base_layer.weight.detach().numpy().T, atol=1e-4, err_msg=t.name)
     np.testing.assert_allclose(lm.apply(adapter.apply(frozen, lora), _tokens()), lm.apply(params, _tokens()), atol=1e-5)
 
-    trained = _perturbed(lora, 2)
+    trained = perturbed(lora, 2)
     ours = np.asarray(lm.apply(adapter.apply(frozen, trained), _tokens()))
     save_peft_adapter(tmp_path / "adapter", adapter, trained, model_type, initial=lora)
     loaded = peft.PeftModel.from_pretrained(_torch_base(path), tmp_path / "adapter").eval()

@@ -72,15 +72,12 @@ class AbbaAdapter(LoraAdapter):
         adapter: Params = {}
         r = self.spec.rank
         for i, t in enumerate(self.targets):
-            w = jnp.asarray(get_path(base, t.path + ("kernel",)), jnp.float32)
-            w_LIO = w.reshape(-1, math.prod(t.in_shape), math.prod(t.out_shape))
-            u_LIK, s_LK, vt_LKO = jax.lax.map(lambda m: jnp.linalg.svd(m, full_matrices=False), w_LIO)
-            root_LR = jnp.sqrt(s_LK[:, :r])
+            w_LIO = self.kernel_matrix(base, t)
             keys = jax.random.split(jax.random.fold_in(key, i), w_LIO.shape[0])
+            a1, b1, _ = jax.lax.map(lambda m: INITS["pissa"](None, m, r, 1.0), w_LIO)  # U_r sqrt(S_r), sqrt(S_r) V_r^T
             a2 = jax.lax.map(lambda km: INITS["lora"](km[0], km[1], r, self.scale)[0], (keys, w_LIO))
             merge_into(adapter, t.path, {
-                "a1": (u_LIK[..., :r] * root_LR[:, None]).reshape(*t.lead, *t.in_shape, r),
-                "b1": (root_LR[..., None] * vt_LKO[:, :r]).reshape(*t.lead, r, *t.out_shape),
+                "a1": a1.reshape(*t.lead, *t.in_shape, r), "b1": b1.reshape(*t.lead, r, *t.out_shape),
                 "a2": a2.reshape(*t.lead, *t.in_shape, r), "b2": jnp.zeros((*t.lead, r, *t.out_shape), jnp.float32)})
         return adapter, self.frozen_of(base)
 
@@ -93,15 +90,11 @@ class AbbaAdapter(LoraAdapter):
             params = replace_path(params, t.path + ("kernel",), kernel)
         return params
 
-    def _matrices(self, params: Params, adapter: Params, t: Target):
-        """(W [L, I, O], s (A1 B1) * (A2 B2) [L, I, O], adapter leaves) in f32."""
-        leaves = get_path(adapter, t.path)
-        w = jnp.asarray(get_path(params, t.path + ("kernel",)), jnp.float32)
-        w_LIO = w.reshape(-1, math.prod(t.in_shape), math.prod(t.out_shape))
+    def delta(self, w_LIO: jax.Array, leaves: Params, t: Target) -> jax.Array:
+        """s (A1 B1) * (A2 B2) [L, I, O]."""
         a = lambda k: jnp.asarray(leaves[k], jnp.float32).reshape(w_LIO.shape[0], w_LIO.shape[1], -1)
         b = lambda k: jnp.asarray(leaves[k], jnp.float32).reshape(w_LIO.shape[0], -1, w_LIO.shape[2])
-        product = jnp.einsum("lir,lro->lio", a("a1"), b("b1")) * jnp.einsum("lir,lro->lio", a("a2"), b("b2"))
-        return w_LIO, self.scale * product, leaves
+        return self.scale * jnp.einsum("lir,lro->lio", a("a1"), b("b1")) * jnp.einsum("lir,lro->lio", a("a2"), b("b2"))
 
     def flops_per_token(self) -> int:
         """6 per weight of the Khatri-Rao factors [in, r^2] and [r^2, out] (forward, input and weight gradients)."""

@@ -10,15 +10,15 @@ model starts as the base. After init it trains, merges and exports as any residu
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ConfigError, LoraConfig
 from jaxllm.language_model import LanguageModel, Params
-from jaxllm.nested import get_path, merge_into, replace_path
+from jaxllm.nested import get_path, merge_into
 from jaxllm.peft.calibration import input_statistics
 from jaxllm.peft.lora import LoraAdapter
 
@@ -72,12 +72,11 @@ class CordaAdapter(LoraAdapter):
         adapter: Params = {}
         frozen = base
         for t in self.targets:
-            w = np.asarray(get_path(base, t.path + ("kernel",)))
-            w_LIO = w.astype(np.float64).reshape(-1, math.prod(t.in_shape), math.prod(t.out_shape))
+            w_LIO = np.asarray(self.kernel_matrix(base, t), np.float64)
             cov_LII = get_path(self.covariance, t.path)["stat"].reshape(w_LIO.shape[0], w_LIO.shape[1], -1)
             parts = [corda_factors(w_IO, c, self.spec.rank, self.scale, self.mode) for w_IO, c in zip(w_LIO, cov_LII)]
             a, b, residual = (np.stack(x).astype(np.float32) for x in zip(*parts))
             merge_into(adapter, t.path, {"a": a.reshape(*t.lead, *t.in_shape, -1),
                                          "b": b.reshape(*t.lead, -1, *t.out_shape)})
-            frozen = replace_path(frozen, t.path + ("kernel",), residual.reshape(t.shape).astype(w.dtype))
+            frozen = self._with_kernel(frozen, t, jnp.asarray(residual))
         return adapter, self.frozen_of(frozen)

@@ -111,6 +111,10 @@ class LoraAdapter:
     def logical_axes(self) -> Params:
         return self._tree(lambda shape, axes: axes)
 
+    def zeros(self) -> Params:
+        """An adapter tree of zeros (f32)."""
+        return self._tree(lambda shape, axes: jnp.zeros(shape, jnp.float32))
+
     @property
     def num_params(self) -> int:
         return sum(math.prod(s.shape) for s in jax.tree.leaves(self.param_shapes))
@@ -155,8 +159,7 @@ class LoraAdapter:
         """
         init_fn, adapter, frozen = INITS[self.spec.init], {}, base
         for i, t in enumerate(self.targets):
-            w = jnp.asarray(get_path(base, t.path + ("kernel",)), jnp.float32)
-            w_LIO = w.reshape(-1, math.prod(t.in_shape), math.prod(t.out_shape))
+            w_LIO = self.kernel_matrix(base, t)
             keys = jax.random.split(jax.random.fold_in(key, i), w_LIO.shape[0])
             # one layer at a time (lax.map, not vmap): jaxlib's batched QR splits its batch over XLA's CPU thread pool
             # and blocks a pool thread on it, so several batched QRs in one program (OLoRA on 7 maps) deadlock on a
@@ -167,7 +170,7 @@ class LoraAdapter:
                 leaves["magnitude"] = column_norm_stacked(w_LIO).reshape(*t.lead, *t.out_shape)
             adapter = merge_into(adapter, t.path, leaves)
             if self.spec.init not in ("lora", "gaussian"):  # the adapter took part of W: keep the rest
-                frozen = replace_path(frozen, t.path + ("kernel",), residual.reshape(t.shape).astype(w.dtype))
+                frozen = self._with_kernel(frozen, t, residual)
         return adapter, self.frozen_of(frozen)
 
     def frozen_of(self, base: Params) -> Params:
@@ -199,31 +202,22 @@ class LoraAdapter:
         """Dense params with every adapter folded into its kernel (quantised kernels dequantised)."""
         params = self.dequantized(frozen)
         for t in self.targets:
-            w_LIO, delta_LIO, leaves = self._matrices(params, adapter, t)
-            merged = w_LIO + delta_LIO
-            if "magnitude" in leaves:
-                m_LO = leaves["magnitude"].reshape(w_LIO.shape[0], -1)
-                merged = merged * (m_LO / column_norm_stacked(merged))[:, None, :]
-            kernel = get_path(params, t.path + ("kernel",))
-            params = replace_path(params, t.path + ("kernel",), merged.reshape(t.shape).astype(kernel.dtype))
+            merged = self.merged_matrix(self.kernel_matrix(params, t), get_path(adapter, t.path), t)
+            params = self._with_kernel(params, t, merged)
         return params
 
     def unmerge(self, merged: Params, adapter: Params, record: Params | None = None) -> Params:
-        """The inverse of `merge` for plain LoRA: merged kernels minus scale * A @ B.
+        """The inverse of `merge`: for LoRA, merged kernels minus scale * A @ B.
 
-        Float subtraction cannot undo every rounding of the merge (W + sAB may land in a coarser binade),
+        Float arithmetic cannot undo every rounding of the merge (W + sAB may land in a coarser binade),
         so this alone is exact only up to the last bit; with the `record` of `merge_reversibly` the base
         comes back bitwise."""
         if self.spec.dora:
             raise ValueError("a merged DoRA kernel cannot be unmerged: its column norms are gone; keep the base")
         params = merged
         for t in self.targets:
-            w_LIO, delta_LIO, _ = self._matrices(params, adapter, t)
-            kernel = get_path(params, t.path + ("kernel",))
-            back = (w_LIO - delta_LIO).reshape(t.shape).astype(kernel.dtype)
-            if record is not None:
-                back = _add_ulps(back, get_path(record, t.path))
-            params = replace_path(params, t.path + ("kernel",), back)
+            back = self.unmerged_matrix(self.kernel_matrix(params, t), get_path(adapter, t.path), t)
+            params = self._with_kernel(params, t, back, None if record is None else get_path(record, t.path))
         return params
 
     def merge_reversibly(self, frozen: Params, adapter: Params) -> tuple[Params, Params]:
@@ -248,16 +242,36 @@ class LoraAdapter:
                 frozen = replace_path(frozen, path, q.dequantize(dtype))
         return frozen
 
-    def _matrices(self, params: Params, adapter: Params, t: Target):
-        """(W [L, I, O], scale * A @ B [L, I, O], adapter leaves) in f32; L = 1 for unstacked kernels."""
-        leaves = get_path(adapter, t.path)
+    # ----------------------------------------------- one target's matrices; adapter types override these
+    def kernel_matrix(self, params: Params, t: Target) -> jax.Array:
+        """`t`'s kernel in `params` as f32 matrices [L, I, O] (L = 1 for an unstacked kernel)."""
         w = jnp.asarray(get_path(params, t.path + ("kernel",)), jnp.float32)
-        w_LIO = w.reshape(-1, math.prod(t.in_shape), math.prod(t.out_shape))
+        return w.reshape(-1, math.prod(t.in_shape), math.prod(t.out_shape))
+
+    def delta(self, w_LIO: jax.Array, leaves: Params, t: Target) -> jax.Array:
+        """The update the adapter `leaves` make to W [L, I, O]: scale * A @ B (SORSA: scale * A diag(s) B)."""
         a_LIR = jnp.asarray(leaves["a"], jnp.float32).reshape(w_LIO.shape[0], w_LIO.shape[1], -1)
         if "s" in leaves:  # SORSA's singular values between A and B
             a_LIR = a_LIR * jnp.asarray(leaves["s"], jnp.float32).reshape(w_LIO.shape[0], 1, -1)
         b_LRO = jnp.asarray(leaves["b"], jnp.float32).reshape(w_LIO.shape[0], -1, w_LIO.shape[2])
-        return w_LIO, self.scale * jnp.einsum("lir,lro->lio", a_LIR, b_LRO), leaves
+        return self.scale * jnp.einsum("lir,lro->lio", a_LIR, b_LRO)
+
+    def merged_matrix(self, w_LIO: jax.Array, leaves: Params, t: Target) -> jax.Array:
+        """W + delta (DoRA: rescaled to its learned column magnitudes) [L, I, O]."""
+        merged = w_LIO + self.delta(w_LIO, leaves, t)
+        if "magnitude" in leaves:
+            m_LO = leaves["magnitude"].reshape(w_LIO.shape[0], -1)
+            merged = merged * (m_LO / column_norm_stacked(merged))[:, None, :]
+        return merged
+
+    def unmerged_matrix(self, merged_LIO: jax.Array, leaves: Params, t: Target) -> jax.Array:
+        """W from `merged_matrix`'s result, for an additive update that does not depend on W."""
+        return merged_LIO - self.delta(merged_LIO, leaves, t)
+
+    def _with_kernel(self, params: Params, t: Target, w_LIO: jax.Array, ulps: jax.Array | None = None) -> Params:
+        """`params` with `t`'s kernel set to the matrices [L, I, O] (in the kernel's dtype, moved by `ulps`)."""
+        kernel = w_LIO.reshape(t.shape).astype(get_path(params, t.path + ("kernel",)).dtype)
+        return replace_path(params, t.path + ("kernel",), kernel if ulps is None else _add_ulps(kernel, ulps))
 
 
 def _bits(x: jax.Array) -> jax.Array:

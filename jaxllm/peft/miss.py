@@ -22,8 +22,8 @@ import jax.numpy as jnp
 
 from jaxllm.config import ConfigError, LoraConfig
 from jaxllm.language_model import LanguageModel, Params
-from jaxllm.nested import get_path, merge_into, replace_path
-from jaxllm.peft.lora import LoraAdapter, Target, _add_ulps
+from jaxllm.nested import get_path, replace_path
+from jaxllm.peft.lora import LoraAdapter, Target
 from jaxllm.peft.lora_kernel import dense_matrix
 
 
@@ -44,23 +44,15 @@ class MissKernel:
     def _out_size(self) -> int:
         return math.prod(self.block.shape[:2]) if self.bat else math.prod(self.block.shape[1:])
 
-    def matrix(self, dtype: jnp.dtype) -> jax.Array:
-        """The adapted kernel W' as a matrix [in, out] in `dtype`."""
+    def matmul(self, x_MI: jax.Array, dtype: jnp.dtype) -> jax.Array:
         w_IO = dense_matrix(self.base, self._out_size(), dtype)
         block = self.block.astype(dtype)
-        if self.bat:
-            return w_IO + bat_delta(w_IO, block)
-        return w_IO + bone_rows(block, w_IO.shape[0])
-
-    def matmul(self, x_MI: jax.Array, dtype: jnp.dtype) -> jax.Array:
-        if self.bat:
-            return x_MI @ self.matrix(dtype)
-        w_IO = dense_matrix(self.base, self._out_size(), dtype)
-        r = self.block.shape[0]
+        if self.bat:  # the update depends on W: run the adapted kernel
+            return x_MI @ (w_IO + bat_delta(w_IO, block))
+        r = block.shape[0]
         pad = -x_MI.shape[1] % r
-        x_MI = jnp.pad(x_MI, ((0, 0), (0, pad))) if pad else x_MI
-        summed_MR = x_MI.reshape(x_MI.shape[0], -1, r).sum(axis=1)
-        return x_MI[:, : w_IO.shape[0]] @ w_IO + summed_MR @ self.block.reshape(r, -1).astype(dtype)
+        summed_MR = jnp.pad(x_MI, ((0, 0), (0, pad))).reshape(x_MI.shape[0], -1, r).sum(axis=1)
+        return x_MI @ w_IO + summed_MR @ block.reshape(r, -1)
 
 
 def bone_rows(b_RO: jax.Array, n_in: int) -> jax.Array:
@@ -106,11 +98,7 @@ class MissAdapter(LoraAdapter):
 
     def init(self, key: jax.Array, base: Params) -> tuple[Params, Params]:
         """(zero blocks: the adapted model is the base, the frozen base); `key` is unused."""
-        adapter: Params = {}
-        for t in self.targets:
-            leaves = {k: jnp.zeros(shape, jnp.float32) for k, (shape, _) in self._leaf_specs(t).items()}
-            merge_into(adapter, t.path, leaves)
-        return adapter, self.frozen_of(base)
+        return self.zeros(), self.frozen_of(base)
 
     def apply(self, frozen: Params, adapter: Params, rng: jax.Array | None = None) -> Params:
         params = frozen
@@ -119,33 +107,20 @@ class MissAdapter(LoraAdapter):
             params = replace_path(params, t.path + ("kernel",), kernel)
         return params
 
-    def merge(self, frozen: Params, adapter: Params) -> Params:
-        params = self.dequantized(frozen)
-        for t in self.targets:
-            kernel = get_path(params, t.path + ("kernel",))
-            block = jnp.asarray(get_path(adapter, t.path)["block"], jnp.float32)
-            w_L = jnp.asarray(kernel, jnp.float32).reshape(-1, *t.shape[t.n_lead :])
-            b_L = block.reshape(-1, *block.shape[t.n_lead :])
-            merged = jax.vmap(lambda w, b: MissKernel(w, b, self.bat).matrix(jnp.float32))(w_L, b_L)
-            params = replace_path(params, t.path + ("kernel",), merged.reshape(t.shape).astype(kernel.dtype))
-        return params
+    def delta(self, w_LIO: jax.Array, leaves: Params, t: Target) -> jax.Array:
+        """Bone: b's rows repeated down W; Bat: per tile B_a^T W_ca + B_a^T [L, I, O]."""
+        block = jnp.asarray(leaves["block"], jnp.float32)
+        b_L = block.reshape(w_LIO.shape[0], *block.shape[t.n_lead :])
+        if self.bat:
+            return jax.vmap(bat_delta)(w_LIO, b_L)
+        return jax.vmap(lambda b: bone_rows(b, w_LIO.shape[1]))(b_L)
 
-    def unmerge(self, merged: Params, adapter: Params, record: Params | None = None) -> Params:
-        params = merged
-        for t in self.targets:
-            kernel = get_path(params, t.path + ("kernel",))
-            block = jnp.asarray(get_path(adapter, t.path)["block"], jnp.float32)
-            w_LIO = jnp.asarray(kernel, jnp.float32).reshape(-1, math.prod(t.in_shape), math.prod(t.out_shape))
-            b_L = block.reshape(w_LIO.shape[0], *block.shape[t.n_lead :])
-            if self.bat:
-                back = jax.vmap(bat_undo)(w_LIO, b_L)
-            else:
-                back = w_LIO - jax.vmap(lambda b: bone_rows(b, w_LIO.shape[1]))(b_L)
-            back = back.reshape(t.shape).astype(kernel.dtype)
-            if record is not None:
-                back = _add_ulps(back, get_path(record, t.path))
-            params = replace_path(params, t.path + ("kernel",), back)
-        return params
+    def unmerged_matrix(self, merged_LIO: jax.Array, leaves: Params, t: Target) -> jax.Array:
+        """Bone: subtract; Bat: its update depends on W, so solve each tile for it."""
+        if not self.bat:
+            return super().unmerged_matrix(merged_LIO, leaves, t)
+        block = jnp.asarray(leaves["block"], jnp.float32)
+        return jax.vmap(bat_undo)(merged_LIO, block.reshape(merged_LIO.shape[0], *block.shape[t.n_lead :]))
 
     def flops_per_token(self) -> int:
         """Adapter FLOPs per training token: Bone 6 per block weight (forward, input and weight gradients of the

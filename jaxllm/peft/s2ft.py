@@ -2,8 +2,8 @@
 projection `o` and a few channels' rows of the MLP's `down` train; every other weight stays frozen. The trained rows
 are a separate leaf, a row delta D [k, out] over the chosen rows R of W [in, out]:
     y = x W + x[:, R] D,
-so gradients and optimizer state exist for those rows only (not a mask over the whole kernel), and merging writes
-W[R] += D in place. D starts at zero (the base). Which rows: per layer, a random `head_fraction` of the heads (their
+so gradients and optimizer state exist for those rows only (not a mask over the whole kernel), and merging adds D
+to those rows of W. D starts at zero (the base). Which rows: per layer, a random `head_fraction` of the heads (their
 head_dim rows of `o`) and `channel_fraction` of the MLP's hidden channels (rows of `down`), at least one of each, drawn
 from `seed`; the paper's default shares are ~5% / ~2%.
 """
@@ -20,8 +20,8 @@ import numpy as np
 
 from jaxllm.config import ConfigError, LoraConfig
 from jaxllm.language_model import LanguageModel, Params
-from jaxllm.nested import get_path, merge_into, replace_path
-from jaxllm.peft.lora import LoraAdapter, Target, _add_ulps
+from jaxllm.nested import get_path, replace_path
+from jaxllm.peft.lora import LoraAdapter, Target
 from jaxllm.peft.lora_kernel import dense_matrix
 
 
@@ -79,10 +79,7 @@ class S2ftAdapter(LoraAdapter):
 
     def init(self, key: jax.Array, base: Params) -> tuple[Params, Params]:
         """(zero deltas: the adapted model is the base, the frozen base); `key` is unused."""
-        adapter: Params = {}
-        for t in self.targets:
-            merge_into(adapter, t.path, {"delta": jnp.zeros(self._leaf_specs(t)["delta"][0], jnp.float32)})
-        return adapter, self.frozen_of(base)
+        return self.zeros(), self.frozen_of(base)
 
     def apply(self, frozen: Params, adapter: Params, rng: jax.Array | None = None) -> Params:
         params = frozen
@@ -92,26 +89,11 @@ class S2ftAdapter(LoraAdapter):
             params = replace_path(params, t.path + ("kernel",), kernel)
         return params
 
-    def _scatter(self, params: Params, adapter: Params, sign: float, record: Params | None = None) -> Params:
-        params = self.dequantized(params)
-        for t in self.targets:
-            kernel = get_path(params, t.path + ("kernel",))
-            w_LIO = jnp.asarray(kernel, jnp.float32).reshape(-1, math.prod(t.in_shape), math.prod(t.out_shape))
-            d_LKO = jnp.asarray(get_path(adapter, t.path)["delta"], jnp.float32).reshape(w_LIO.shape[0], -1,
-                                                                                          w_LIO.shape[2])
-            out_LIO = jax.vmap(lambda w, r, d: w.at[r].add(sign * d))(w_LIO, jnp.asarray(self.rows[t.path]), d_LKO)
-            out = out_LIO.reshape(t.shape).astype(kernel.dtype)
-            if record is not None:
-                out = _add_ulps(out, get_path(record, t.path))
-            params = replace_path(params, t.path + ("kernel",), out)
-        return params
-
-    def merge(self, frozen: Params, adapter: Params) -> Params:
-        """Dense params with W[R] += D in every layer."""
-        return self._scatter(frozen, adapter, 1.0)
-
-    def unmerge(self, merged: Params, adapter: Params, record: Params | None = None) -> Params:
-        return self._scatter(merged, adapter, -1.0, record)
+    def delta(self, w_LIO: jax.Array, leaves: Params, t: Target) -> jax.Array:
+        """D written into the chosen rows R of each layer, zeros elsewhere [L, I, O]."""
+        d_LKO = jnp.asarray(leaves["delta"], jnp.float32).reshape(w_LIO.shape[0], -1, w_LIO.shape[2])
+        return jax.vmap(lambda r, d: jnp.zeros(w_LIO.shape[1:], jnp.float32).at[r].set(d))(
+            jnp.asarray(self.rows[t.path]), d_LKO)
 
     def flops_per_token(self) -> int:
         """6 per delta weight (the gathered rows' forward, input and weight gradients)."""

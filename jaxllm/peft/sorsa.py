@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from jaxllm.config import LoraConfig
 from jaxllm.language_model import LanguageModel, Params
-from jaxllm.nested import get_path, merge_into, replace_path
+from jaxllm.nested import get_path, merge_into
+from jaxllm.peft.inits.pissa import singular_triplets
 from jaxllm.peft.lora import LoraAdapter, Target
 
 
@@ -36,14 +37,11 @@ class SorsaAdapter(LoraAdapter):
         """(adapter {a, s, b} per target, frozen residual base); `key` is unused (the SVD is deterministic)."""
         adapter, frozen, r = {}, base, self.spec.rank
         for t in self.targets:
-            w = jnp.asarray(get_path(base, t.path + ("kernel",)), jnp.float32)
-            w_LIO = w.reshape(-1, math.prod(t.in_shape), math.prod(t.out_shape))
-            u_LIK, s_LK, vt_LKO = jax.lax.map(lambda m: jnp.linalg.svd(m, full_matrices=False), w_LIO)
-            a, s, b = u_LIK[..., :r], s_LK[..., :r], vt_LKO[:, :r]
-            residual = w_LIO - jnp.einsum("lir,lr,lro->lio", a, s, b)
+            w_LIO = self.kernel_matrix(base, t)
+            a, s, b = jax.lax.map(lambda m: singular_triplets(m, r), w_LIO)
             merge_into(adapter, t.path, {"a": a.reshape(*t.lead, *t.in_shape, r), "s": s.reshape(*t.lead, r),
                                          "b": b.reshape(*t.lead, r, *t.out_shape)})
-            frozen = replace_path(frozen, t.path + ("kernel",), residual.reshape(t.shape).astype(w.dtype))
+            frozen = self._with_kernel(frozen, t, w_LIO - jnp.einsum("lir,lr,lro->lio", a, s, b))
         return adapter, self.frozen_of(frozen)
 
     def orthonormality(self, adapter: Params) -> jax.Array:

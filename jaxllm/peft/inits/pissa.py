@@ -9,14 +9,20 @@ import jax.numpy as jnp
 from jaxllm.peft.inits import register
 
 
-def _singular_part(w_IO: jax.Array, rank: int, scale: float, minor: bool):
+def singular_triplets(w_IO: jax.Array, rank: int, minor: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(U_r [in, r], S_r [r], V_r^T [r, out]): the top (or, `minor`, bottom) rank-r singular triplets of W, f32."""
     if rank > min(w_IO.shape):
         raise ValueError(f"rank {rank} exceeds the smaller side of a {w_IO.shape} matrix")
     u, s, vt = jnp.linalg.svd(w_IO.astype(jnp.float32), full_matrices=False)
     pick = slice(len(s) - rank, None) if minor else slice(0, rank)
-    root = jnp.sqrt(s[pick] / scale)  # s * A @ B == U_r S_r V_r^T
-    a = u[:, pick] * root
-    b = root[:, None] * vt[pick]
+    return u[:, pick], s[pick], vt[pick]
+
+
+def _singular_part(w_IO: jax.Array, rank: int, scale: float, minor: bool):
+    u, s, vt = singular_triplets(w_IO, rank, minor)
+    root = jnp.sqrt(s / scale)  # s * A @ B == U_r S_r V_r^T
+    a = u * root
+    b = root[:, None] * vt
     return a, b, w_IO - scale * (a @ b)
 
 
