@@ -182,27 +182,29 @@ def _logged(run, name):
 EXTRA = {"sorsa": ["finetune.lora.targets=[q,down]"],
          "corda": ["finetune.corda.samples=4", "finetune.lora.targets=[q,down]"]}
 
+# In the default run: HFT, the one method with its own trainer path; the adapter methods' runs are the trainer's LoRA
+# path with another adapter (`pytest -m slow` runs them), and their sharding is checked below.
+ADAPTER_METHODS = ["sorsa", "corda", "bone", "bat", "abba", "s2ft"]
+CLI_METHODS = ["hft", *(pytest.param(m, marks=pytest.mark.slow) for m in ADAPTER_METHODS)]
 
-# In the default run: the methods that use the step's hooks (update mask, regulariser, calibration before init); the
-# kernel-only methods' runs are the trainer's LoRA path with another adapter (`pytest -m slow` runs them), and their
-# sharding is checked below.
-CLI_METHODS = ["hft", "sorsa", "corda", *(pytest.param(m, marks=pytest.mark.slow) for m in ("bone", "bat", "abba", "s2ft"))]
 
-
-@pytest.mark.parametrize("method", ["bone", "bat", "abba", "s2ft"])
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
 def test_adapter_kernels_shard_fsdp_tp_like_one_device(method, base_and_data):
-    """The loss and the adapter's gradient on 8 devices (fsdp 4 x tensor 2) equal one device's, adapters moved."""
+    """The training objective (with SORSA's regulariser) and the adapter's gradient on 8 devices (fsdp 4 x tensor 2)
+    equal one device's, adapters moved off their init."""
     base, data = base_and_data
     setup = setup_step(resolve_finetune_config(str(base), ["finetune/lora"], [
         f"finetune.method={method}", f"data.source={data}", "data.seq_len=64", "mesh.data=1", "mesh.fsdp=4",
-        "mesh.tensor=2"]))
+        "mesh.tensor=2", *EXTRA.get(method, [])]))
     trained = jax.tree.map(lambda x, s: jax.device_put(x, s), perturbed(setup.init().params, 3),
                            setup.method.adapter.shardings(setup.mesh))
     assert {d for x in jax.tree.leaves(trained) for d in x.sharding.device_set} == set(jax.devices())
     rng = np.random.default_rng(2)
     batch = {"inputs": rng.integers(0, 256, (8, 64)), "targets": rng.integers(0, 256, (8, 64)),
              "loss_mask": np.ones((8, 64), np.float32)}
-    loss = jax.jit(jax.value_and_grad(lambda t, f, b: setup.lm.loss(setup.method.to_model(t, f, None), b)[0]))
+    m = setup.method  # the loss the step minimises: the model's plus the method's regularisers (SORSA's)
+    objective = lambda t, f, b: setup.lm.loss(m.to_model(t, f, None), b)[0] + sum(m.regularizers(t, f).values())
+    loss = jax.jit(jax.value_and_grad(objective))
     with jax.set_mesh(setup.mesh):
         value, grads = loss(trained, setup.frozen, setup.global_batch(batch))
     one = jax.devices()[0]
