@@ -124,6 +124,20 @@ class MoeConfig:
 
 
 @dataclass
+class BottleneckConfig:
+    """Bottleneck adapters (Houlsby et al. 2019; LLM-Adapters): y + scale * up(act(down(u))) on a sublayer's output y,
+    with u = y (series, after the sublayer) or u = the sublayer's normed input (parallel, beside it). `up` starts at
+    zero, so a model with fresh adapters computes the model without them. They add modules: they do not merge into
+    the base's weights, and a model with them has no Hugging Face equivalent."""
+
+    width: int = 0  # bottleneck width; 0: no adapters
+    placement: str = "series"  # series | parallel
+    sublayers: list[str] = field(default_factory=lambda: ["mlp"])  # attn and/or mlp (LLM-Adapters' best: mlp)
+    activation: str = "relu"
+    scale: float = 1.0
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 32000
     d_model: int = 512
@@ -141,6 +155,7 @@ class ModelConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     mlp: MlpConfig = field(default_factory=MlpConfig)
     moe: MoeConfig = field(default_factory=MoeConfig)
+    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
     tie_embeddings: bool = False
     final_logit_softcap: Optional[float] = None
     dtype: str = "float32"  # compute dtype
@@ -299,7 +314,8 @@ class FinetuneConfig:
     # lora: train adapters only; full: every parameter; mixlora: router + LoRA experts (model.moe); hft: half of each
     # layer's matrices; sorsa: singular vectors and values of each target's principal part (finetune.lora targets/rank);
     # bone / bat: block-affine adapters (peft's MiSS); abba: Hadamard product of two low-rank pairs; corda: LoRA from
-    # the covariance-oriented SVD (finetune.corda); s2ft: row deltas on a few heads of o and channels of down
+    # the covariance-oriented SVD (finetune.corda); s2ft: row deltas on a few heads of o and channels of down;
+    # bottleneck: adapters added after or beside the attention / MLP sublayers (model.bottleneck)
     method: str = "lora"
     lora: LoraConfig = field(default_factory=LoraConfig)
     hft: HftConfig = field(default_factory=HftConfig)
@@ -430,6 +446,17 @@ def check_values(cfg: Config) -> None:
     if cfg.finetune.method == "mixlora" and cfg.finetune.base and not (m.moe.num_experts and m.moe.lora_rank):
         raise ConfigError("finetune.method=mixlora needs model.moe.num_experts > 0 and model.moe.lora_rank > 0 "
                           "(the LoRA experts to add to the base's FFNs)")
+    b = m.bottleneck
+    if cfg.finetune.method == "bottleneck" and cfg.finetune.base and not b.width:
+        raise ConfigError("finetune.method=bottleneck needs model.bottleneck.width > 0 (the adapters to add to the base)")
+    if b.width < 0:
+        raise ConfigError(f"model.bottleneck.width={b.width} must be >= 0")
+    _choice("model.bottleneck.placement", b.placement, ("series", "parallel"))
+    _choice("model.bottleneck.activation", b.activation, ACTIVATIONS)
+    for sublayer in b.sublayers:
+        _choice("a model.bottleneck.sublayers entry", sublayer, ("attn", "mlp"))
+    if b.width and not b.sublayers:
+        raise ConfigError("model.bottleneck.sublayers is empty; name attn and/or mlp")
     _choice("finetune.lora.init", lora.init, LORA_INITS)
     _choice("finetune.lora.quantize", lora.quantize, QUANTIZATIONS)
     _positive("finetune.lora.rank", lora.rank)

@@ -151,7 +151,7 @@ def test_moe_model_trains_with_router_losses_and_metrics(tmp_path):
     assert 0 < float(metrics["moe/router_entropy"]) <= np.log(4) + 1e-6
 
 
-@pytest.mark.parametrize("microbatches", [1, 2])
+@pytest.mark.parametrize("microbatches", [pytest.param(1, marks=pytest.mark.slow), 2])  # 2 includes 1's claim
 def test_lm_loss_is_what_the_train_step_minimises(microbatches):
     """`jax.grad(lm.loss)` of an MoE model (router losses included) is the gradient the train step applies; with
     microbatches, the mean of it over the microbatches (the load-balancing loss is per microbatch, not additive)."""
@@ -359,7 +359,8 @@ def test_moe_every_other_layer_interleaves_dense_and_moe_blocks():
 # ------------------------------------------------------------------------------ MixLoRA
 
 def test_mixlora_layer_equals_a_naive_loop_and_starts_as_the_dense_model():
-    from jaxllm.models.mixlora import MixLoraFfn, from_dense
+    from jaxllm.models.mixlora import MixLoraFfn
+    from jaxllm.train.methods.added_modules import overlay
 
     cfg = tiny_model(moe=MoeConfig(num_experts=4, top_k=2, lora_rank=3, lora_alpha=6.0))
     layer = MixLoraFfn(cfg, _DEFAULT_RULES, rngs=nnx.Rngs(0))
@@ -382,7 +383,7 @@ def test_mixlora_layer_equals_a_naive_loop_and_starts_as_the_dense_model():
     # a fresh MixLoRA model on a dense base (B = 0) computes the dense model
     dense, mix = LanguageModel(tiny_model()), LanguageModel(cfg)
     dp = dense.init(jax.random.key(0))
-    params = from_dense(dp, mix.init(jax.random.key(1)))
+    params = overlay(mix.init(jax.random.key(1)), dp)
     tokens = np.random.default_rng(0).integers(0, 97, (2, 10))
     np.testing.assert_allclose(mix.apply(params, tokens), dense.apply(dp, tokens), atol=1e-5)
 
@@ -390,17 +391,17 @@ def test_mixlora_layer_equals_a_naive_loop_and_starts_as_the_dense_model():
 def test_mixlora_trains_router_and_experts_only_with_the_balancing_loss():
     import optax
 
-    from jaxllm.models.mixlora import from_dense, join, split_trainable
+    from jaxllm.train.methods.added_modules import join, overlay, split_added
     from jaxllm.train.step import TrainState, make_train_step
 
     dense, mix = LanguageModel(tiny_model()), LanguageModel(tiny_model(moe=MoeConfig(num_experts=4, top_k=2, lora_rank=4)))
     base = dense.init(jax.random.key(0))
-    trained, frozen = split_trainable(from_dense(base, mix.init(jax.random.key(1))))
+    trained, frozen = split_added(overlay(mix.init(jax.random.key(1)), base), base)
     n_trained = sum(x.size for x in jax.tree.leaves(trained))
     assert n_trained == 2 * (32 * 4 + 4 * 3 * 4 * (32 + 64))  # per layer: router + 3 pairs of A, B per expert
     tx = optax.adam(1e-2)
     state = TrainState(jnp.zeros((), jnp.int32), trained, tx.init(trained), jax.random.key_data(jax.random.key(0)))
-    step = jax.jit(make_train_step(mix, tx, to_model=join))
+    step = jax.jit(make_train_step(mix, tx, to_model=lambda t, f, _rng: join(t, f)))
     rng = np.random.default_rng(0)
     batch = {"inputs": jnp.asarray(rng.integers(0, 97, (4, 16))), "targets": jnp.asarray(rng.integers(0, 97, (4, 16)))}
     losses = []
@@ -421,6 +422,7 @@ def test_mixlora_trains_router_and_experts_only_with_the_balancing_loss():
         load_config(["tiny"], ["model.moe.num_experts=4", "model.moe.lora_rank=4", "model.moe.null_experts=1"])
 
 
+@pytest.mark.slow  # the default run has its pieces: the layer, the trained params, AddedModules (test_peft_family)
 def test_mixlora_finetune_cli_keeps_the_base_and_loads_back(dense_run, tmp_path):
     from jaxllm.cli import main
     from jaxllm.interop.models import load_model

@@ -1,7 +1,7 @@
 """The PEFT family beyond LoRA, each as a training method: HFT (half of each layer's categories train, the rest stays
 bitwise the base; the trained half moves as full fine-tuning moves it), SORSA (principal singular triplets
 against numpy's SVD, its regulariser against the numpy formula), S²FT (gradients = full fine-tuning's on the chosen rows, state
-sized to them), Bone, Bat, ABBA and CorDA (their peft parity is in tests/test_peft_parity.py); each runs through `jaxllm finetune` on 8 devices (fsdp x tensor) with the losses of one
+sized to them), Bone, Bat, ABBA, CorDA and bottleneck adapters (their parity is in tests/test_peft_parity.py); each runs through `jaxllm finetune` on 8 devices (fsdp x tensor) with the losses of one
 device, resuming exactly."""
 
 import json
@@ -20,7 +20,8 @@ from jaxllm.language_model import LanguageModel
 from jaxllm.peft.half_finetune import half_masks, split_stacked
 from jaxllm.peft.s2ft import S2ftAdapter
 from jaxllm.peft.sorsa import SorsaAdapter
-from jaxllm.train.setup import setup_step
+from jaxllm.nested import get_path
+from jaxllm.train.setup import load_run, setup_step
 from jaxllm.train.step import make_train_step
 from jaxllm.train.trainer import resolve_finetune_config
 
@@ -173,6 +174,38 @@ def test_s2ft_gradients_are_full_finetunings_on_the_chosen_rows_and_zero_elsewhe
     np.testing.assert_allclose(back["blocks"]["attn"]["o"]["kernel"], params["blocks"]["attn"]["o"]["kernel"], atol=1e-6)
 
 
+# ----------------------------------------------------------------------------------------------------- bottleneck
+def test_bottleneck_method_counts_its_flops_and_refuses_what_it_cannot_do(base_and_data):
+    """Weight gradients only for the adapters' kernels (counted from the params tree); a missing width, an unknown
+    placement, a base that has adapters already and a Hugging Face export are clear errors."""
+    import dataclasses
+
+    from jaxllm.config import BottleneckConfig, ConfigError
+    from jaxllm.interop.hf_mapping import model_type_of
+    from jaxllm.train.methods import method_for
+    from jaxllm.train.methods.base_model import Base
+
+    base, data = base_and_data
+    args = ["finetune.method=bottleneck", f"data.source={data}", "data.seq_len=64"]
+    with pytest.raises(ConfigError, match="needs model.bottleneck.width"):
+        resolve_finetune_config(str(base), ["finetune/lora"], args)
+    with pytest.raises(ConfigError, match="model.bottleneck.placement='beside'"):
+        resolve_finetune_config(str(base), ["finetune/lora"], [*args, "model.bottleneck.width=4",
+                                                                 "model.bottleneck.placement=beside"])
+    cfg = resolve_finetune_config(str(base), ["finetune/lora"], [*args, "model.bottleneck.width=4",
+                                                                 "model.bottleneck.sublayers=[attn,mlp]"])
+    lm = LanguageModel(cfg.model)
+    method = method_for(cfg, lm)
+    shapes = jax.tree_util.tree_leaves_with_path(lm.param_shapes)
+    adapter_kernels = sum(x.size for p, x in shapes if "adapter" in jax.tree_util.keystr(p) and "kernel" in str(p[-1]))
+    assert adapter_kernels == 2 * 2 * 2 * cfg.model.d_model * 4  # layers x sublayers x (down, up)
+    assert method.flops_per_token(64) == lm.flops_per_token(64) - 2 * (lm.active_matmul_params - adapter_kernels)
+    with pytest.raises(ConfigError, match="without model.bottleneck modules"):
+        method.prepare(None, jax.random.key(0), Base(cfg.model, lm.init(jax.random.key(0))))
+    with pytest.raises(ConfigError, match="bottleneck adapters"):
+        model_type_of(dataclasses.replace(tiny_model(), bottleneck=BottleneckConfig(width=4)))
+
+
 # ----------------------------------------------------------------------------------- every method through the CLI
 def _logged(run, name):
     return [json.loads(line)[name] for line in (run / "metrics.jsonl").read_text().splitlines() if name in line]
@@ -180,15 +213,20 @@ def _logged(run, name):
 
 # a method's own settings in the test; two targets keep the SVD inits and the calibration small
 EXTRA = {"sorsa": ["finetune.lora.targets=[q,down]"],
-         "corda": ["finetune.corda.samples=4", "finetune.lora.targets=[q,down]"]}
+         "corda": ["finetune.corda.samples=4", "finetune.lora.targets=[q,down]"],
+         "bottleneck": ["model.bottleneck.width=8", "model.bottleneck.sublayers=[attn,mlp]"]}
 
 # In the default run: HFT, the one method with its own trainer path; the adapter methods' runs are the trainer's LoRA
 # path with another adapter (`pytest -m slow` runs them), and their sharding is checked below.
-ADAPTER_METHODS = ["sorsa", "corda", "bone", "bat", "abba", "s2ft"]
+ADAPTER_METHODS = ["sorsa", "corda", "bone", "bat", "abba", "s2ft", "bottleneck"]
 CLI_METHODS = ["hft", *(pytest.param(m, marks=pytest.mark.slow) for m in ADAPTER_METHODS)]
+# sharded by default: a regulariser (sorsa), a calibration on the mesh (corda), gathered rows (s2ft), added modules
+# (bottleneck); the kernels of bone, bat and abba with `pytest -m slow`
+SHARDED = [m if m in ("sorsa", "corda", "s2ft", "bottleneck") else pytest.param(m, marks=pytest.mark.slow)
+           for m in ADAPTER_METHODS]
 
 
-@pytest.mark.parametrize("method", ADAPTER_METHODS)
+@pytest.mark.parametrize("method", SHARDED)
 def test_adapter_kernels_shard_fsdp_tp_like_one_device(method, base_and_data):
     """The training objective (with SORSA's regulariser) and the adapter's gradient on 8 devices (fsdp 4 x tensor 2)
     equal one device's, adapters moved off their init."""
@@ -196,8 +234,8 @@ def test_adapter_kernels_shard_fsdp_tp_like_one_device(method, base_and_data):
     setup = setup_step(resolve_finetune_config(str(base), ["finetune/lora"], [
         f"finetune.method={method}", f"data.source={data}", "data.seq_len=64", "mesh.data=1", "mesh.fsdp=4",
         "mesh.tensor=2", *EXTRA.get(method, [])]))
-    trained = jax.tree.map(lambda x, s: jax.device_put(x, s), perturbed(setup.init().params, 3),
-                           setup.method.adapter.shardings(setup.mesh))
+    trained = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), perturbed(setup.init().params, 3),
+                           setup.abstract_state.params)
     assert {d for x in jax.tree.leaves(trained) for d in x.sharding.device_set} == set(jax.devices())
     rng = np.random.default_rng(2)
     batch = {"inputs": rng.integers(0, 256, (8, 64)), "targets": rng.integers(0, 256, (8, 64)),
@@ -261,5 +299,12 @@ def test_method_finetunes_sharded_like_one_device_and_resumes_exactly(method, ba
             (2, r.shape[1], 64) for r in rows.values())
         moments = [x for x in jax.tree.leaves(setup.init().opt_state) if x.ndim > 0]
         assert sum(x.size for x in moments) == 2 * sum(r.size * 64 for r in rows.values())
-    if method not in ("hft", "s2ft"):  # adapters leave a peft directory (its parity: tests/test_peft_parity.py)
+    if method not in ("hft", "s2ft", "bottleneck"):  # adapters leave a peft directory (parity: tests/test_peft_parity.py)
         assert (straight / "adapter" / "adapter_model.safetensors").exists()
+    if method == "bottleneck":  # the run is a model with adapters, the base's weights bitwise in it
+        saved_cfg, lm, params = load_run(straight)
+        assert saved_cfg.model.bottleneck.width == 8
+        _, _, base_params = load_run(base)
+        for path, x in jax.tree_util.tree_leaves_with_path(base_params):
+            assert np.array_equal(np.asarray(x), np.asarray(get_path(params, tuple(k.key for k in path))))
+        assert np.abs(np.asarray(params["blocks"]["mlp_adapter"]["up"]["kernel"])).max() > 0

@@ -1,5 +1,6 @@
 """LoRA / PiSSA / DoRA / SORSA / MiSS (Bone, Bat) / ABBA (as LoHa) / CorDA against Hugging Face `peft` (torch, CPU) on a tiny random Llama: the same adapter
-weights give the same logits in both, in both directions of the adapter export/import."""
+weights give the same logits in both, in both directions of the adapter export/import. Bottleneck adapters (which peft
+does not have) against transformers' Llama with the adapter formula added by forward hooks."""
 
 import jax
 import jax.numpy as jnp
@@ -158,6 +159,48 @@ def test_miss_adapters_against_peft_both_ways_and_merge_unmerge(bat, base, tmp_p
         np.testing.assert_allclose(np.asarray(_get(back, name)), np.asarray(x), atol=1e-5)
     exact = ours_adapter.unmerge(merged, trained, record)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(exact), jax.tree.leaves(params)))
+
+
+@pytest.mark.parametrize("placement", ["series", "parallel"])
+def test_bottleneck_adapters_against_transformers_with_the_formula_hooked_in(placement, base):
+    """Adapters on attention and MLP: fresh ones compute the base (within 1e-5); moved ones give the logits of
+    transformers' model whose attention and MLP outputs y get + relu(u Wd + bd) Wu + bu by forward hooks (u = y in
+    series, the sublayer's normed input in parallel)."""
+    import dataclasses
+
+    from jaxllm.config import BottleneckConfig
+    from jaxllm.language_model import LanguageModel
+    from jaxllm.train.methods.added_modules import join, overlay, split_added
+
+    path, lm, params, _ = base
+    spec = BottleneckConfig(width=8, placement=placement, sublayers=["attn", "mlp"], scale=0.5)
+    grown = LanguageModel(dataclasses.replace(lm.cfg, bottleneck=spec))
+    fresh = overlay(grown.init(jax.random.key(0)), params)
+    np.testing.assert_allclose(grown.apply(fresh, _tokens()), lm.apply(params, _tokens()), atol=1e-5, rtol=0)
+    adapters, frozen = split_added(fresh, params)
+    moved = join(perturbed(adapters, 6), frozen)
+    ours = np.asarray(grown.apply(moved, _tokens()))
+
+    model = _torch_base(path)
+    blocks = moved["blocks"]
+    tensor = lambda x: torch.tensor(np.asarray(x))
+
+    def hook(i, sublayer):
+        a = blocks[f"{sublayer}_adapter"]
+        Wd, bd, Wu, bu = (tensor(a[m][k][i]) for m in ("down", "up") for k in ("kernel", "bias"))
+
+        def add_adapter(module, args, kwargs, output):
+            y = output[0] if isinstance(output, tuple) else output
+            u = y if placement == "series" else kwargs.get("hidden_states", args[0] if args else None)
+            y = y + 0.5 * (torch.relu(u @ Wd + bd) @ Wu + bu)
+            return (y, *output[1:]) if isinstance(output, tuple) else y
+        return add_adapter
+
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.register_forward_hook(hook(i, "attn"), with_kwargs=True)
+        layer.mlp.register_forward_hook(hook(i, "mlp"), with_kwargs=True)
+    np.testing.assert_allclose(ours, _peft_logits(model, _tokens()), atol=TOL, rtol=0)
+    assert np.abs(ours - np.asarray(lm.apply(params, _tokens()))).max() > 1e-2  # the adapters matter
 
 
 def test_abba_against_peft_loha_both_ways_and_its_init(base, tmp_path):

@@ -177,7 +177,7 @@ def test_sharded_equals_single_device(structure):
     params = lm.init(jax.random.key(0))
     rng = np.random.default_rng(0)
     batch = {"inputs": rng.integers(0, 320, (8, 24)), "targets": rng.integers(0, 320, (8, 24))}
-    want_loss, want_grads = jax.value_and_grad(lambda p: lm.loss(p, batch)[0])(params)
+    want_loss, want_grads = jax.jit(jax.value_and_grad(lambda p: lm.loss(p, batch)[0]))(params)
     mesh = make_mesh(cfg.mesh)
     shardings = lm.param_shardings(mesh)
     if structure != "lowrank":  # block-diagonal factors split their block axis over `tensor`

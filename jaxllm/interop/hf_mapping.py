@@ -233,6 +233,11 @@ def params_to_hf(cfg: ModelConfig, model_type: str, params: Mapping[str, Any]) -
 
 def model_type_of(cfg: ModelConfig) -> str:
     """The HF family that represents `cfg`, or a ConfigError saying why none does."""
+    if cfg.bottleneck.width:
+        raise ConfigError("bottleneck adapters (model.bottleneck) are modules of their own: they do not merge into the "
+                          "base's weights and no Hugging Face family holds them")
+    if cfg.moe.num_experts and cfg.moe.lora_rank:
+        raise ConfigError("MixLoRA experts (model.moe.lora_rank) share one dense FFN: no Hugging Face family holds them")
     if cfg.position == "learned" and cfg.norm == "layernorm" and cfg.bias == "all" and not cfg.mlp.gated:
         return "gpt2"
     if cfg.position != "rope" or cfg.norm != "rmsnorm" or not cfg.mlp.gated or cfg.bias == "all":

@@ -5,8 +5,8 @@ Every expert is the dense FFN with its own low-rank deltas on gate, up and down
 token and the Switch load-balancing loss keeps them in use. The dense kernels are shared: x W_gate and
 x W_up run once per token, the deltas and the down map once per (token, choice), the deltas as grouped
 matmuls over assignments sorted by expert. Param names of the dense FFN are kept (`mlp.gate.kernel`, ...)
-so a dense checkpoint loads as is; `router` and the `*_a` / `*_b` factors are what trains
-(`split_trainable` / `join`). B starts at zero: the fresh MixLoRA model computes the dense model.
+so a dense checkpoint loads as is; `router` and the `*_a` / `*_b` factors are what trains (the params a dense
+model lacks: `jaxllm.train.methods.added_modules`). B starts at zero: the fresh MixLoRA model computes the dense model.
 """
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ from flax import nnx
 from jaxllm.config import ModelConfig
 from jaxllm.models.layers import Dense, make_param
 from jaxllm.sharding import Rules
-
-_LORA = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
-
 
 class MixLoraFfn(nnx.Module):
     """[B, T, D] -> ([B, T, D], MoeStats, None): top-k over E LoRA experts sharing the dense SwiGLU FFN."""
@@ -65,31 +62,3 @@ class MixLoraFfn(nnx.Module):
         F, rank = self.cfg.mlp.d_ff, m.lora_rank
         flops = jnp.float32(B * T * P * 2 * (F * D + 3 * rank * (D + F)))  # down map + deltas per choice
         return y.astype(dtype).reshape(B, T, D), routing_stats(r, jnp.zeros((), jnp.float32), flops), None
-
-
-def _trainable(path: tuple) -> bool:
-    keys = [getattr(k, "key", k) for k in path]
-    return "mlp" in keys and (keys[-1] == "router" or keys[-1] in _LORA)
-
-
-def split_trainable(params: Any) -> tuple[Any, Any]:
-    """(router and LoRA factors, everything else): same tree shape, None where a leaf belongs to the other."""
-    flags = jax.tree_util.tree_map_with_path(lambda p, _: _trainable(p), params)
-    pick = lambda want: jax.tree.map(lambda x, f: x if f == want else None, params, flags)
-    return pick(True), pick(False)
-
-
-def join(trained: Any, frozen: Any, rng: Any = None) -> Any:
-    """The model's params from `split_trainable`'s halves (usable as `make_train_step(to_model=join)`)."""
-    return jax.tree.map(lambda a, b: b if a is None else a, trained, frozen, is_leaf=lambda x: x is None)
-
-
-def from_dense(dense_params: Any, mixlora_params: Any) -> Any:
-    """MixLoRA params: every param of the dense base, plus the router and LoRA factors of `mixlora_params`
-    (a fresh init)."""
-    def overlay(fresh, dense):
-        if isinstance(fresh, dict):
-            return {k: overlay(v, dense[k]) if k in dense else v for k, v in fresh.items()}
-        return dense
-
-    return overlay(mixlora_params, dense_params)

@@ -14,6 +14,7 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.attention import Attention
+from jaxllm.models.bottleneck import Bottleneck
 from jaxllm.models.kv_cache import KVCache, LayerCache
 from jaxllm.models.layers import Dense, Embed, make_norm
 from jaxllm.models.mixlora import MixLoraFfn
@@ -34,7 +35,8 @@ def moe_every(cfg: ModelConfig) -> int:
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); with `model.bottleneck`, adapters on the
+    sublayers it names (`attn_adapter`, `mlp_adapter`)."""
 
     def __init__(self, cfg: ModelConfig, rules: Rules, *, rngs: nnx.Rngs):
         self.rules = rules
@@ -47,18 +49,27 @@ class Block(nnx.Module):
             self.mlp = MoeFfn(cfg, rules, rngs=rngs)
         else:
             self.mlp = Mlp(cfg, rules, rngs=rngs)
+        adapted = cfg.bottleneck.sublayers if cfg.bottleneck.width else ()
+        self.attn_adapter = Bottleneck(cfg, rngs=rngs) if "attn" in adapted else None
+        self.mlp_adapter = Bottleneck(cfg, rngs=rngs) if "mlp" in adapted else None
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache: LayerCache | None = None, router_state=None,
                  packed: bool = True):
         """[B, T, D] -> ([B, T, D], (k_cache, v_cache) or None, MoeStats or None, router state or None).
         `router_state`: a recurrent MoE router's per-token state from the layer below."""
-        attn = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, cache, packed=packed)
+        normed_BTD = self.attn_norm(x_BTD)
+        attn = self.attn(normed_BTD, positions_BT, segment_ids_BT, cache, packed=packed)
         attn_BTD, kv = attn if cache is not None else (attn, None)
+        if self.attn_adapter is not None:
+            attn_BTD = self.attn_adapter(normed_BTD, attn_BTD)
         x_BTD = x_BTD + attn_BTD
+        normed_BTD = self.mlp_norm(x_BTD)
         if isinstance(self.mlp, (MoeFfn, MixLoraFfn)):
-            ffn_BTD, stats, router_state = self.mlp(self.mlp_norm(x_BTD), router_state)
+            ffn_BTD, stats, router_state = self.mlp(normed_BTD, router_state)
         else:
-            ffn_BTD, stats = self.mlp(self.mlp_norm(x_BTD)), None
+            ffn_BTD, stats = self.mlp(normed_BTD), None
+        if self.mlp_adapter is not None:
+            ffn_BTD = self.mlp_adapter(normed_BTD, ffn_BTD)
         x_BTD = constrain(x_BTD + ffn_BTD, ("batch", "length", "act_embed"), self.rules)
         return x_BTD, kv, stats, router_state
 

@@ -18,6 +18,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +60,23 @@ class Target:
         return self.shape[self.n_lead + self.n_in :]
 
 
+def find_targets(lm: LanguageModel, names: Sequence[str], key: str) -> list[Target]:
+    """The linear maps of `lm` whose last path part or dotted path fully matches one of `names` (regexes); a
+    ConfigError naming `key` (the config field they come from) when none does."""
+    patterns = [re.compile(t) for t in names]
+    targets: list[Target] = []
+    for path, n_in in sorted(lm.linear_layers.items()):
+        name = ".".join(path)
+        if any(p.fullmatch(path[-1]) or p.fullmatch(name) for p in patterns):
+            shape = get_path(lm.param_shapes, path + ("kernel",)).shape
+            axes = get_path(lm.logical_axes, path + ("kernel",))
+            targets.append(Target(path, int(axes[0] == "layers"), n_in, tuple(shape), axes))
+    if not targets:
+        all_names = sorted({p[-1] for p in lm.linear_layers} | {".".join(p) for p in lm.linear_layers})
+        raise ConfigError(f"{key}={list(names)} match no linear layer; names: {all_names}")
+    return targets
+
+
 def lora_scale(spec: LoraConfig) -> float:
     return spec.alpha / math.sqrt(spec.rank) if spec.rslora else spec.alpha / spec.rank
 
@@ -68,17 +86,7 @@ class LoraAdapter:
 
     def __init__(self, lm: LanguageModel, spec: LoraConfig):
         self.lm, self.spec, self.scale = lm, spec, lora_scale(spec)
-        patterns = [re.compile(t) for t in spec.targets]
-        self.targets: list[Target] = []
-        for path, n_in in sorted(lm.linear_layers.items()):
-            name = ".".join(path)
-            if any(p.fullmatch(path[-1]) or p.fullmatch(name) for p in patterns):
-                shape = get_path(lm.param_shapes, path + ("kernel",)).shape
-                axes = get_path(lm.logical_axes, path + ("kernel",))
-                self.targets.append(Target(path, int(axes[0] == "layers"), n_in, tuple(shape), axes))
-        if not self.targets:
-            names = sorted({p[-1] for p in lm.linear_layers} | {".".join(p) for p in lm.linear_layers})
-            raise ConfigError(f"finetune.lora.targets={list(spec.targets)} match no linear layer; names: {names}")
+        self.targets = find_targets(lm, spec.targets, "finetune.lora.targets")
         for t in self.targets:
             if spec.rank > min(math.prod(t.in_shape), math.prod(t.out_shape)):
                 raise ConfigError(f"finetune.lora.rank={spec.rank} exceeds the smaller side of {t.name} "

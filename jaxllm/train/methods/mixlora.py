@@ -3,36 +3,20 @@ train, the base stays frozen (`finetune.method=mixlora` with `model.moe.num_expe
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
-from jax.sharding import Mesh
 
-from jaxllm.config import ConfigError
-from jaxllm.language_model import LanguageModel, Params
-from jaxllm.models.mixlora import from_dense, join, split_trainable
-from jaxllm.train.methods.base_model import Base, fresh_copies, with_execution_of
-from jaxllm.train.methods.method import Prepared, TrainingMethod
+from jaxllm.config import ModelConfig
+from jaxllm.language_model import Params
+from jaxllm.train.methods.added_modules import AddedModules
 from jaxllm.train.methods.registry import register
 
 
 @register("mixlora")
-class MixLora(TrainingMethod):
-    def prepare(self, mesh: Mesh, key: jax.Array, base: Base) -> Prepared:
-        cfg, lm = self.cfg, self.lm
-        dense = dataclasses.replace(cfg.model, moe=base.cfg.moe)  # compare all but model.moe
-        if with_execution_of(base.cfg, dense) != dense or base.cfg.moe.num_experts:
-            raise ConfigError(f"finetune.method=mixlora needs a dense base with this architecture; "
-                              f"{cfg.finetune.base!r} differs")
-        placed = jax.device_put(base.params, LanguageModel(dense, lm.rules).param_shardings(mesh))
-        shardings = lm.param_shardings(mesh)
-        params = jax.jit(lambda b, k: from_dense(b, lm.init(k)), out_shardings=shardings)(placed, key)
-        trained, frozen = split_trainable(params)
-        trained_shardings = split_trainable(shardings)[0]
-        return Prepared(fresh_copies(trained, trained_shardings), trained_shardings, frozen)
+class MixLora(AddedModules):
+    added = "moe"
 
-    def to_model(self, trained: Params, frozen: Params, rng: jax.Array | None) -> Params:
-        return join(trained, frozen)
+    def base_has_added(self, base_cfg: ModelConfig) -> bool:
+        return bool(base_cfg.moe.num_experts)
 
     def flops_per_token(self, seq_len: int) -> float:
         """The router and the chosen experts' LoRA deltas train; the base gets no weight gradient."""
