@@ -1,7 +1,7 @@
 """PEFT on real text: pretrain a base on the stdlib corpus, then adapt it to the stdlib docstring task (function code
 -> its docstring's first sentence) with full fine-tuning, LoRA, rsLoRA, PiSSA, MiLoRA, OLoRA, DoRA, LoRA+, QLoRA
-(NF4 base), HFT, SORSA, Bone, Bat, ABBA, CorDA (IPM calibrated on the task, KPM on pretraining text) and S²FT, >= 3
-seeds each.
+(NF4 base), HFT, SORSA, Bone, Bat, ABBA, CorDA (IPM calibrated on the task, KPM on pretraining text), S²FT and
+series / parallel bottleneck adapters, >= 3 seeds each.
 
     python experiments/lora/run.py [--base-steps 300] [--steps 50] [--seeds 3] [--out experiments/lora]
     python experiments/lora/run.py --quick   # tiny base, 2 methods, 2 seeds, a few steps (the tests)
@@ -58,6 +58,10 @@ METHODS = {  # name -> (overrides, learning rate)
     "corda-ipm": (["finetune.method=corda", "finetune.corda.mode=ipm"], 2e-3),
     "corda-kpm": (["finetune.method=corda", "finetune.corda.mode=kpm"], 2e-3),  # calibrated on pretraining text
     "s2ft": (["finetune.method=s2ft"], 2e-3),
+    # LLM-Adapters' bottleneck adapters after / beside the MLP (their best placement), width 32 of d_model 128
+    "series": (["finetune.method=bottleneck", "model.bottleneck.width=32", "model.bottleneck.placement=series"], 2e-3),
+    "parallel": (["finetune.method=bottleneck", "model.bottleneck.width=32", "model.bottleneck.placement=parallel"],
+                 2e-3),
 }
 
 
@@ -270,6 +274,9 @@ def main(argv: list[str] | None = None) -> None:
         ({"corda-ipm", "lora"}, "CorDA-IPM ends lower than LoRA (held-out loss)", ("corda-ipm", "lora", "held_out_loss")),
         ({"corda-kpm", "lora"}, "CorDA-KPM forgets less than LoRA", ("corda-kpm", "lora", "pretrain_eval_loss")),
         ({"s2ft", "lora"}, "S²FT forgets less than LoRA", ("s2ft", "lora", "pretrain_eval_loss")),
+        ({"parallel", "series"}, "Parallel adapters end lower than series adapters (held-out loss)",
+         ("parallel", "series", "held_out_loss")),
+        ({"lora", "series"}, "LoRA ends lower than series adapters (held-out loss)", ("lora", "series", "held_out_loss")),
     ]
     for needed, claim, (a, b, what) in claims:
         if needed <= set(names):
