@@ -203,6 +203,53 @@ def cmd_eval(args: argparse.Namespace) -> None:
                       "skipped": report.skipped}))
 
 
+def cmd_compress(args: argparse.Namespace) -> None:
+    """Prune a Hugging Face or jaxllm model (magnitude or Wanda, unstructured or N:M) into --out: a Hugging Face
+    directory from a Hugging Face one, else a jaxllm run directory; `generate`, `eval` and `convert` load either.
+    Prints and writes (compression.json) the sparsity of every pruned map."""
+    import itertools
+    import json
+    from pathlib import Path
+
+    from jaxllm.compress.prune import PruneSpec, parse_pattern, prune, sparsity_of
+    from jaxllm.data.pipeline import make_batches, text_encoder
+    from jaxllm.data.sources import read_documents
+    from jaxllm.interop.hf_checkpoint import is_hf_dir, save_hf_checkpoint
+    from jaxllm.interop.models import load_model, save_run
+
+    spec = PruneSpec(method=args.method, sparsity=args.sparsity, pattern=parse_pattern(args.pattern) if args.pattern
+                     else None, targets=tuple(args.targets.split(",")), sequential=not args.one_shot)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} exists and is not empty; name a new directory")
+    m = load_model(args.model)
+    rows = None
+    if spec.needs_calibration:
+        if not args.data:
+            raise ConfigError("--method wanda needs --data: calibration text (.txt/.jsonl/.parquet)")
+        if m.tokenizer is None:
+            raise ConfigError(f"{args.model} has no tokenizer.json: cannot tokenize the calibration text")
+        docs, report = read_documents(args.data, args.text_field)
+        seq = min(args.seq_len, m.lm.cfg.max_seq_len)
+        batches = make_batches(docs, m.tokenizer, seq_len=seq, batch_size=1, seed=0, repeat=False,
+                               encode=text_encoder(m.tokenizer))
+        rows = [b["inputs"][0] for b in itertools.islice(iter(batches), args.samples)]
+        console.print(f"calibration: {len(rows)} rows of {seq} tokens from {len(docs)} documents of {args.data}"
+                      + (f" ({report.skipped} skipped)" if report.skipped else ""))
+    with console.status(f"pruning ({spec.method}{', layer by layer' if spec.sequential and rows else ''})"):
+        params = prune(m.lm, m.params, spec, rows)
+    sparsity = sparsity_of(m.lm, params, spec.targets)
+    if is_hf_dir(Path(args.model)):
+        save_hf_checkpoint(out, m.lm.cfg, params, tokenizer_dir=args.model)
+    else:
+        save_run(out, m.config, params)
+    record = {"source": str(args.model), "method": spec.method, "pattern": args.pattern, "target_sparsity":
+              spec.target_sparsity, "sequential": bool(spec.sequential and rows), "calibration_rows": len(rows or []),
+              "calibration_data": args.data, "sparsity": sparsity}
+    (out / "compression.json").write_text(json.dumps(record, indent=2))
+    console.print(f"{spec.method} pruned {len(sparsity) - 1} maps to {100 * sparsity['all']:.1f}% zeros -> {out}")
+
+
 def cmd_tokenizer(args: argparse.Namespace) -> None:
     """Train a byte-level BPE tokenizer on the training documents of a config's data (`data.source`)."""
     from jaxllm.data.pipeline import load_corpus
@@ -272,6 +319,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("compress", help="prune a model's linear maps (magnitude, Wanda; unstructured or N:M)")
+    p.add_argument("--model", required=True, help="Hugging Face directory or jaxllm run directory")
+    p.add_argument("--method", choices=["wanda", "magnitude"], default="wanda")
+    p.add_argument("--sparsity", type=float, default=0.5, help="share of each map's weights set to zero")
+    p.add_argument("--pattern", help="N:M sparsity instead, e.g. 2:4 (keep 2 of every 4 consecutive inputs)")
+    p.add_argument("--targets", default="q,k,v,o,gate,up,down", help="linear maps to prune (names or regexes)")
+    p.add_argument("--data", help="calibration text for wanda (.txt/.jsonl/.parquet file or directory)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--samples", type=int, default=128, help="calibration rows")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration row")
+    p.add_argument("--one-shot", action="store_true",
+                   help="calibrate every layer on the unpruned model (default: layer by layer, as Wanda's code)")
+    p.add_argument("--out", required=True, help="new directory for the compressed model")
+    p.set_defaults(fn=cmd_compress)
     p = sub.add_parser("tokenizer", help="train a BPE tokenizer on a config's training documents")
     p.add_argument("action", choices=["train"])
     _add_config_args(p)

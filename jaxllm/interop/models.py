@@ -6,12 +6,13 @@ directory* holds config.yaml + checkpoints/ written by `jaxllm train`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 
-from jaxllm.config import Config, ConfigError, to_yaml
+from jaxllm.config import Config, ConfigError, FinetuneConfig, to_yaml
 from jaxllm.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 from jaxllm.interop.hf_checkpoint import is_hf_dir, load_hf_checkpoint, save_hf_checkpoint
 from jaxllm.train.checkpoint import Checkpointer, is_run_dir
@@ -51,6 +52,23 @@ def load_model(path: str | Path, adapter: str | Path | None = None) -> LoadedMod
     raise not_a_model_dir(path)
 
 
+def save_run(dst: str | Path, cfg: Config, params: Params) -> None:
+    """`params` of `cfg.model` as a jaxllm run directory at step 0 (fresh optimizer; `jaxllm train` continues from it,
+    `generate` / `eval` / `convert` load it); `cfg` is written with no fine-tuning base."""
+    dst = Path(dst)
+    cfg = dataclasses.replace(cfg, finetune=FinetuneConfig(),
+                              checkpoint=dataclasses.replace(cfg.checkpoint, run_dir=str(dst)))
+    setup = setup_step(cfg)
+    state = setup.init()._replace(params=jax.device_put(params, setup.state_sharding.params))
+    state = state._replace(opt_state=jax.jit(setup.tx.init)(state.params))
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "config.yaml").write_text(to_yaml(cfg))
+    ckpt = Checkpointer(dst / "checkpoints", cfg.checkpoint)
+    ckpt.save(0, state, {}, force=True)
+    ckpt.wait()
+    ckpt.close()
+
+
 def convert(src: str | Path, dst: str | Path) -> str:
     """HF directory -> jaxllm run directory (step 0, fresh optimizer: `jaxllm train` continues from it),
     or jaxllm run directory -> HF directory. Returns a one-line description."""
@@ -60,16 +78,7 @@ def convert(src: str | Path, dst: str | Path) -> str:
         tok = str(src / "tokenizer.json") if (src / "tokenizer.json").exists() else "byte"
         cfg = Config(model=lm.cfg)
         cfg.data.tokenizer, cfg.data.seq_len = tok, min(cfg.data.seq_len, lm.cfg.max_seq_len)
-        cfg.checkpoint.run_dir = str(dst)
-        setup = setup_step(cfg)
-        state = setup.init()._replace(params=jax.device_put(params, setup.state_sharding.params))
-        state = state._replace(opt_state=jax.jit(setup.tx.init)(state.params))
-        dst.mkdir(parents=True, exist_ok=True)
-        (dst / "config.yaml").write_text(to_yaml(cfg))
-        ckpt = Checkpointer(dst / "checkpoints", cfg.checkpoint)
-        ckpt.save(0, state, {}, force=True)
-        ckpt.wait()
-        ckpt.close()
+        save_run(dst, cfg, params)
         return f"{family} checkpoint {src} -> jaxllm run directory {dst} (step 0)"
     loaded = load_model(src)
     tok_dir = Path(loaded.config.data.tokenizer).parent if loaded.config.data.tokenizer != "byte" else None

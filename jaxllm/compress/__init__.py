@@ -1,0 +1,1 @@
+"""Compressing a trained model: passes over its params tree (pruning; `jaxllm compress`)."""

@@ -1,0 +1,199 @@
+"""Pruning (Wanda, magnitude; unstructured and N:M) against numpy loops on the same statistics; the calibration norms
+against transformers' layer inputs captured by forward hooks (scanned and unrolled layers, one device and 8);
+`jaxllm compress` end to end on a jaxllm run (then eval, generate, convert) and on a Hugging Face model."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxllm.cli import main
+from jaxllm.compress.masks import n_of_m_keep, unstructured_keep
+from jaxllm.compress.prune import PruneSpec, input_norms, keep_mask, prune, sparsity_of
+from jaxllm.config import ConfigError, MeshConfig
+from jaxllm.language_model import LanguageModel
+from jaxllm.nested import get_path
+from jaxllm.peft.lora import find_targets
+from jaxllm.sharding import make_mesh
+
+torch = pytest.importorskip("torch", reason="the calibration reference is transformers' model (the [hf] extra)")
+transformers = pytest.importorskip("transformers")
+
+HF_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+def np_unstructured_keep(scores, sparsity, per_output):
+    I, O = scores.shape
+    keep = np.ones((I, O), bool)
+    if per_output:
+        for j in range(O):
+            keep[np.argsort(scores[:, j], kind="stable")[: int(sparsity * I)], j] = False
+    else:
+        keep.reshape(-1)[np.argsort(scores.reshape(-1), kind="stable")[: int(sparsity * I * O)]] = False
+    return keep
+
+
+def np_n_of_m_keep(scores, n, m):
+    I, O = scores.shape
+    keep = np.zeros((I, O), bool)
+    for j in range(O):
+        for g in range(0, I, m):
+            keep[g + np.argsort(-scores[g:g + m, j], kind="stable")[:n], j] = True
+    return keep
+
+
+@pytest.mark.parametrize("how", ["wanda-0.5", "wanda-0.3", "magnitude-0.5", "wanda-2:4", "wanda-4:8", "magnitude-2:4"])
+def test_masks_equal_the_numpy_loops(how):
+    method, amount = how.split("-")
+    pattern = tuple(int(p) for p in amount.split(":")) if ":" in amount else None
+    spec = PruneSpec(method=method, sparsity=0.0 if pattern else float(amount), pattern=pattern)
+    rng = np.random.default_rng(0)
+    w, norms = rng.normal(size=(64, 48)).astype(np.float32), rng.uniform(0.1, 3, 64).astype(np.float32)
+    keep = np.asarray(keep_mask(w, norms if method == "wanda" else None, spec))
+    scores = np.abs(w) * (norms[:, None] if method == "wanda" else 1)
+    want = (np_n_of_m_keep(scores, *pattern) if pattern
+            else np_unstructured_keep(scores, spec.sparsity, per_output=method == "wanda"))
+    np.testing.assert_array_equal(keep, want)
+    assert 1 - keep.mean() == pytest.approx(spec.target_sparsity, abs=1 / 64)  # int(sparsity * inputs) per output
+    if method == "wanda" and not pattern:  # Wanda's group is an output: every column loses exactly its share
+        assert set((~keep).sum(0)) == {int(spec.sparsity * 64)}
+    # the kernels alone, too (the mask functions know nothing of methods)
+    np.testing.assert_array_equal(np.asarray(unstructured_keep(scores, 0.5, True)), np_unstructured_keep(scores, 0.5, True))
+    np.testing.assert_array_equal(np.asarray(n_of_m_keep(scores, 2, 4)), np_n_of_m_keep(scores, 2, 4))
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    from jaxllm.interop.hf_checkpoint import load_hf_checkpoint
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("hf_llama")
+    model.save_pretrained(path, safe_serialization=True)
+    lm, params, _ = load_hf_checkpoint(path)
+    return path, model, lm, params
+
+
+def _torch_norms(model, rows):
+    """{(layer, name): ||X_i||_2 [in]} of each projection's input over `rows`, by forward hooks."""
+    sums, hooks = {}, []
+    for i, layer in enumerate(model.model.layers):
+        for name, hf in HF_NAMES.items():
+            def hook(module, args, _out, key=(i, name)):
+                x = args[0].detach().double().reshape(-1, args[0].shape[-1]).numpy()
+                sums[key] = sums.get(key, 0) + (x * x).sum(0)
+            hooks.append(model.model.layers[i].get_submodule(hf).register_forward_hook(hook))
+    with torch.no_grad():
+        for row in rows:
+            model(input_ids=torch.tensor(row)[None])
+    for h in hooks:
+        h.remove()
+    return {k: np.sqrt(v) for k, v in sums.items()}
+
+
+ROWS = [np.random.default_rng(s).integers(0, 96, 16) for s in range(3)]
+
+
+def test_calibration_norms_equal_transformers_layer_inputs_scanned_unrolled_and_sharded(hf_llama):
+    _, model, lm, params = hf_llama
+    want = _torch_norms(model, ROWS)
+    targets = find_targets(lm, ("q", "k", "v", "o", "gate", "up", "down"), "test")
+    unrolled = LanguageModel(dataclasses.replace(lm.cfg, scan_layers=False))
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    with jax.set_mesh(mesh):
+        sharded = input_norms(lm, jax.device_put(params, lm.param_shardings(mesh)), targets, ROWS)
+    for got in (input_norms(lm, params, targets, ROWS), input_norms(unrolled, params, targets, ROWS), sharded):
+        for t in targets:
+            for i in range(2):
+                np.testing.assert_allclose(np.asarray(get_path(got, t.path)["stat"][i]), want[i, t.path[-1]],
+                                           rtol=1e-4, atol=1e-5)
+
+
+def _mask(params, t, layer):
+    w = np.asarray(get_path(params, t.path + ("kernel",))[layer])
+    return (w != 0).reshape(-1, w.shape[-1] if t.path[-1] in ("down", "gate", "up") else int(np.prod(t.out_shape)))
+
+
+def test_wanda_prunes_by_the_formula_one_shot_and_layer_by_layer(hf_llama):
+    """One-shot Wanda's masks are the numpy loops' on the same statistics; layer by layer, layer 0 is as one-shot
+    and layer 1's statistics come from the model with layer 0 pruned (transformers' model, pruned alike)."""
+    _, model, lm, params = hf_llama
+    targets = find_targets(lm, ("q", "k", "v", "o", "gate", "up", "down"), "test")
+    norms = input_norms(lm, params, targets, ROWS)
+    one_shot = prune(lm, params, PruneSpec(sequential=False), ROWS)
+    for t in targets:
+        for i in range(2):
+            w = np.asarray(get_path(params, t.path + ("kernel",))[i])
+            w = w.reshape(int(np.prod(t.in_shape)), -1)
+            scores = np.abs(w) * np.asarray(get_path(norms, t.path)["stat"][i])[:, None]
+            np.testing.assert_array_equal(_mask(one_shot, t, i), np_unstructured_keep(scores, 0.5, True))
+    assert sparsity_of(lm, one_shot)["all"] == 0.5
+
+    sequential = prune(lm, params, PruneSpec(), ROWS)
+    with torch.no_grad():  # transformers' model with jaxllm's pruned layer 0
+        for t in targets:
+            hf = model.model.layers[0].get_submodule(HF_NAMES[t.path[-1]])
+            hf.weight.mul_(torch.tensor(_mask(sequential, t, 0).T.astype(np.float32)))
+    want = _torch_norms(model, ROWS)
+    agree = []
+    for t in targets:
+        np.testing.assert_array_equal(_mask(sequential, t, 0), _mask(one_shot, t, 0))
+        w = np.asarray(get_path(params, t.path + ("kernel",))[1]).reshape(int(np.prod(t.in_shape)), -1)
+        agree.append(np.mean(_mask(sequential, t, 1) == np_unstructured_keep(np.abs(w) * want[1, t.path[-1]][:, None],
+                                                                             0.5, True)))
+    assert min(agree) > 0.995  # float32 vs float64 statistics may swap a pair of near-equal scores at the cut
+    assert any((_mask(sequential, t, 1) != _mask(one_shot, t, 1)).any() for t in targets)  # layer 0 mattered
+
+
+def test_bad_pruning_requests_are_clear_errors(hf_llama):
+    _, _, lm, params = hf_llama
+    with pytest.raises(ConfigError, match="Wanda needs calibration"):
+        prune(lm, params, PruneSpec(), [])
+    with pytest.raises(ConfigError, match=r"3:4 .*not a multiple|inputs, not a multiple"):
+        prune(lm, params, PruneSpec(pattern=(3, 5)), ROWS)
+    with pytest.raises(ConfigError, match="within"):
+        prune(lm, params, PruneSpec(method="magnitude", sparsity=1.0))
+    with pytest.raises(ConfigError, match="0 < N < M"):
+        prune(lm, params, PruneSpec(pattern=(4, 4)), ROWS)
+
+
+def test_compress_cli_on_a_jaxllm_run_then_eval_generate_convert(base_and_data, tmp_path, capsys):
+    base, _ = base_and_data
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "wanda24"
+    assert main(["compress", "--model", str(base), "--method", "wanda", "--pattern", "2:4", "--data", str(calib),
+                 "--samples", "2", "--seq-len", "32", "--out", str(out)]) == 0
+    record = json.loads((out / "compression.json").read_text())
+    assert record["sparsity"]["all"] == 0.5 and record["calibration_rows"] == 2 and record["sequential"]
+    assert main(["eval", "--model", str(out), "--data", str(calib), "--seq-len", "32"]) == 0
+    assert main(["generate", "--model", str(out), "--prompt", "the", "--max-new-tokens", "4"]) == 0
+    hf = tmp_path / "hf"
+    assert main(["convert", str(out), str(hf)]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf)
+    q = model.model.layers[0].self_attn.q_proj.weight.detach().numpy()  # [out, in]: 2 of every 4 inputs kept
+    assert ((q.reshape(q.shape[0], -1, 4) != 0).sum(-1) == 2).all()
+    assert main(["compress", "--model", str(base), "--method", "wanda", "--out", str(tmp_path / "x")]) == 2
+    assert "needs --data" in capsys.readouterr().err
+    assert main(["compress", "--model", str(base), "--method", "magnitude", "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_compress_cli_on_a_hugging_face_model_loads_in_transformers(hf_llama, tmp_path):
+    path, model, lm, params = hf_llama
+    out = tmp_path / "magnitude"
+    assert main(["compress", "--model", str(path), "--method", "magnitude", "--sparsity", "0.6", "--out", str(out)]) == 0
+    pruned = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    down = pruned.model.layers[1].mlp.down_proj.weight.detach().numpy()
+    assert np.mean(down == 0) == pytest.approx(0.6, abs=1 / down.size)
+    ours = prune(lm, params, PruneSpec(method="magnitude", sparsity=0.6))
+    np.testing.assert_array_equal(np.asarray(ours["blocks"]["mlp"]["down"]["kernel"][1]).T, down)
+    tokens = ROWS[0][None]
+    with torch.no_grad():
+        theirs = pruned(input_ids=torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(lm.apply(ours, tokens)), theirs, atol=1e-4)
