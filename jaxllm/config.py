@@ -299,13 +299,34 @@ class S2ftConfig:
 
 
 @dataclass
-class CordaConfig:
-    """CorDA: adapters from the SVD of each target oriented by its input covariance on calibration samples."""
+class CalibrationConfig:
+    """The sample rows a method's calibration pass reads before training (CorDA's covariances, MaskLLM's Wanda prior)."""
 
-    mode: str = "ipm"  # ipm: train the top-r directions (learn the task) | kpm: the bottom-r (keep what `data` uses)
-    samples: int = 64  # calibration rows of data.seq_len tokens
-    data: str = ""  # calibration source; empty: the fine-tuning data (data.source)
+    samples: int = 64  # rows of data.seq_len tokens
+    data: str = ""  # source; empty: the fine-tuning data (data.source)
     format: str = "text"  # data.format of `data` when it is given
+
+
+@dataclass
+class CordaConfig:
+    """CorDA: adapters from the SVD of each target oriented by its input covariance on `finetune.calibration` rows."""
+
+    mode: str = "ipm"  # ipm: train the top-r directions (learn the task) | kpm: the bottom-r (keep what the rows use)
+
+
+@dataclass
+class MaskllmConfig:
+    """MaskLLM: a learned 2:4 mask per target; each group of 4 weights picks one of the 6 2:4 patterns with
+    probabilities softmax(scale * logits), sampled by Gumbel-softmax at temperature tau while training; the weights
+    stay frozen and the argmax pattern is the final mask."""
+
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    tau_start: float = 4.0  # Gumbel-softmax temperature, annealed geometrically over train.steps
+    tau_end: float = 0.05
+    scale_start: float = 100.0  # logit scale, annealed linearly
+    scale_end: float = 500.0
+    prior: str = "wanda"  # the logits' starting point: wanda (on finetune.calibration rows) | magnitude | none
+    prior_strength: float = 3.0  # a pattern's starting logit: strength x its overlap with the prior's kept weights / 2
 
 
 @dataclass
@@ -315,12 +336,15 @@ class FinetuneConfig:
     # layer's matrices; sorsa: singular vectors and values of each target's principal part (finetune.lora targets/rank);
     # bone / bat: block-affine adapters (peft's MiSS); abba: Hadamard product of two low-rank pairs; corda: LoRA from
     # the covariance-oriented SVD (finetune.corda); s2ft: row deltas on a few heads of o and channels of down;
-    # bottleneck: adapters added after or beside the attention / MLP sublayers (model.bottleneck)
+    # bottleneck: adapters added after or beside the attention / MLP sublayers (model.bottleneck); maskllm: learned
+    # 2:4 masks on frozen weights (finetune.maskllm)
     method: str = "lora"
     lora: LoraConfig = field(default_factory=LoraConfig)
     hft: HftConfig = field(default_factory=HftConfig)
     sorsa: SorsaConfig = field(default_factory=SorsaConfig)
     corda: CordaConfig = field(default_factory=CordaConfig)
+    maskllm: MaskllmConfig = field(default_factory=MaskllmConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     s2ft: S2ftConfig = field(default_factory=S2ftConfig)
 
 
@@ -470,8 +494,14 @@ def check_values(cfg: Config) -> None:
     if cfg.finetune.sorsa.gamma < 0:
         raise ConfigError(f"finetune.sorsa.gamma={cfg.finetune.sorsa.gamma} must be >= 0")
     _choice("finetune.corda.mode", cfg.finetune.corda.mode, ("ipm", "kpm"))
-    _positive("finetune.corda.samples", cfg.finetune.corda.samples)
-    _choice("finetune.corda.format", cfg.finetune.corda.format, DATA_FORMATS)
+    _positive("finetune.calibration.samples", cfg.finetune.calibration.samples)
+    _choice("finetune.calibration.format", cfg.finetune.calibration.format, DATA_FORMATS)
+    mk = cfg.finetune.maskllm
+    _choice("finetune.maskllm.prior", mk.prior, ("wanda", "magnitude", "none"))
+    for key in ("tau_start", "tau_end", "scale_start", "scale_end"):
+        _positive(f"finetune.maskllm.{key}", getattr(mk, key))
+    if mk.prior_strength < 0:
+        raise ConfigError(f"finetune.maskllm.prior_strength={mk.prior_strength} must be >= 0")
     _positive("train.steps", cfg.train.steps)
     _positive("train.learning_rate", cfg.train.learning_rate)
     if not 0 <= cfg.train.warmup_steps <= cfg.train.steps:

@@ -197,3 +197,63 @@ def test_compress_cli_on_a_hugging_face_model_loads_in_transformers(hf_llama, tm
     with torch.no_grad():
         theirs = pruned(input_ids=torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(np.asarray(lm.apply(ours, tokens)), theirs, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------- MaskLLM
+def test_maskllm_soft_and_hard_masks_follow_the_formula():
+    """The 6 candidates are the 2:4 patterns; the Gumbel-softmax mix equals numpy's formula with the same noise; the
+    argmax pattern is valid 2:4; a prior's logits choose the prior's own 2:4 mask."""
+    from jaxllm.compress.maskllm import PATTERNS_KF, hard_mask, logits_shape, prior_logits, soft_mask
+    from jaxllm.peft.lora import Target
+
+    patterns = np.asarray(PATTERNS_KF)
+    assert patterns.shape == (6, 4) and (patterns.sum(1) == 2).all() and len({tuple(p) for p in patterns}) == 6
+    t = Target(("blocks", "attn", "o"), 1, 2, (2, 4, 8, 12), ("layers", "heads", "head_dim", "embed"))  # [L, H, hd, D]
+    logits = jax.random.normal(jax.random.key(0), logits_shape(t)) * 0.01
+    assert logits.shape == (2, 4, 2, 12, 6)
+    key, tau, scale = jax.random.key(1), 0.7, 100.0
+    soft = np.asarray(soft_mask(t, logits, key, tau, scale))
+    z = scale * np.asarray(logits, np.float64)
+    log_p = z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    y = np.exp((log_p + np.asarray(jax.random.gumbel(key, logits.shape))) / tau)
+    y /= y.sum(-1, keepdims=True)
+    want = np.zeros(t.shape)
+    for l, h, g, d in np.ndindex(2, 4, 2, 12):  # group g of head h: head_dim entries 4g..4g+3 of output d
+        want[l, h, 4 * g:4 * g + 4, d] = y[l, h, g, d] @ patterns
+    np.testing.assert_allclose(soft, want, atol=1e-5)
+    hard = np.asarray(hard_mask(t, logits))
+    assert (hard.reshape(2, 4, 2, 4, 12).sum(3) == 2).all()
+    w = np.random.default_rng(0).normal(size=t.shape)
+    prior = np.asarray(n_of_m_keep(np.abs(w.reshape(2, 32, 12)[1]), 2, 4)).reshape(4, 8, 12)
+    chosen = np.asarray(hard_mask(t, prior_logits(t, np.stack([prior, prior]), 3.0, 100.0)))
+    np.testing.assert_array_equal(chosen[1], prior)
+
+
+def test_maskllm_finetune_learns_2_of_4_masks_below_wanda_on_frozen_weights(base_and_data, tmp_path):
+    """`jaxllm finetune finetune.method=maskllm` (Wanda prior): every final mask is 2:4, every kept weight is the
+    base's bitwise, and the learned masks' loss is below the Wanda-2:4 starting point on the training data."""
+    from jaxllm.data.pipeline import calibration_rows, load_corpus, make_batches
+    from jaxllm.train.setup import load_run
+
+    base, data = base_and_data
+    run = tmp_path / "maskllm"
+    assert main(["finetune", "--base", str(base), "finetune.method=maskllm", f"data.source={data}", "data.format=sft",
+                 "data.seq_len=64", "train.batch_size=8", "train.eval_every=0", "train.steps=20",
+                 "train.learning_rate=1e-2", "train.warmup_steps=0", "finetune.calibration.samples=8",
+                 f"checkpoint.run_dir={run}", "checkpoint.async_save=false"]) == 0
+    cfg, lm, learned = load_run(run)
+    _, _, dense = load_run(base)
+    targets = find_targets(lm, ("q", "k", "v", "o", "gate", "up", "down"), "test")
+    for t in targets:
+        w, w0 = (np.asarray(get_path(p, t.path + ("kernel",))).reshape(2, -1, 4, int(np.prod(t.out_shape)))
+                 for p in (learned, dense))
+        assert ((w != 0).sum(2) == 2).all()  # 2 of every 4 consecutive inputs of an output
+        np.testing.assert_array_equal(w[w != 0], w0[w != 0])
+    wanda = prune(lm, dense, PruneSpec(pattern=(2, 4), sequential=False),
+                  list(calibration_rows(cfg.data, cfg.finetune.calibration)))
+    corpus = load_corpus(cfg.data)
+    batches = list(make_batches(corpus.train_docs, corpus.tokenizer, seq_len=64, batch_size=8, seed=0, repeat=False,
+                                encode=corpus.encode))[:4]
+    loss = jax.jit(lambda p, b: lm.loss(p, b)[0])
+    mean = lambda p: np.mean([float(loss(p, b)) for b in batches])
+    assert mean(learned) < mean(wanda) - 0.05

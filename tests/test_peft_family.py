@@ -213,15 +213,16 @@ def _logged(run, name):
 
 # a method's own settings in the test; two targets keep the SVD inits and the calibration small
 EXTRA = {"sorsa": ["finetune.lora.targets=[q,down]"],
-         "corda": ["finetune.corda.samples=4", "finetune.lora.targets=[q,down]"],
-         "bottleneck": ["model.bottleneck.width=8", "model.bottleneck.sublayers=[attn,mlp]"]}
+         "corda": ["finetune.calibration.samples=4", "finetune.lora.targets=[q,down]"],
+         "bottleneck": ["model.bottleneck.width=8", "model.bottleneck.sublayers=[attn,mlp]"],
+         "maskllm": ["finetune.calibration.samples=4"]}
 
 # In the default run: HFT, the one method with its own trainer path; the adapter methods' runs are the trainer's LoRA
 # path with another adapter (`pytest -m slow` runs them), and their sharding is checked below.
-ADAPTER_METHODS = ["sorsa", "corda", "bone", "bat", "abba", "s2ft", "bottleneck"]
+ADAPTER_METHODS = ["sorsa", "corda", "bone", "bat", "abba", "s2ft", "bottleneck", "maskllm"]
 CLI_METHODS = ["hft", *(pytest.param(m, marks=pytest.mark.slow) for m in ADAPTER_METHODS)]
 # sharded by default: a regulariser (sorsa), a calibration on the mesh (corda), gathered rows (s2ft), added modules
-# (bottleneck); the kernels of bone, bat and abba with `pytest -m slow`
+# (bottleneck); the kernels of bone, bat and abba, and MaskLLM's logits, with `pytest -m slow`
 SHARDED = [m if m in ("sorsa", "corda", "s2ft", "bottleneck") else pytest.param(m, marks=pytest.mark.slow)
            for m in ADAPTER_METHODS]
 
@@ -285,8 +286,8 @@ def test_method_finetunes_sharded_like_one_device_and_resumes_exactly(method, ba
     step = jax.jit(make_train_step(setup.lm, setup.tx, to_model=m.to_model, regularizers=m.regularizers,
                                    update_mask=m.update_mask))
     single = []
-    for _ in range(4):
-        state, metrics = step(state, jax.device_put(next(batches), one), frozen)
+    for i in range(4):  # the method's fixed input at each step (MaskLLM: its annealed temperature and scale)
+        state, metrics = step(state, jax.device_put(next(batches), one), jax.device_put(m.frozen_at(frozen, i), one))
         single.append(float(metrics["loss"]))
     np.testing.assert_allclose(losses, single, rtol=1e-5)
     if method == "sorsa":  # the regulariser is in the loss and the log
@@ -299,7 +300,7 @@ def test_method_finetunes_sharded_like_one_device_and_resumes_exactly(method, ba
             (2, r.shape[1], 64) for r in rows.values())
         moments = [x for x in jax.tree.leaves(setup.init().opt_state) if x.ndim > 0]
         assert sum(x.size for x in moments) == 2 * sum(r.size * 64 for r in rows.values())
-    if method not in ("hft", "s2ft", "bottleneck"):  # adapters leave a peft directory (parity: tests/test_peft_parity.py)
+    if method not in ("hft", "s2ft", "bottleneck", "maskllm"):  # adapters leave a peft directory (parity: tests/test_peft_parity.py)
         assert (straight / "adapter" / "adapter_model.safetensors").exists()
     if method == "bottleneck":  # the run is a model with adapters, the base's weights bitwise in it
         saved_cfg, lm, params = load_run(straight)

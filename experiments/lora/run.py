@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
                 "train.log_every=5", "train.eval_every=0", "data.eval_fraction=0", f"checkpoint.save_every={args.steps}",
                 f"checkpoint.run_dir={run_dir}", *overrides, *seed_overrides(seed, data_order=True),
                 # CorDA-KPM orients its decomposition by the knowledge to keep: the pretraining text
-                *([f"finetune.corda.data={work / 'pretrain.jsonl'}", "finetune.corda.format=text"]
+                *([f"finetune.calibration.data={work / 'pretrain.jsonl'}", "finetune.calibration.format=text"]
                   if name == "corda-kpm" else [])])
             result = train(cfg)
             if result.interrupted:

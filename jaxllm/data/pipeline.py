@@ -8,13 +8,15 @@ is checkpointed with the model and a resumed run continues with the exact next b
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import numpy as np
 
-from jaxllm.config import ConfigError, DataConfig
+from jaxllm.config import CalibrationConfig, ConfigError, DataConfig
 from jaxllm.data.sources import ReadReport, read_documents
 from jaxllm.data.synthetic import document_entropy, generate_documents
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer
@@ -218,3 +220,14 @@ class RowStreams:
 
 _DTYPES = {"inputs": np.int32, "targets": np.int32, "positions": np.int32, "segment_ids": np.int32,
            "loss_mask": np.float32}
+
+
+def calibration_rows(data: DataConfig, calibration: CalibrationConfig) -> Iterator[np.ndarray]:
+    """The first `calibration.samples` packed rows [T] (token ids, T = data.seq_len) of `calibration.data` (read as
+    `calibration.format`), or of the fine-tuning data `data` when that is empty."""
+    if calibration.data:
+        data = dataclasses.replace(data, source=calibration.data, format=calibration.format)
+    corpus = load_corpus(data)
+    batches = make_batches(corpus.train_docs, corpus.tokenizer, seq_len=data.seq_len, batch_size=1, seed=0,
+                           repeat=False, encode=corpus.encode)
+    return (np.asarray(b["inputs"][0]) for b in itertools.islice(iter(batches), calibration.samples))
