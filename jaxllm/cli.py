@@ -204,29 +204,34 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    """Prune a Hugging Face or jaxllm model (magnitude or Wanda, unstructured or N:M) into --out: a Hugging Face
-    directory from a Hugging Face one, else a jaxllm run directory; `generate`, `eval` and `convert` load either.
-    Prints and writes (compression.json) the sparsity of every pruned map."""
+    """Prune (magnitude or Wanda, unstructured or N:M) or quantise (SpQR) a Hugging Face or jaxllm model into --out: a
+    Hugging Face directory from a Hugging Face one, else a jaxllm run directory (dense weights: SpQR's dequantised);
+    `generate`, `eval` and `convert` load either. Prints and writes (compression.json) the sparsity of every pruned
+    map, or SpQR's bits per parameter and outlier share."""
+    import dataclasses
     import itertools
     import json
     from pathlib import Path
 
     from jaxllm.compress.prune import PruneSpec, parse_pattern, prune, sparsity_of
+    from jaxllm.compress.quantize import dequantized, spqr
+    from jaxllm.compress.spqr import SpqrSpec
     from jaxllm.data.pipeline import make_batches, text_encoder
     from jaxllm.data.sources import read_documents
     from jaxllm.interop.hf_checkpoint import is_hf_dir, save_hf_checkpoint
     from jaxllm.interop.models import load_model, save_run
 
+    targets = tuple(args.targets.split(","))
     spec = PruneSpec(method=args.method, sparsity=args.sparsity, pattern=parse_pattern(args.pattern) if args.pattern
-                     else None, targets=tuple(args.targets.split(",")), sequential=not args.one_shot)
+                     else None, targets=targets, sequential=not args.one_shot) if args.method != "spqr" else None
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} exists and is not empty; name a new directory")
     m = load_model(args.model)
     rows = None
-    if spec.needs_calibration:
+    if spec is None or spec.needs_calibration:
         if not args.data:
-            raise ConfigError("--method wanda needs --data: calibration text (.txt/.jsonl/.parquet)")
+            raise ConfigError(f"--method {args.method} needs --data: calibration text (.txt/.jsonl/.parquet)")
         if m.tokenizer is None:
             raise ConfigError(f"{args.model} has no tokenizer.json: cannot tokenize the calibration text")
         docs, report = read_documents(args.data, args.text_field)
@@ -236,18 +241,28 @@ def cmd_compress(args: argparse.Namespace) -> None:
         rows = [b["inputs"][0] for b in itertools.islice(iter(batches), args.samples)]
         console.print(f"calibration: {len(rows)} rows of {seq} tokens from {len(docs)} documents of {args.data}"
                       + (f" ({report.skipped} skipped)" if report.skipped else ""))
-    with console.status(f"pruning ({spec.method}{', layer by layer' if spec.sequential and rows else ''})"):
-        params = prune(m.lm, m.params, spec, rows)
-    sparsity = sparsity_of(m.lm, params, spec.targets)
+    record = {"source": str(args.model), "method": args.method, "calibration_rows": len(rows or []),
+              "calibration_data": args.data}
+    if spec is None:
+        qspec = SpqrSpec(bits=args.bits, group=args.group)
+        with console.status(f"quantising (SpQR, {qspec.bits} bits, groups of {qspec.group})"):
+            quantized, report = spqr(m.lm, m.params, qspec, rows, targets)
+        params = dequantized(quantized)  # the formats written hold dense weights
+        record |= {"spqr": dataclasses.asdict(qspec), **report}
+        summary = f"SpQR: {report['bits_per_param']:.2f} bits per param, {100 * report['outlier_share']:.2f}% outliers"
+    else:
+        with console.status(f"pruning ({spec.method}{', layer by layer' if spec.sequential and rows else ''})"):
+            params = prune(m.lm, m.params, spec, rows)
+        sparsity = sparsity_of(m.lm, params, targets)
+        record |= {"pattern": args.pattern, "target_sparsity": spec.target_sparsity,
+                   "sequential": bool(spec.sequential and rows), "sparsity": sparsity}
+        summary = f"{spec.method} pruned {len(sparsity) - 1} maps to {100 * sparsity['all']:.1f}% zeros"
     if is_hf_dir(Path(args.model)):
         save_hf_checkpoint(out, m.lm.cfg, params, tokenizer_dir=args.model)
     else:
         save_run(out, m.config, params)
-    record = {"source": str(args.model), "method": spec.method, "pattern": args.pattern, "target_sparsity":
-              spec.target_sparsity, "sequential": bool(spec.sequential and rows), "calibration_rows": len(rows or []),
-              "calibration_data": args.data, "sparsity": sparsity}
     (out / "compression.json").write_text(json.dumps(record, indent=2))
-    console.print(f"{spec.method} pruned {len(sparsity) - 1} maps to {100 * sparsity['all']:.1f}% zeros -> {out}")
+    console.print(f"{summary} -> {out}")
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
@@ -319,13 +334,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(fn=cmd_eval)
-    p = sub.add_parser("compress", help="prune a model's linear maps (magnitude, Wanda; unstructured or N:M)")
+    p = sub.add_parser("compress", help="prune (magnitude, Wanda; unstructured or N:M) or quantise (SpQR) a model")
     p.add_argument("--model", required=True, help="Hugging Face directory or jaxllm run directory")
-    p.add_argument("--method", choices=["wanda", "magnitude"], default="wanda")
+    p.add_argument("--method", choices=["wanda", "magnitude", "spqr"], default="wanda")
+    p.add_argument("--bits", type=int, default=3, help="spqr: bits per weight code")
+    p.add_argument("--group", type=int, default=16, help="spqr: input columns sharing a scale and zero")
     p.add_argument("--sparsity", type=float, default=0.5, help="share of each map's weights set to zero")
     p.add_argument("--pattern", help="N:M sparsity instead, e.g. 2:4 (keep 2 of every 4 consecutive inputs)")
     p.add_argument("--targets", default="q,k,v,o,gate,up,down", help="linear maps to prune (names or regexes)")
-    p.add_argument("--data", help="calibration text for wanda (.txt/.jsonl/.parquet file or directory)")
+    p.add_argument("--data", help="calibration text for wanda and spqr (.txt/.jsonl/.parquet file or directory)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--samples", type=int, default=128, help="calibration rows")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration row")
