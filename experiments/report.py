@@ -134,6 +134,18 @@ def moe_experiment() -> str:
         *rows, "", *r["claims"], ""])
 
 
+def compress_experiment() -> str:
+    r = _experiment("compress")
+    st = r["settings"]
+    return "\n".join([
+        f"\nA base of {st['shape']} after {st['base_steps']} steps on the stdlib corpus (eval loss "
+        f"{r['base']['eval_loss']:.3f}), {st['calib']} calibration rows of {st['seq_len']} tokens, MaskLLM "
+        f"{st['maskllm_steps']} steps x {st['seeds']} seeds ({_made(r)}; runs at commits "
+        f"{', '.join(sorted({str(run.get('commit')) for run in r['runs'].values()}))}); eval loss on the held-out files:",
+        "", *[line.replace("## ", "**", 1) + "**" if line.startswith("## ") else line for line in r["tables"]],
+        *r["claims"], ""])
+
+
 def context_memory() -> str:
     r = _load("context_memory")
     rows = [x for x in r["rows"] if x["remat"] == "dots_no_batch"]
@@ -162,7 +174,8 @@ REPORTS = {"suite_time": suite_time, "default_run": default_run, "bench_vs_torch
            "bench_decode": bench_decode, "bench_finetune": bench_finetune, "context_memory": context_memory,
            "long_context": long_context,
            "moe_bench_layer": moe_bench_layer,
-           "structured_ffn": structured_ffn, "lora_experiment": lora_experiment, "moe_experiment": moe_experiment}
+           "structured_ffn": structured_ffn, "lora_experiment": lora_experiment, "moe_experiment": moe_experiment,
+           "compress_experiment": compress_experiment}
 
 
 def update(text: str) -> str:

@@ -36,6 +36,9 @@ STEPS: dict[str, tuple[list[str], list[str] | None]] = {
               "--out", "{out}/lora"]),
     "moe": ([PY, "experiments/moe/run.py"],
             [PY, "experiments/moe/run.py", "--quick", "--steps", "2", "--seeds", "1", "--out", "{out}/moe"]),
+    "compress": ([PY, "experiments/compress/run.py"],
+                 [PY, "experiments/compress/run.py", "--quick", "--base-steps", "2", "--maskllm-steps", "2", "--seeds",
+                  "2", "--calib", "2", "--out", "{out}/compress"]),
     "report": ([PY, "experiments/report.py"], None),
 }
 

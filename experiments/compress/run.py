@@ -180,11 +180,13 @@ def write_report(results: Results, base_loss: float, out: Path) -> None:
         ("SpQR 3-bit beats NF4 with fewer bits", "spqr-3bit", "nf4"),
         ("SpQR 4-bit beats round-to-nearest int3 (groups of 16) at about equal bits", "spqr-4bit", "rtn-int3-g16"),
     ]
+    tables = lines[lines.index("## Pruning (the layers' projections)"):]
     found = [f"- {claim}: " + (compare(by(a), by(b), a, b) if len(by(a)) > 1 or len(by(b)) > 1 else
                                deterministic(by(a)[0], by(b)[0], a, b)) for claim, a, b in claims]
     lines += ["", "## Which claims reproduce (in direction; two-std rule where a method has seeds)", "",
               *found, "", "![eval loss vs sparsity and bits](results.png)", ""]
-    results.save(**{k: v for k, v in results.previous.items() if k not in ("runs",) and k not in meta}, claims=found)
+    results.save(**{k: v for k, v in results.previous.items() if k not in ("runs",) and k not in meta}, claims=found,
+                 tables=tables)
     (out / "results.md").write_text("\n".join(lines))
     plot(runs, base_loss, out)
     print("\n".join(lines))
