@@ -83,9 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="compress-exp-"))
     corpus_args = [*corpus_overrides(), f"data.seq_len={seq}", "train.batch_size=4"]
     base_dir = work / "base"
-    train(load_config(["small"], [*corpus_args, *shape, f"train.steps={args.base_steps}", "train.eval_every=0",
-                                  f"train.warmup_steps={max(1, args.base_steps // 10)}",
-                                  f"checkpoint.save_every={args.base_steps}", f"checkpoint.run_dir={base_dir}"]))
+    pretrained = train(load_config(["small"], [
+        *corpus_args, *shape, f"train.steps={args.base_steps}", "train.eval_every=0",
+        f"train.warmup_steps={max(1, args.base_steps // 10)}", f"checkpoint.save_every={args.base_steps}",
+        f"checkpoint.run_dir={base_dir}"]))
+    if pretrained.interrupted:
+        raise SystemExit(f"the base's pretraining was interrupted at step {pretrained.end_step}")
     m = load_model(base_dir)
     lm, base = m.lm, m.params
     corpus = load_corpus(m.config.data)
@@ -128,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
             f"train.steps={args.maskllm_steps}", "train.learning_rate=1e-2", "train.warmup_steps=0",
             "train.eval_every=0", "train.log_every=10", f"checkpoint.save_every={args.maskllm_steps}",
             f"checkpoint.run_dir={run_dir}", *seed_overrides(seed, data_order=True)]))
+        if result.interrupted:
+            raise SystemExit(f"{key} was interrupted at step {result.end_step}; run again")
         learned = load_model(run_dir).params
         record(key, learned, sparsity=sparsity_of(lm, learned)["all"], steps=result.end_step)
     n_quantised = sum(int(np.prod(t.shape)) for t in find_targets(lm, LAYER_MAPS, "targets"))
