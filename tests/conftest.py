@@ -115,7 +115,7 @@ def pallas_block_shapes(fn, *args) -> list[tuple[tuple[int, ...], tuple[int, ...
 # modules to workers in collection order (--no-loadscope-reorder), so the workers finish together instead of one
 # running a long module alone at the end. Modules not listed keep their order, after these.
 LONGEST_FIRST = ["test_moe", "test_multiprocess", "test_reproduce", "test_peft", "test_flash_attention", "test_structured",
-                 "test_finetune", "test_peft_family", "test_generate", "test_train", "test_block_sparse_matmul", "test_model", "test_cli",
+                 "test_finetune", "test_peft_family", "test_compress", "test_generate", "test_train", "test_block_sparse_matmul", "test_model", "test_cli",
                  "test_hf_parity", "test_peft_parity", "test_context_parallel", "test_hf_cli", "test_sharding",
                  "test_grouped_matmul", "test_lm_eval", "test_training_method", "test_notebooks", "test_bench_gpu"]
 
