@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base-steps", type=int, default=300)
     ap.add_argument("--maskllm-steps", type=int, default=100)
+    ap.add_argument("--maskllm-lr", type=float, default=3e-4,
+                    help="the logits' learning rate (1e-3 and 1e-2 overwrote the Wanda prior within a few steps)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--calib", type=int, default=32, help="calibration rows (of the training files)")
     ap.add_argument("--quick", action="store_true", help="a tiny base, a few steps (for the tests)")
@@ -77,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
                                  "model.num_kv_heads=2", "model.mlp.d_ff=512"])
     seq = 128 if args.quick else 512
     command = "python experiments/compress/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    settings = {"base_steps": args.base_steps, "maskllm_steps": args.maskllm_steps, "seeds": args.seeds,
+    settings = {"base_steps": args.base_steps, "maskllm_steps": args.maskllm_steps, "maskllm_lr": args.maskllm_lr,
+                "seeds": args.seeds,
                 "calib": args.calib, "shape": shape, "seq_len": seq}
     results = Results(out / "results.json", {**provenance(command.strip()), "settings": settings})
     work = Path(tempfile.mkdtemp(prefix="compress-exp-"))
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         run_dir = work / f"maskllm-{seed}"
         result = train(resolve_finetune_config(str(base_dir), [], [
             *corpus_args, "finetune.method=maskllm", f"finetune.calibration.samples={args.calib}",
-            f"train.steps={args.maskllm_steps}", "train.learning_rate=1e-2", "train.warmup_steps=0",
+            f"train.steps={args.maskllm_steps}", f"train.learning_rate={args.maskllm_lr}", "train.warmup_steps=0",
             "train.eval_every=0", "train.log_every=10", f"checkpoint.save_every={args.maskllm_steps}",
             f"checkpoint.run_dir={run_dir}", *seed_overrides(seed, data_order=True)]))
         if result.interrupted:
