@@ -99,21 +99,21 @@ def main(argv: list[str] | None = None) -> None:
                                      repeat=False, encode=corpus.encode))[: 2 if args.quick else 12]
     loss_sums = jax.jit(lm.loss_sums)
 
-    def eval_loss(params) -> float:
-        total = count = 0.0
-        for b in eval_batches:
-            s, _, n = loss_sums(params, b)
-            total, count = total + float(s), count + float(n)
-        return total / count
+    def eval_losses(params) -> dict:
+        """{"eval_loss": mean over the held-out tokens, "batch_losses": each eval batch's mean (for paired tests)}."""
+        sums = [tuple(float(v) for v in loss_sums(params, b)) for b in eval_batches]
+        return {"eval_loss": sum(s for s, _, _ in sums) / sum(n for _, _, n in sums),
+                "batch_losses": [s / n for s, _, n in sums]}
 
     rows = list(calibration_rows(m.config.data, CalibrationConfig(samples=args.calib)))
-    base_loss = eval_loss(base)
-    results.require_same("base", {"eval_loss": base_loss})
+    base_scores = eval_losses(base)
+    base_loss = base_scores["eval_loss"]
+    results.require_same("base", base_scores)
     print(f"base eval loss {base_loss:.4f}; {len(rows)} calibration rows of {seq}", flush=True)
 
     def record(key: str, params, **extra) -> None:
         if key not in results:
-            results.add(key, {"eval_loss": eval_loss(params), **extra})
+            results.add(key, {**eval_losses(params), **extra})
             print(f"== {key}: {results.runs[key]['eval_loss']:.4f}", flush=True)
 
     for method in ("magnitude", "wanda"):
@@ -148,16 +148,20 @@ def main(argv: list[str] | None = None) -> None:
         if f"spqr-{bits}bit" not in results:
             quantised, report = spqr(lm, base, SpqrSpec(bits=bits), rows)
             record(f"spqr-{bits}bit", dequantized(quantised), **report)
-    results.save(base={"eval_loss": base_loss}, quantised_params=n_quantised)
+    results.save(base=base_scores, quantised_params=n_quantised)
     write_report(results, base_loss, out)
 
 
-def deterministic(a: float, b: float, name_a: str, name_b: str) -> str:
-    """Two deterministic results (one run each: no spread to test against): which is lower, at 3 decimals."""
-    if round(a, 3) == round(b, 3):
-        return f"{name_a} vs {name_b}: the same at 3 decimals ({a:.3f}; deterministic, one run each)"
-    lower, higher = (name_a, name_b) if a < b else (name_b, name_a)
-    return f"{lower} has the lower eval loss by {abs(a - b):.3f} ({name_a} {a:.3f}, {name_b} {b:.3f}; deterministic)"
+def paired(a: dict, b: dict, name_a: str, name_b: str) -> str:
+    """Two deterministic results (one run each): which is lower, when the mean of their per-batch differences over
+    the same eval batches exceeds two standard errors of it; else "no difference at this scale"."""
+    d = np.asarray(a["batch_losses"]) - np.asarray(b["batch_losses"])
+    se = d.std(ddof=1) / np.sqrt(len(d))
+    both = f"{name_a} {a['eval_loss']:.3f}, {name_b} {b['eval_loss']:.3f}"
+    if abs(d.mean()) <= 2 * se:
+        return f"{name_a} vs {name_b}: no difference at this scale ({both}; paired over {len(d)} eval batches)"
+    lower = name_a if d.mean() < 0 else name_b
+    return f"{lower} has the lower eval loss by {abs(d.mean()):.3f} (> 2 standard errors over {len(d)} paired eval batches; {both})"
 
 
 def write_report(results: Results, base_loss: float, out: Path) -> None:
@@ -190,8 +194,9 @@ def write_report(results: Results, base_loss: float, out: Path) -> None:
     ]
     tables = lines[lines.index("## Pruning (the layers' projections)"):]
     found = [f"- {claim}: " + (compare(by(a), by(b), a, b) if len(by(a)) > 1 or len(by(b)) > 1 else
-                               deterministic(by(a)[0], by(b)[0], a, b)) for claim, a, b in claims]
-    lines += ["", "## Which claims reproduce (in direction; two-std rule where a method has seeds)", "",
+                               paired(runs[a], runs[b], a, b)) for claim, a, b in claims]
+    lines += ["", "## Which claims reproduce (in direction; two-std rule across seeds, or paired over the eval batches "
+              "for deterministic methods)", "",
               *found, "", "![eval loss vs sparsity and bits](results.png)", ""]
     results.save(**{k: v for k, v in results.previous.items() if k not in ("runs",) and k not in meta}, claims=found,
                  tables=tables)
