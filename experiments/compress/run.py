@@ -148,8 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         if f"spqr-{bits}bit" not in results:
             quantised, report = spqr(lm, base, SpqrSpec(bits=bits), rows)
             record(f"spqr-{bits}bit", dequantized(quantised), **report)
-    results.save(base=base_scores, quantised_params=n_quantised)
-    write_report(results, base_loss, out)
+    write_report(results, {"base": base_scores, "quantised_params": n_quantised}, out)
 
 
 def paired(a: dict, b: dict, name_a: str, name_b: str) -> str:
@@ -164,8 +163,9 @@ def paired(a: dict, b: dict, name_a: str, name_b: str) -> str:
     return f"{lower} has the lower eval loss by {abs(d.mean()):.3f} (> 2 standard errors over {len(d)} paired eval batches; {both})"
 
 
-def write_report(results: Results, base_loss: float, out: Path) -> None:
-    runs = results.runs
+def write_report(results: Results, extra: dict, out: Path) -> None:
+    """results.md, results.png and the claims and tables (for the README) in results.json, beside `extra`."""
+    runs, base_loss = results.runs, extra["base"]["eval_loss"]
     by = lambda prefix: [r["eval_loss"] for k, r in runs.items() if k.split("|")[0] == prefix]
     meta = results.meta
     lines = ["# Compression on real text", "",
@@ -198,8 +198,7 @@ def write_report(results: Results, base_loss: float, out: Path) -> None:
     lines += ["", "## Which claims reproduce (in direction; two-std rule across seeds, or paired over the eval batches "
               "for deterministic methods)", "",
               *found, "", "![eval loss vs sparsity and bits](results.png)", ""]
-    results.save(**{k: v for k, v in results.previous.items() if k not in ("runs",) and k not in meta}, claims=found,
-                 tables=tables)
+    results.save(**extra, claims=found, tables=tables)
     (out / "results.md").write_text("\n".join(lines))
     plot(runs, base_loss, out)
     print("\n".join(lines))
