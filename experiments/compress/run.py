@@ -182,8 +182,8 @@ def write_report(results: Results, extra: dict, out: Path) -> None:
         lines.append(f"| {name} | 50% (2:4) | {fmt(by(name))} |")
     lines += ["", "## Quantisation (the same maps)", "", "| method | bits / param | eval loss |", "|---|---:|---:|"]
     for name in ("rtn-int4-g64", "rtn-int3-g16", "nf4", "spqr-3bit", "spqr-4bit"):
-        extra = f" ({100 * runs[name]['outlier_share']:.2f}% outliers)" if "outlier_share" in runs[name] else ""
-        lines.append(f"| {name} | {runs[name]['bits_per_param']:.2f}{extra} | {fmt(by(name))} |")
+        outliers = f" ({100 * runs[name]['outlier_share']:.2f}% outliers)" if "outlier_share" in runs[name] else ""
+        lines.append(f"| {name} | {runs[name]['bits_per_param']:.2f}{outliers} | {fmt(by(name))} |")
     claims = [
         ("Wanda beats magnitude pruning at 50%", "wanda-0.5", "magnitude-0.5"),
         ("Wanda beats magnitude pruning at 2:4", "wanda-2:4", "magnitude-2:4"),
