@@ -138,12 +138,12 @@ def compress_experiment() -> str:
     r = _experiment("compress")
     st = r["settings"]
     return "\n".join([
-        f"\nA base of {st['shape']} after {st['base_steps']} steps on the stdlib corpus (eval loss "
+        f"\nA base of {', '.join(a.replace('model.', '') for a in st['shape'])} after {st['base_steps']} steps on the stdlib corpus (eval loss "
         f"{r['base']['eval_loss']:.3f}), {st['calib']} calibration rows of {st['seq_len']} tokens, MaskLLM "
         f"{st['maskllm_steps']} steps x {st['seeds']} seeds ({_made(r)}; runs at commits "
         f"{', '.join(sorted({str(run.get('commit')) for run in r['runs'].values()}))}); eval loss on the held-out files:",
         "", *[line.replace("## ", "**", 1) + "**" if line.startswith("## ") else line for line in r["tables"]],
-        *r["claims"], ""])
+        "", *r["claims"], ""])
 
 
 def context_memory() -> str:
