@@ -164,14 +164,16 @@ def test_bad_pruning_requests_are_clear_errors(hf_llama):
 
 
 def test_compress_cli_on_a_jaxllm_run_then_eval_generate_convert(base_and_data, tmp_path, capsys):
+    from jaxllm.train.setup import load_run
+
     base, _ = base_and_data
     calib = tmp_path / "calib.txt"
     calib.write_text("the quick brown fox jumps over the lazy dog. " * 40)
     out = tmp_path / "wanda24"
     assert main(["compress", "--model", str(base), "--method", "wanda", "--pattern", "2:4", "--data", str(calib),
-                 "--samples", "2", "--seq-len", "32", "--out", str(out)]) == 0
+                 "--samples", "2", "--seq-len", "32", "--one-shot", "--out", str(out)]) == 0
     record = json.loads((out / "compression.json").read_text())
-    assert record["sparsity"]["all"] == 0.5 and record["calibration_rows"] == 2 and record["sequential"]
+    assert record["sparsity"]["all"] == 0.5 and record["calibration_rows"] == 2 and not record["sequential"]
     assert main(["eval", "--model", str(out), "--data", str(calib), "--seq-len", "32"]) == 0
     assert main(["generate", "--model", str(out), "--prompt", "the", "--max-new-tokens", "4"]) == 0
     hf = tmp_path / "hf"
@@ -180,11 +182,13 @@ def test_compress_cli_on_a_jaxllm_run_then_eval_generate_convert(base_and_data, 
     q = model.model.layers[0].self_attn.q_proj.weight.detach().numpy()  # [out, in]: 2 of every 4 inputs kept
     assert ((q.reshape(q.shape[0], -1, 4) != 0).sum(-1) == 2).all()
     spqr_out = tmp_path / "spqr"
-    assert main(["compress", "--model", str(base), "--method", "spqr", "--data", str(calib), "--samples", "2",
-                 "--seq-len", "32", "--out", str(spqr_out)]) == 0
+    assert main(["compress", "--model", str(base), "--method", "spqr", "--targets", "down", "--data", str(calib),
+                 "--samples", "2", "--seq-len", "32", "--out", str(spqr_out)]) == 0
     record = json.loads((spqr_out / "compression.json").read_text())
     assert 3.6 < record["bits_per_param"] < 4.2 and record["spqr"]["bits"] == 3
-    assert main(["eval", "--model", str(spqr_out), "--data", str(calib), "--seq-len", "32"]) == 0
+    _, _, quantised = load_run(spqr_out)  # a run directory with the dequantised weights
+    assert not np.array_equal(np.asarray(quantised["blocks"]["mlp"]["down"]["kernel"]),
+                              np.asarray(load_run(base)[2]["blocks"]["mlp"]["down"]["kernel"]))
     assert main(["compress", "--model", str(base), "--method", "wanda", "--out", str(tmp_path / "x")]) == 2
     assert "needs --data" in capsys.readouterr().err
     assert main(["compress", "--model", str(base), "--method", "magnitude", "--out", str(out)]) == 2
@@ -367,7 +371,7 @@ def test_spqr_model_runs_its_kernels_in_the_layer_scan_and_reports_its_bits(hf_l
     from jaxllm.compress.spqr import SpqrKernel, SpqrSpec
 
     _, _, lm, params = hf_llama
-    quantized, report = spqr(lm, params, SpqrSpec(), ROWS)
+    quantized, report = spqr(lm, params, SpqrSpec(), ROWS, targets=("q", "down"))
     assert isinstance(quantized["blocks"]["mlp"]["down"]["kernel"], SpqrKernel)
     dense = dequantized(quantized)
     tokens = ROWS[0][None]

@@ -79,12 +79,12 @@ def _check(B=2, T=40, N=4, K=2, H=32, docs=1, causal=True, window=None, softcap=
                                    err_msg=f"d{name}")
 
 
-@pytest.mark.parametrize("ratio", [1, 4, 8])
+@pytest.mark.parametrize("ratio", [1, *(pytest.param(r, marks=pytest.mark.slow) for r in (4, 8))])  # test_larger_sweep: 4, 8
 def test_gqa_ratios(ratio):
     _check(N=8, K=8 // ratio)
 
 
-@pytest.mark.parametrize("T", [1, 7, 33, 50])
+@pytest.mark.parametrize("T", [1, 7, *(pytest.param(t, marks=pytest.mark.slow) for t in (33, 50))])  # and 96, 129, 200 below
 def test_lengths_that_are_not_block_multiples(T):
     _check(T=T)
 
@@ -93,7 +93,7 @@ def test_many_short_documents_per_row():
     _check(T=48, docs=9)
 
 
-@pytest.mark.parametrize("window", [1, 5, 17])
+@pytest.mark.parametrize("window", [1, 5, pytest.param(17, marks=pytest.mark.slow)])  # larger_sweep: 7, 64
 def test_sliding_windows(window):
     _check(T=45, docs=3, window=window)
 
@@ -108,7 +108,7 @@ def test_uneven_blocks_and_bf16():
     _check(T=37, block_q=16, block_k=32, dtype=jnp.bfloat16, softcap=20.0, docs=2)
 
 
-@pytest.mark.parametrize("H", [64, 128, 256])
+@pytest.mark.parametrize("H", [64, 128, pytest.param(256, marks=pytest.mark.slow)])
 def test_head_dims(H):
     _check(B=1, T=24, N=2, K=1, H=H, block_q=16, block_k=16)
 

@@ -201,8 +201,9 @@ from jaxllm import build, make_mesh  # noqa: E402
 from jaxllm.models.expert_parallel import expert_axes  # noqa: E402
 
 
-@pytest.mark.parametrize("mesh_sizes", [dict(expert=4, data=2, fsdp=1, tensor=1), dict(expert=2, data=1, fsdp=2, tensor=2)],
-                         ids=["expert4_data2", "expert2_fsdp2_tensor2"])
+@pytest.mark.parametrize("mesh_sizes", [pytest.param(dict(expert=4, data=2, fsdp=1, tensor=1), marks=pytest.mark.slow),
+                                        dict(expert=2, data=1, fsdp=2, tensor=2)],
+                         ids=["expert4_data2", "expert2_fsdp2_tensor2"])  # the second splits every other axis too
 def test_expert_parallel_equals_single_device(mesh_sizes):
     """Experts split over `expert` (all-to-all inside shard_map) give the single-device loss and grads."""
     overrides = [f"mesh.{a}={n}" for a, n in mesh_sizes.items()]
