@@ -163,6 +163,7 @@ def test_bad_pruning_requests_are_clear_errors(hf_llama):
         prune(lm, params, PruneSpec(pattern=(4, 4)), ROWS)
 
 
+@pytest.mark.slow  # the default run has the CLI on a Hugging Face model (below) and eval/generate/convert of run dirs
 def test_compress_cli_on_a_jaxllm_run_then_eval_generate_convert(base_and_data, tmp_path, capsys):
     from jaxllm.train.setup import load_run
 

@@ -87,7 +87,7 @@ def test_prompt_targets_do_not_change_the_loss(base_and_data):
     assert loss(response_changed) != loss(batch)
 
 
-@pytest.mark.parametrize("variant", ["dora_nf4", "lora_plus"])
+@pytest.mark.parametrize("variant", [pytest.param("dora_nf4", marks=pytest.mark.slow), "lora_plus"])
 def test_sharded_finetuning_matches_single_device(base_and_data, variant):
     """DoRA on an NF4 base (QDoRA: both variants' leaves in one program) and LoRA+ on 8 devices: their leaves and
     optimizer state shard like the kernels they adapt, and 3 steps equal one device's."""
@@ -127,6 +127,20 @@ def test_sharded_finetuning_matches_single_device(base_and_data, variant):
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     chex.assert_trees_all_close(jax.tree.map(np.array, state.params), jax.tree.map(np.array, ref_state.params),
                                 atol=1e-5, rtol=1e-4)
+
+
+def test_dora_and_nf4_leaves_shard_like_the_kernels_they_adapt(base_and_data):
+    """QDoRA on 8 devices (the default run's part of the slow 3-step comparison above): NF4 codes and scales, B and
+    DoRA's magnitude shard along the kernel's axes."""
+    base, data = base_and_data
+    setup = setup_step(_finetune_cfg(base, data, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2",
+                                     "finetune.lora.dora=true", "finetune.lora.quantize=nf4"))
+    P = jax.sharding.PartitionSpec
+    up = setup.frozen["blocks"]["mlp"]["up"]["kernel"]
+    assert tuple(up.codes.sharding.spec[:2]) == (None, "fsdp") and tuple(up.scales.sharding.spec[:2]) == (None, "fsdp")
+    params = setup.abstract_state.params["blocks"]["mlp"]["up"]
+    assert params["b"].sharding.spec == P(None, None, "tensor")
+    assert params["magnitude"].sharding.spec == P(None, "tensor")
 
 
 def test_sft_rendering_weights_only_responses(tmp_path):
