@@ -337,9 +337,9 @@ def test_spqr_one_layer_equals_the_numpy_routine_and_its_stored_kernel_runs_in_d
     m = jax.jit(lambda w, h: quantize_matrix(w, h, spec))(w, H)
     codes, stat_codes, outliers, Q = np_spqr(w, U, spec)
     np.testing.assert_array_equal(np.asarray(m.outliers), outliers)
-    np.testing.assert_array_equal(np.asarray(m.codes), codes)
-    np.testing.assert_array_equal(np.asarray(m.scale_codes), stat_codes[0])
-    np.testing.assert_array_equal(np.asarray(m.zero_codes), stat_codes[1])
+    np.testing.assert_array_equal(np.asarray(m.stored.codes), codes)
+    np.testing.assert_array_equal(np.asarray(m.stored.scale_codes), stat_codes[0])
+    np.testing.assert_array_equal(np.asarray(m.stored.zero_codes), stat_codes[1])
     np.testing.assert_allclose(np.asarray(m.dequantized), Q, atol=1e-5)
     assert 0 < outliers.mean() <= spec.max_outlier_share
 

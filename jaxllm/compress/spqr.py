@@ -87,9 +87,10 @@ def inverse_hessian_factor(h_II: jax.Array, damp: float) -> jax.Array:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class SpqrMatrix:
-    """One quantised W^T [O, I]: codes [O, I]; per (row, group) stat codes [O, G]; per (chunk, group) f16 second-level
-    stats [O / stat_group, G]; outlier mask [O, I] (their values are `dequantized`'s there)."""
+class SpqrCodes:
+    """What SpQR stores of W^T [..., O, I] besides outliers: codes [..., O, I] (uint8); per (row, group) stat codes
+    [..., O, G] (uint8); per (chunk of stat_group rows, group) f16 second-level scale and zero of each stat
+    [..., O / stat_group, G]."""
 
     codes: jax.Array
     scale_codes: jax.Array
@@ -98,6 +99,23 @@ class SpqrMatrix:
     scale_zero: jax.Array
     zero_scale: jax.Array
     zero_zero: jax.Array
+
+    def dequantize(self) -> jax.Array:
+        """W^T [..., O, I] (f32) from the codes and stats (outliers not placed)."""
+        I = self.codes.shape[-1]
+        per_col = lambda a: jnp.repeat(a, I // a.shape[-1], axis=-1)
+        scale = per_col(_dequantized_stat(self.scale_codes, self.scale_scale, self.scale_zero))
+        zero = per_col(_dequantized_stat(self.zero_codes, self.zero_scale, self.zero_zero))
+        return (self.codes.astype(jnp.float32) - zero) * scale
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SpqrMatrix:
+    """One quantised W^T [O, I]: its stored codes, the outlier mask [O, I], and the routine's result [O, I] (f32;
+    outliers as f16 values)."""
+
+    stored: SpqrCodes
     outliers: jax.Array
     dequantized: jax.Array
 
@@ -152,8 +170,10 @@ def quantize_matrix(w_OI: jax.Array, h_II: jax.Array, spec: SpqrSpec) -> SpqrMat
     _, Q, codes, outl, stats = jax.lax.fori_loop(0, G, group_step, init)
     to16 = lambda x: x.astype(jnp.float16).astype(jnp.float32)
     Q = jnp.where(outl, to16(Q), Q)  # outliers kept as f16
-    return SpqrMatrix(codes.astype(jnp.uint8), stats[0].astype(jnp.uint8), stats[1].astype(jnp.uint8),
-                      stats[2], stats[3], stats[4], stats[5], outl, Q)
+    f16 = lambda x: x.astype(jnp.float16)
+    stored = SpqrCodes(codes.astype(jnp.uint8), stats[0].astype(jnp.uint8), stats[1].astype(jnp.uint8),
+                       *(f16(x) for x in stats[2:]))
+    return SpqrMatrix(stored, outl, Q)
 
 
 def _dequantized_stat(codes_OG: jax.Array, scale_CG: jax.Array, zero_CG: jax.Array) -> jax.Array:
@@ -164,17 +184,11 @@ def _dequantized_stat(codes_OG: jax.Array, scale_CG: jax.Array, zero_CG: jax.Arr
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SpqrKernel:
-    """A kernel [*lead, *in, *out] stored by SpQR, per matrix W^T [O, I] (leading axes kept): codes [*lead, O, I],
-    stat codes [*lead, O, G], second-level f16 stats [*lead, O / stat_group, G], and up to K outliers as a list of
-    flat positions in [O, I] (int32; -1: unused) and f16 values [*lead, K]."""
+    """A kernel [*lead, *in, *out] stored by SpQR, per matrix W^T [O, I] (leading axes kept): `SpqrCodes` with
+    [*lead] in front, and up to K outliers as a list of flat positions in [O, I] (int32; -1: unused) and f16
+    values [*lead, K]."""
 
-    codes: jax.Array
-    scale_codes: jax.Array
-    zero_codes: jax.Array
-    scale_scale: jax.Array
-    scale_zero: jax.Array
-    zero_scale: jax.Array
-    zero_zero: jax.Array
+    stored: SpqrCodes
     outlier_index: jax.Array
     outlier_value: jax.Array
     matrix_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))  # [*in, *out], without lead
@@ -182,23 +196,20 @@ class SpqrKernel:
     @property
     def shape(self) -> tuple[int, ...]:
         """The kernel's shape: the leading axes the arrays have now (a layer scan slices them) and [*in, *out]."""
-        return (*self.codes.shape[:-2], *self.matrix_shape)
+        return (*self.stored.codes.shape[:-2], *self.matrix_shape)
 
     @property
     def dtype(self) -> jnp.dtype:
         return jnp.dtype(jnp.float32)
 
     def dequantize(self, dtype: jnp.dtype = jnp.float32) -> jax.Array:
-        O, I = self.codes.shape[-2:]
-        per_col = lambda a: jnp.repeat(a, I // a.shape[-1], axis=-1)
-        scale = per_col(_dequantized_stat(self.scale_codes, self.scale_scale, self.scale_zero))
-        zero = per_col(_dequantized_stat(self.zero_codes, self.zero_scale, self.zero_zero))
-        w = ((self.codes.astype(jnp.float32) - zero) * scale).reshape(-1, O * I)
+        O, I = self.stored.codes.shape[-2:]
+        w = self.stored.dequantize().reshape(-1, O * I)
         idx = self.outlier_index.reshape(w.shape[0], -1)
         rows = jnp.arange(w.shape[0])[:, None]
         w = w.at[rows, jnp.where(idx >= 0, idx, O * I)].set(
             self.outlier_value.reshape(idx.shape).astype(jnp.float32), mode="drop")
-        return jnp.swapaxes(w.reshape(*self.codes.shape), -1, -2).reshape(self.shape).astype(dtype)
+        return jnp.swapaxes(w.reshape(*self.stored.codes.shape), -1, -2).reshape(self.shape).astype(dtype)
 
     def matmul(self, x_MI: jax.Array, dtype: jnp.dtype) -> jax.Array:
         """x [N, in] @ the dequantised kernel viewed as [in, out]."""
@@ -218,16 +229,8 @@ def spqr_kernel(matrices: list[SpqrMatrix], shape: tuple[int, ...], lead: tuple[
         vals = jnp.where(idx >= 0, m.dequantized.reshape(-1)[jnp.maximum(idx, 0)], 0.0)
         return idx.astype(jnp.int32), vals.astype(jnp.float16)
 
-    def stack(leaf, dtype=None):
-        x = jnp.stack([leaf(m) for m in matrices])
-        return x.reshape(*lead, *x.shape[1:]).astype(dtype or x.dtype)
-
     lists = [outlier_list(m) for m in matrices]
-    f16 = jnp.float16
-    return SpqrKernel(
-        codes=stack(lambda m: m.codes), scale_codes=stack(lambda m: m.scale_codes),
-        zero_codes=stack(lambda m: m.zero_codes), scale_scale=stack(lambda m: m.scale_scale, f16),
-        scale_zero=stack(lambda m: m.scale_zero, f16), zero_scale=stack(lambda m: m.zero_scale, f16),
-        zero_zero=stack(lambda m: m.zero_zero, f16),
-        outlier_index=jnp.stack([i for i, _ in lists]).reshape(*lead, capacity),
-        outlier_value=jnp.stack([v for _, v in lists]).reshape(*lead, capacity), matrix_shape=tuple(shape[len(lead):]))
+    stored = jax.tree.map(lambda *xs: jnp.stack(xs).reshape(*lead, *xs[0].shape), *[m.stored for m in matrices])
+    return SpqrKernel(stored, outlier_index=jnp.stack([i for i, _ in lists]).reshape(*lead, capacity),
+                      outlier_value=jnp.stack([v for _, v in lists]).reshape(*lead, capacity),
+                      matrix_shape=tuple(shape[len(lead):]))
