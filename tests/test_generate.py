@@ -166,3 +166,33 @@ def test_ffn_skip_decoding_is_the_model_without_the_skipped_ffns():
         logits, _, skipped = step(params, b, FfnSkip(jnp.bool_(True), -1.0, protect_first=2, protect_last=2))
         assert np.asarray(skipped)[:, 0].tolist() == [False, False, True, True, False, False]
         np.testing.assert_allclose(np.asarray(logits), np.asarray(step(without, b)), atol=1e-5)
+
+
+def test_generate_with_ffn_skip_never_skipping_equals_generate_and_counts_what_it_skips(tmp_path, capsys):
+    """`generate(..., ffn_skip=)` above 1 gives `generate`'s tokens and skips nothing; at -1 every unprotected layer
+    skips after the warm-up tokens (counted exactly); `jaxllm generate --ffn-skip` prints the share."""
+    import dataclasses
+
+    from jaxllm.generate import FfnSkipping
+
+    lm = LanguageModel(dataclasses.replace(tiny_model(), num_layers=4))
+    params = lm.init(jax.random.key(0))
+    prompts = [[1, 5, 9, 3], [1, 7]]
+    plain = generate(lm, params, prompts, 10)
+    never = FfnSkipping(1.5)
+    assert generate(lm, params, prompts, 10, ffn_skip=never) == plain
+    assert never.counts == {"skipped": 0, "possible": 9 * 4 * 2}  # 9 decode steps x 4 layers x 2 rows
+    always = FfnSkipping(-1.0, warmup=4, protect=1)
+    generate(lm, params, prompts, 10, ffn_skip=always)
+    assert always.counts["skipped"] == (9 - 3) * 2 * 2  # steps from the 4th new token, layers 1 and 2, 2 rows
+
+
+def test_cli_generate_ffn_skip_prints_the_share_it_skipped(base_and_data, capsys):
+    from jaxllm.cli import main
+
+    base, _ = base_and_data
+    assert main(["generate", "--model", str(base), "--prompt", "|abc", "--max-new-tokens", "8"]) == 0
+    text = capsys.readouterr().out
+    assert main(["generate", "--model", str(base), "--prompt", "|abc", "--max-new-tokens", "8", "--ffn-skip", "2"]) == 0
+    out = capsys.readouterr()
+    assert out.out == text and "FFN-Skip: skipped 0% of 14 layer FFNs" in out.err  # 7 steps x 2 layers
