@@ -109,7 +109,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     """Stream a continuation of --prompt (or, with --chat / --messages, the model's reply) from a Hugging Face
     or jaxllm run directory; the prompt is tokenized by the tokenizer's own rule, as transformers does."""
-    from jaxllm.generate import Sampling, stream
+    from jaxllm.generate import FfnSkipping, Sampling, stream
     from jaxllm.interop.models import load_model
 
     if args.prompt is None and args.messages is None:
@@ -126,10 +126,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         ids = tok.encode(args.prompt, add_special_tokens=True)
         _write(args.prompt)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    skipping = None if args.ffn_skip is None else FfnSkipping(args.ffn_skip)
     new: list[int] = []
     shown = ""
     for token in stream(m.lm, m.params, [ids], args.max_new_tokens, sampling, stop_ids=tok.stop_ids, seed=args.seed,
-                        prefill_chunk=args.prefill_chunk):
+                        prefill_chunk=args.prefill_chunk, ffn_skip=skipping):
         if int(token[0]) in tok.stop_ids:
             break
         new.append(int(token[0]))
@@ -138,6 +139,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
             _write(text[len(shown):])
             shown = text
     _write(tok.decode(new)[len(shown):] + "\n")
+    if skipping is not None:
+        Console(stderr=True).print(f"FFN-Skip: skipped {100 * skipping.skipped_fraction:.0f}% of "
+                                   f"{skipping.counts['possible']} layer FFNs while decoding")
 
 
 def _write(text: str) -> None:
@@ -321,6 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prefill-chunk", type=int, default=0,
                    help="feed the prompt into the KV cache this many tokens at a time (long prompts; 0: at once)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ffn-skip", type=float, metavar="THRESHOLD",
+                   help="FFN-SkipLLM: skip a layer's FFN when the last one changed the token's residual by a cosine "
+                        ">= THRESHOLD (after 4 tokens, outside the first and last layer; above 1: never)")
     p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("convert", help="Hugging Face directory <-> jaxllm run directory")
     p.add_argument("src")

@@ -12,6 +12,7 @@ long prompt N tokens at a time.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator, Sequence
@@ -22,6 +23,7 @@ import numpy as np
 
 from jaxllm.config import ConfigError
 from jaxllm.language_model import LanguageModel, Params
+from jaxllm.models.ffn_skip import FfnSkip
 from jaxllm.models.kv_cache import KVCache, cache_length
 
 
@@ -105,6 +107,32 @@ def decode_step(lm: LanguageModel, params: Params, cache: KVCache, token_B, posi
     return cache, sample_token(logits[:, 0], key, sampling)
 
 
+@dataclass(frozen=True)
+class FfnSkipping:
+    """FFN-SkipLLM while decoding (`jaxllm.models.ffn_skip`): skip a layer's FFN for a token when the last FFN that ran
+    turned its residual by a cosine >= `threshold` (above 1: never), after `warmup` new tokens, outside the first and
+    last `protect` layers. `stream` counts what it skipped in `skipped` / `possible` (layer-token FFN calls)."""
+
+    threshold: float
+    warmup: int = 4
+    protect: int = 1
+    counts: dict = dataclasses.field(default_factory=lambda: {"skipped": 0, "possible": 0}, compare=False, hash=False)
+
+    @property
+    def skipped_fraction(self) -> float:
+        return self.counts["skipped"] / max(self.counts["possible"], 1)
+
+
+@partial(jax.jit, static_argnames=("lm", "sampling", "threshold", "protect"), donate_argnames=("cache",))
+def decode_step_skipping(lm: LanguageModel, params: Params, cache: KVCache, token_B, position_B, key, active, *,
+                         sampling: Sampling, threshold: float, protect: int):
+    """`decode_step` with FFN skipping: (cache, next token [B], number of FFNs skipped)."""
+    ones = jnp.ones_like(token_B)[:, None]
+    skip = FfnSkip(jnp.asarray(active), threshold, protect, protect)
+    logits, cache, skipped_LB = lm.apply_cached_skipping(params, token_B[:, None], position_B[:, None], ones, cache, skip)
+    return cache, sample_token(logits[:, 0], key, sampling), jnp.sum(skipped_LB)
+
+
 def _cache_length(lm: LanguageModel, prompt_len: int, max_new_tokens: int, chunk: int) -> int:
     """Cache slots for a request; a ConfigError if it would run past the model's positions."""
     if prompt_len + max_new_tokens > lm.cfg.max_seq_len:
@@ -182,9 +210,15 @@ def generate(
     pad_id: int = 0,
     seed: int = 0,
     prefill_chunk: int = 0,
+    ffn_skip: FfnSkipping | None = None,
 ) -> list[list[int]]:
     """New token ids per prompt (stop token excluded), prefill + `lax.while_loop` decode, one jit.
-    `prefill_chunk` > 0: the prompt goes into the cache that many tokens at a time (long prompts)."""
+    `prefill_chunk` > 0: the prompt goes into the cache that many tokens at a time (long prompts). With `ffn_skip`
+    the tokens come from `stream`'s loop (its counts are filled in)."""
+    if ffn_skip is not None:
+        rows = np.stack(list(stream(lm, params, prompts, max_new_tokens, sampling, stop_ids=stop_ids, pad_id=pad_id,
+                                    seed=seed, prefill_chunk=prefill_chunk, ffn_skip=ffn_skip)), axis=1)
+        return [_trim(row, tuple(stop_ids), max_new_tokens) for row in rows]
     p, cache_len = _prepare(lm, prompts, max_new_tokens, pad_id, prefill_chunk)
     out = _generate(lm, params, p.tokens, p.positions, p.segment_ids, jax.random.key(seed),
                     max_new_tokens=max_new_tokens, cache_len=cache_len, sampling=sampling,
@@ -203,6 +237,7 @@ def stream(
     pad_id: int = 0,
     seed: int = 0,
     prefill_chunk: int = 0,
+    ffn_skip: FfnSkipping | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield the next token of every row [B] as it is decoded (same jitted steps as `generate`);
     stops when every row has produced a stop token or after max_new_tokens."""
@@ -222,4 +257,11 @@ def stream(
             return
         key, sub = jax.random.split(key)
         pos = pos + 1
-        cache, token = decode_step(dec_lm, dec_params, cache, jnp.asarray(tok), pos, sub, sampling=sampling)
+        if ffn_skip is None:
+            cache, token = decode_step(dec_lm, dec_params, cache, jnp.asarray(tok), pos, sub, sampling=sampling)
+            continue
+        cache, token, skipped = decode_step_skipping(
+            dec_lm, dec_params, cache, jnp.asarray(tok), pos, sub, i + 1 >= ffn_skip.warmup, sampling=sampling,
+            threshold=ffn_skip.threshold, protect=ffn_skip.protect)
+        ffn_skip.counts["skipped"] += int(skipped)
+        ffn_skip.counts["possible"] += lm.cfg.num_layers * len(prompts)

@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from jaxllm.config import Config, ModelConfig, _default_rules
 from jaxllm.losses import chunked_cross_entropy_sums, loss_from_sums
 from jaxllm.models.context_parallel import to_zigzag
+from jaxllm.models.ffn_skip import FfnSkip
 from jaxllm.models.kv_cache import KVCache
 from jaxllm.models.moe import MoeStats
 from jaxllm.models.layers import Dense
@@ -89,6 +90,16 @@ class LanguageModel:
         hidden_BTD, cache = model.hidden(tokens_BT, positions_BT, segment_ids_BT, cache)
         return model.logits(hidden_BTD), cache
 
+    def apply_cached_skipping(
+        self, params: Params, tokens_B1: jax.Array, positions_B1: jax.Array, segment_ids_B1: jax.Array,
+        cache: KVCache, ffn_skip: FfnSkip,
+    ) -> tuple[jax.Array, KVCache, jax.Array]:
+        """`apply_cached` for one token per row with FFN-SkipLLM (`jaxllm.models.ffn_skip`): (logits [B, 1, V],
+        updated cache, which rows skipped each layer's FFN [L, B])."""
+        model: Transformer = nnx.merge(self.graphdef, params)
+        hidden_B1D, cache, _, skipped_LB = model.run(tokens_B1, positions_B1, segment_ids_B1, cache, ffn_skip)
+        return model.logits(hidden_B1D), cache, skipped_LB
+
     def init_cache(self, batch: int, length: int) -> KVCache:
         """An empty cache of `length` slots (prompt + new tokens) in the compute dtype."""
         return KVCache.empty(self.cfg, batch, length)
@@ -109,7 +120,7 @@ class LanguageModel:
         devices = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in split_axes("length", self.rules))
         if devices > 1 and self.cfg.attention.zigzag:
             batch = to_zigzag(batch, devices)
-        hidden_BTD, _, stats = model.run(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+        hidden_BTD, _, stats, _ = model.run(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
         sums = chunked_cross_entropy_sums(
             hidden_BTD, model.logits, batch["targets"], batch.get("loss_mask"),
             max(1, self.cfg.loss_chunk_tokens // hidden_BTD.shape[0]),

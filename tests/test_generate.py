@@ -133,3 +133,66 @@ def test_chunked_prefill_continues_as_a_full_forward_does(window):
     assert cache_length(15, 6, window, prefill_chunk=4) == (7 if window else 21)
     with pytest.raises(ConfigError, match="prefill_chunk=-1 must be >= 0"):
         generate(lm, params, prompts, 6, prefill_chunk=-1)
+
+
+def test_ffn_skip_decoding_is_the_model_without_the_skipped_ffns():
+    """FFN-SkipLLM's step: above a cosine of 1 nothing skips (the logits are `apply_cached`'s bitwise); at 0 every
+    unprotected layer skips, which equals the model with those layers' FFN output zeroed (down = 0), at batch 2
+    (jnp.where) and batch 1 (lax.cond); protected layers and warm-up steps never skip."""
+    import dataclasses
+
+    from jaxllm.models.ffn_skip import FfnSkip
+
+    lm = LanguageModel(dataclasses.replace(tiny_model(), num_layers=6))
+    params = lm.init(jax.random.key(0))
+    tokens = np.random.default_rng(0).integers(0, 97, (2, 8))
+
+    def step(p, b, skip=None):  # the prompt through the whole model, then one token through `p`
+        cache = lm.init_cache(b, 16)
+        pos = jnp.broadcast_to(jnp.arange(8), (b, 8))
+        _, cache = jax.jit(lm.apply_cached)(params, tokens[:b], pos, jnp.ones((b, 8), jnp.int32), cache)
+        args = (p, tokens[:b, -1:], pos[:, -1:] + 1, jnp.ones((b, 1), jnp.int32), cache)
+        return jax.jit(lm.apply_cached)(*args)[0] if skip is None else jax.jit(lm.apply_cached_skipping)(*args, skip)
+
+    plain = step(params, 2)
+    logits, _, skipped = step(params, 2, FfnSkip(jnp.bool_(True), 1.5))
+    assert np.array_equal(np.asarray(logits), np.asarray(plain)) and not np.asarray(skipped).any()
+    _, _, skipped = step(params, 2, FfnSkip(jnp.bool_(False), 0.0))  # warm-up: nothing skips
+    assert not np.asarray(skipped).any()
+    down = params["blocks"]["mlp"]["down"]["kernel"]
+    without = {**params, "blocks": {**params["blocks"], "mlp": {**params["blocks"]["mlp"], "down": {
+        "kernel": down.at[2:4].set(0.0)}}}}
+    for b in (2, 1):
+        logits, _, skipped = step(params, b, FfnSkip(jnp.bool_(True), -1.0, protect_first=2, protect_last=2))
+        assert np.asarray(skipped)[:, 0].tolist() == [False, False, True, True, False, False]
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(step(without, b)), atol=1e-5)
+
+
+def test_generate_with_ffn_skip_never_skipping_equals_generate_and_counts_what_it_skips(tmp_path, capsys):
+    """`generate(..., ffn_skip=)` above 1 gives `generate`'s tokens and skips nothing; at -1 every unprotected layer
+    skips after the warm-up tokens (counted exactly); `jaxllm generate --ffn-skip` prints the share."""
+    import dataclasses
+
+    from jaxllm.generate import FfnSkipping
+
+    lm = LanguageModel(dataclasses.replace(tiny_model(), num_layers=4))
+    params = lm.init(jax.random.key(0))
+    prompts = [[1, 5, 9, 3], [1, 7]]
+    plain = generate(lm, params, prompts, 10)
+    never = FfnSkipping(1.5)
+    assert generate(lm, params, prompts, 10, ffn_skip=never) == plain
+    assert never.counts == {"skipped": 0, "possible": 9 * 4 * 2}  # 9 decode steps x 4 layers x 2 rows
+    always = FfnSkipping(-1.0, warmup=4, protect=1)
+    generate(lm, params, prompts, 10, ffn_skip=always)
+    assert always.counts["skipped"] == (9 - 3) * 2 * 2  # steps from the 4th new token, layers 1 and 2, 2 rows
+
+
+def test_cli_generate_ffn_skip_prints_the_share_it_skipped(base_and_data, capsys):
+    from jaxllm.cli import main
+
+    base, _ = base_and_data
+    assert main(["generate", "--model", str(base), "--prompt", "|abc", "--max-new-tokens", "8"]) == 0
+    text = capsys.readouterr().out
+    assert main(["generate", "--model", str(base), "--prompt", "|abc", "--max-new-tokens", "8", "--ffn-skip", "2"]) == 0
+    out = capsys.readouterr()
+    assert out.out == text and "FFN-Skip: skipped 0% of 14 layer FFNs" in out.err  # 7 steps x 2 layers

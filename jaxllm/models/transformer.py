@@ -15,6 +15,7 @@ from flax import nnx
 from jaxllm.config import ModelConfig
 from jaxllm.models.attention import Attention
 from jaxllm.models.bottleneck import Bottleneck
+from jaxllm.models.ffn_skip import FfnSkip, cosine_B
 from jaxllm.models.kv_cache import KVCache, LayerCache
 from jaxllm.models.layers import Dense, Embed, make_norm
 from jaxllm.models.mixlora import MixLoraFfn
@@ -57,12 +58,21 @@ class Block(nnx.Module):
                  packed: bool = True):
         """[B, T, D] -> ([B, T, D], (k_cache, v_cache) or None, MoeStats or None, router state or None).
         `router_state`: a recurrent MoE router's per-token state from the layer below."""
+        x_BTD, kv = self.attend(x_BTD, positions_BT, segment_ids_BT, cache, packed)
+        ffn_BTD, stats, router_state = self.feed_forward(x_BTD, router_state)
+        return self.add(x_BTD, ffn_BTD), kv, stats, router_state
+
+    def attend(self, x_BTD, positions_BT, segment_ids_BT, cache: LayerCache | None, packed: bool):
+        """x + attention(norm(x)) [B, T, D], and the layer's (k_cache, v_cache) or None."""
         normed_BTD = self.attn_norm(x_BTD)
         attn = self.attn(normed_BTD, positions_BT, segment_ids_BT, cache, packed=packed)
         attn_BTD, kv = attn if cache is not None else (attn, None)
         if self.attn_adapter is not None:
             attn_BTD = self.attn_adapter(normed_BTD, attn_BTD)
-        x_BTD = x_BTD + attn_BTD
+        return x_BTD + attn_BTD, kv
+
+    def feed_forward(self, x_BTD, router_state=None):
+        """The FFN's contribution ffn(norm(x)) [B, T, D] (not yet added), MoeStats or None, router state or None."""
         normed_BTD = self.mlp_norm(x_BTD)
         if isinstance(self.mlp, (MoeFfn, MixLoraFfn)):
             ffn_BTD, stats, router_state = self.mlp(normed_BTD, router_state)
@@ -70,8 +80,10 @@ class Block(nnx.Module):
             ffn_BTD, stats = self.mlp(normed_BTD), None
         if self.mlp_adapter is not None:
             ffn_BTD = self.mlp_adapter(normed_BTD, ffn_BTD)
-        x_BTD = constrain(x_BTD + ffn_BTD, ("batch", "length", "act_embed"), self.rules)
-        return x_BTD, kv, stats, router_state
+        return ffn_BTD, stats, router_state
+
+    def add(self, x_BTD, ffn_BTD):
+        return constrain(x_BTD + ffn_BTD, ("batch", "length", "act_embed"), self.rules)
 
 
 class Transformer(nnx.Module):
@@ -114,7 +126,7 @@ class Transformer(nnx.Module):
 
         With a `cache` the tokens continue what it holds: returns (hidden, updated cache).
         """
-        hidden_BTD, cache, _ = self.run(tokens_BT, positions_BT, segment_ids_BT, cache)
+        hidden_BTD, cache, _, _ = self.run(tokens_BT, positions_BT, segment_ids_BT, cache)
         return hidden_BTD if cache is None else (hidden_BTD, cache)
 
     def run(
@@ -123,10 +135,14 @@ class Transformer(nnx.Module):
         positions_BT: jax.Array | None = None,
         segment_ids_BT: jax.Array | None = None,
         cache: KVCache | None = None,
-    ) -> tuple[jax.Array, KVCache | None, MoeStats | None]:
-        """(hidden [B, T, D], updated cache or None, per-layer MoeStats [L, ...] or None)."""
+        ffn_skip: FfnSkip | None = None,
+    ) -> tuple[jax.Array, KVCache | None, MoeStats | None, jax.Array | None]:
+        """(hidden [B, T, D], updated cache or None, per-layer MoeStats [L, ...] or None, and with `ffn_skip` (one
+        token per row continuing a cache, dense FFNs) which rows skipped each layer's FFN [L, B], else None)."""
         cfg, rules = self.cfg, self.rules
         B, T = tokens_BT.shape
+        if ffn_skip is not None and (cache is None or T != 1 or cfg.moe.num_experts):
+            raise ValueError("FFN skipping decodes one token per row from a cache, on a model with dense FFNs")
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         packed = segment_ids_BT is not None  # static: unpacked rows may use cuDNN's own causal mask
@@ -155,12 +171,34 @@ class Transformer(nnx.Module):
                 layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
             return layer
 
+        def skipping_layer(block_def):
+            def layer(carry, xs):
+                x_BTD, cos_B = carry
+                block = nnx.merge(block_def, xs[0])
+                layer_cache = LayerCache(xs[1], xs[2], cache.positions, cache.segment_ids, cache.slots(T))
+                x_BTD, kv = block.attend(x_BTD, positions_BT, segment_ids_BT, layer_cache, packed)
+                skip_B = ffn_skip.decide(xs[3], cfg.num_layers, cos_B)
+                ffn = lambda x: block.feed_forward(x)[0]
+                if B == 1:  # a real skip
+                    ffn_BTD = jax.lax.cond(skip_B[0], jnp.zeros_like, ffn, x_BTD)
+                else:
+                    ffn_BTD = jnp.where(skip_B[:, None, None], jnp.zeros((), x_BTD.dtype), ffn(x_BTD))
+                y_BTD = block.add(x_BTD, ffn_BTD)
+                return (y_BTD, jnp.where(skip_B, cos_B, cosine_B(x_BTD, y_BTD))), (kv, skip_B)
+
+            return layer
+
         router_state = None
         if cfg.moe.num_experts and cfg.moe.router == "recurrent":  # zeros below the first layer
             router_state = jnp.zeros((B, T, cfg.moe.router_state_dim), jnp.float32)
         block_def, stacked_state = nnx.split(self.blocks)
         every = moe_every(cfg)
-        if every == 1:
+        skipped_LB = None
+        if ffn_skip is not None:
+            xs = (stacked_state, cache.k, cache.v, jnp.arange(cfg.num_layers))
+            (x_BTD, _), (kv, skipped_LB) = jax.lax.scan(skipping_layer(block_def), (x_BTD, jnp.zeros((B,))), xs)
+            stats = None
+        elif every == 1:
             unroll = 1 if cfg.scan_layers else cfg.num_layers
             xs = (stacked_state,) if cache is None else (stacked_state, cache.k, cache.v)
             (x_BTD, _), (kv, stats) = jax.lax.scan(layer_fn(block_def), (x_BTD, router_state), xs, unroll=unroll)
@@ -169,7 +207,7 @@ class Transformer(nnx.Module):
         hidden_BTD = self.final_norm(x_BTD)
         if cache is not None:
             cache = cache._replace(k=kv[0], v=kv[1], index=cache.index + T)
-        return hidden_BTD, cache, stats
+        return hidden_BTD, cache, stats, skipped_LB
 
     def _run_groups(self, layer_fn, dense_def, dense_state, x_BTD, router_state, cache, every: int):
         """The layers as G = L / every groups of (every - 1) dense blocks then one MoE block (a scan over
