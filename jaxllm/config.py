@@ -117,8 +117,11 @@ class MoeConfig:
     impl: str = "auto"  # grouped matmul: pallas (gmm/tgmm) | tiled (padded tiles, plain XLA) | xla (ragged_dot) | auto
     every: int = 1  # MoE FFN in every Nth layer (layers N-1, 2N-1, ...), dense FFNs in the others
     routing: str = "topk"  # topk (each token picks k experts) | expert_choice (each expert picks its tokens)
-    router: str = "linear"  # linear | recurrent (RMoE: a GRU carries router state across layers)
-    router_state_dim: int = 64  # recurrent router: GRU state width
+    router: str = "linear"  # linear | recurrent (RMoE: a GRU carries router state across layers) | pregate (Read-ME:
+    #                         one choice per token for all layers, from its id and position, before the layer stack)
+    router_state_dim: int = 64  # recurrent router: GRU state width; pregate: the router MLP's width
+    router_grad: str = "chosen"  # pregate: the router's gradient through the chosen experts only | all (every expert
+    #                              runs, unchosen ones at weight 0: their gradient tells the router which would help)
     lora_rank: int = 0  # > 0: MixLoRA -- experts are LoRA deltas (this rank) on one shared dense FFN
     lora_alpha: float = 16.0  # MixLoRA delta scale alpha / rank
 
@@ -330,6 +333,15 @@ class MaskllmConfig:
 
 
 @dataclass
+class PregateConfig:
+    """Read-ME: the dense base refactored into the run's pre-gated MoE (`model.moe.router=pregate`, a shared FFN of
+    `moe.shared_d_ff` neurons plus experts of `moe.d_ff`, grouped on `finetune.calibration` rows), then the router
+    trained by distillation from the dense model (KL of the logits)."""
+
+    train_experts: bool = False  # also fine-tune the experts and shared FFN (else only the router trains)
+
+
+@dataclass
 class FinetuneConfig:
     base: str = ""  # the model to adapt: a Hugging Face checkpoint directory or a jaxllm run directory
     # lora: train adapters only; full: every parameter; mixlora: router + LoRA experts (model.moe); hft: half of each
@@ -337,13 +349,15 @@ class FinetuneConfig:
     # bone / bat: block-affine adapters (peft's MiSS); abba: Hadamard product of two low-rank pairs; corda: LoRA from
     # the covariance-oriented SVD (finetune.corda); s2ft: row deltas on a few heads of o and channels of down;
     # bottleneck: adapters added after or beside the attention / MLP sublayers (model.bottleneck); maskllm: learned
-    # 2:4 masks on frozen weights (finetune.maskllm)
+    # 2:4 masks on frozen weights (finetune.maskllm); pregate: Read-ME, a dense base refactored into a pre-gated MoE
+    # whose router learns from the dense model (finetune.pregate)
     method: str = "lora"
     lora: LoraConfig = field(default_factory=LoraConfig)
     hft: HftConfig = field(default_factory=HftConfig)
     sorsa: SorsaConfig = field(default_factory=SorsaConfig)
     corda: CordaConfig = field(default_factory=CordaConfig)
     maskllm: MaskllmConfig = field(default_factory=MaskllmConfig)
+    pregate: PregateConfig = field(default_factory=PregateConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     s2ft: S2ftConfig = field(default_factory=S2ftConfig)
 
@@ -527,8 +541,14 @@ def check_values(cfg: Config) -> None:
     if m.moe.num_experts and m.num_layers % m.moe.every:
         raise ConfigError(f"model.moe.every={m.moe.every} must divide model.num_layers={m.num_layers}")
     _choice("model.moe.routing", m.moe.routing, ("topk", "expert_choice"))
-    _choice("model.moe.router", m.moe.router, ("linear", "recurrent"))
+    _choice("model.moe.router", m.moe.router, ("linear", "recurrent", "pregate"))
     _positive("model.moe.router_state_dim", m.moe.router_state_dim)
+    _choice("model.moe.router_grad", m.moe.router_grad, ("chosen", "all"))
+    if m.moe.router_grad == "all" and (m.moe.router != "pregate" or m.moe.dispatch != "dropless"):
+        raise ConfigError("model.moe.router_grad=all runs every expert of a pre-gated, dropless MoE "
+                          "(model.moe.router=pregate, dispatch=dropless)")
+    if m.moe.num_experts and m.moe.router == "pregate" and m.moe.routing != "topk":
+        raise ConfigError("model.moe.router=pregate chooses each token's experts (routing=topk), not experts' tokens")
     if (m.moe.shared_d_ff or m.moe.shared_gate) and not m.moe.shared_experts:
         raise ConfigError("model.moe.shared_d_ff / shared_gate describe the shared FFN: set model.moe.shared_experts >= 1")
     if m.moe.lora_rank < 0:

@@ -77,6 +77,13 @@ class LanguageModel:
         logits_BTV = model.logits(hidden_BTD)
         return (logits_BTV, hidden_BTD) if return_hidden else logits_BTV
 
+    def logits_and_stats(self, params: Params, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+                         segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, MoeStats | None]:
+        """Logits [B, T, V] and the per-layer MoE statistics [L, ...] (routing included; None without MoE)."""
+        model: Transformer = nnx.merge(self.graphdef, params)
+        hidden_BTD, _, stats, _ = model.run(tokens_BT, positions_BT, segment_ids_BT)
+        return model.logits(hidden_BTD), stats
+
     def apply_cached(
         self,
         params: Params,

@@ -76,3 +76,16 @@ def chunked_cross_entropy_sums(
     zero = jnp.zeros((), jnp.float32)
     sums, _ = jax.lax.scan(body, (zero, zero, zero), (to_chunks(hidden_BTD), to_chunks(targets_BT), to_chunks(mask_BT)))
     return sums
+
+
+def distillation_sums(student_BTV: jax.Array, teacher_BTV: jax.Array, mask_BT: jax.Array | None = None
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(soft cross-entropy sum H(p_t, p_s), KL(p_t || p_s) sum, token count) over unmasked positions, in f32, with
+    p_t = softmax(teacher logits) (no gradient) and p_s = softmax(student logits). H = KL + the teacher's entropy."""
+    log_s = jax.nn.log_softmax(student_BTV.astype(jnp.float32), axis=-1)
+    log_t = jax.lax.stop_gradient(jax.nn.log_softmax(teacher_BTV.astype(jnp.float32), axis=-1))
+    mask_BT = jnp.ones(log_s.shape[:2], jnp.float32) if mask_BT is None else mask_BT.astype(jnp.float32)
+    p_t = jnp.exp(log_t)
+    soft_ce_BT = -jnp.sum(p_t * log_s, axis=-1)
+    kl_BT = jnp.sum(p_t * (log_t - log_s), axis=-1)
+    return jnp.sum(soft_ce_BT * mask_BT), jnp.sum(kl_BT * mask_BT), jnp.sum(mask_BT)

@@ -23,6 +23,7 @@ from flax import nnx
 from jaxllm.config import ModelConfig, _default_rules
 from jaxllm.models.expert_parallel import expert_axes, experts_expert_parallel
 from jaxllm.models.layers import make_param
+from jaxllm.models.pregate_router import unit_weights
 from jaxllm.sharding import Rules, make_rules
 
 _DEFAULT_RULES = make_rules(_default_rules())
@@ -35,6 +36,9 @@ class MoeStats(NamedTuple):
     drop_fraction: jax.Array  # scalar: capacity path: share of real-expert assignments dropped; expert choice: share of tokens no expert took
     router_entropy: jax.Array  # scalar: mean entropy of the router distribution (nats)
     expert_flops: jax.Array  # scalar: matmul FLOPs spent in routed experts (null experts cost none)
+    expert_MP: jax.Array  # int32 [M, P]: each token's chosen router slots, first choice first (routing diagnostics)
+    dropped_MP: jax.Array  # bool [M, P]: the choice went to a real expert that did not run it (capacity overflow;
+    #                        expert choice: no expert took the token)
 
 
 class Routing(NamedTuple):
@@ -65,9 +69,10 @@ def load_balance_loss(expert_MP: jax.Array, probs_MZ: jax.Array) -> jax.Array:
     return slots * jnp.sum(f * jnp.mean(probs_MZ, axis=0))
 
 
-def routing_stats(r: Routing, drop_fraction: jax.Array, expert_flops: jax.Array, balanced: bool = False) -> MoeStats:
+def routing_stats(r: Routing, drop_fraction: jax.Array, expert_flops: jax.Array, balanced: bool = False,
+                  dropped_MP: jax.Array | None = None) -> MoeStats:
     """A layer's MoeStats from its routing. `balanced` (expert choice: every expert takes the same number of
-    tokens): no balancing loss, uniform load."""
+    tokens): no balancing loss, uniform load. `dropped_MP`: which choices did not run (None: all ran)."""
     M, P = r.expert_MP.shape
     slots = r.probs_MZ.shape[-1]
     return MoeStats(
@@ -78,6 +83,8 @@ def routing_stats(r: Routing, drop_fraction: jax.Array, expert_flops: jax.Array,
         drop_fraction=drop_fraction,
         router_entropy=-jnp.mean(jnp.sum(r.probs_MZ * jnp.log(r.probs_MZ + 1e-9), axis=-1)),
         expert_flops=expert_flops,
+        expert_MP=r.expert_MP,
+        dropped_MP=jnp.zeros(r.expert_MP.shape, bool) if dropped_MP is None else dropped_MP,
     )
 
 
@@ -106,8 +113,9 @@ def experts_dropless(x_MD, r: Routing, gate_EDF, up_EDF, down_EFD, impl: str) ->
     return jnp.sum((out_AD.astype(jnp.float32) * r.weight_MP.reshape(-1, 1)).reshape(M, P, -1), axis=1)
 
 
-def experts_capacity(x_MD, r: Routing, gate_EDF, up_EDF, down_EFD, capacity: int) -> tuple[jax.Array, jax.Array]:
-    """(output [M, D] f32, dropped share): assignments gathered into [E, capacity] slots, experts run as one
+def experts_capacity(x_MD, r: Routing, gate_EDF, up_EDF, down_EFD, capacity: int
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(output [M, D] f32, dropped share, dropped choices bool [M, P]): assignments gathered into [E, capacity] slots, experts run as one
     batched matmul, results gathered back (index gathers, linear in M; one-hot einsums would be quadratic)."""
     M, P = r.expert_MP.shape
     E = gate_EDF.shape[0]
@@ -124,13 +132,14 @@ def experts_capacity(x_MD, r: Routing, gate_EDF, up_EDF, down_EFD, capacity: int
     out_AD = jnp.concatenate([out_ECD.reshape(E * capacity, -1), jnp.zeros((1, out_ECD.shape[2]), jnp.float32)])[slot_A]
     y = jnp.zeros((M, x_MD.shape[1]), jnp.float32).at[token_A].add(out_AD * r.weight_MP.T.reshape(P * M, 1))
     routed = jnp.maximum(jnp.sum(e_A < E), 1)
-    return y, 1.0 - jnp.sum(kept_A) / routed
+    dropped_MP = ((e_A < E) & ~kept_A).reshape(P, M).T
+    return y, 1.0 - jnp.sum(kept_A) / routed, dropped_MP
 
 
 def experts_expert_choice(x_MD, probs_ME, gate_EDF, up_EDF, down_EFD, capacity: int) -> tuple[jax.Array, jax.Array]:
     """Expert-choice routing (Zhou et al., 2022): each expert takes the `capacity` tokens with the highest
     router probability for it; a token's output sums prob x expert(x) over the experts that took it.
-    (output [M, D] f32, share of tokens no expert took). The choice looks at every token of the batch,
+    (output [M, D] f32, which tokens no expert took bool [M]). The choice looks at every token of the batch,
     later ones included: a decoder trained this way routes differently when decoding token by token."""
     M = x_MD.shape[0]
     gates_EC, token_EC = jax.lax.top_k(probs_ME.T, min(capacity, M))
@@ -139,11 +148,12 @@ def experts_expert_choice(x_MD, probs_ME, gate_EDF, up_EDF, down_EFD, capacity: 
     y = jnp.zeros((M, x_MD.shape[1]), jnp.float32).at[token_EC.reshape(-1)].add(
         (out_ECD * gates_EC[..., None]).reshape(-1, x_MD.shape[1]))
     taken = jnp.zeros((M,), jnp.int32).at[token_EC.reshape(-1)].add(1)
-    return y, jnp.mean(taken == 0)
+    return y, taken == 0
 
 
 class MoeFfn(nnx.Module):
-    """[B, T, D] (+ recurrent router state [B, T, U]) -> ([B, T, D], MoeStats, router state or None).
+    """[B, T, D] (+ router state [B, T, U]: a recurrent router's, or the pre-gating router's logits [B, T, Z]) ->
+    ([B, T, D], MoeStats, router state or None).
     Experts: gate/up [E, D, F], down [E, F, D] (axis `expert`)."""
 
     def __init__(self, cfg: ModelConfig, rules: Rules = _DEFAULT_RULES, *, rngs: nnx.Rngs):
@@ -156,7 +166,7 @@ class MoeFfn(nnx.Module):
             from jaxllm.models.recurrent_router import RecurrentRouter
 
             self.router = RecurrentRouter(D, m.router_state_dim, E + m.null_experts, cfg.init_std, rngs=rngs)
-        else:
+        elif m.router == "linear":
             self.router = make_param(rngs, normal(cfg.init_std), (D, E + m.null_experts), ("embed", None), jnp.float32)
         down_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         self.gate = make_param(rngs, normal(cfg.init_std), (E, D, F), ("expert", "embed", "mlp"), pdt)
@@ -188,33 +198,46 @@ class MoeFfn(nnx.Module):
             h = jnp.zeros((B * T, m.router_state_dim), jnp.float32) if router_state_BTU is None else router_state_BTU.reshape(B * T, -1)
             logits, h = self.router(x_MD, h)
             state = h.reshape(B, T, -1)
+        elif m.router == "pregate":  # the logits of the router before the layer stack, carried unchanged
+            logits, state = router_state_BTU.reshape(B * T, -1), router_state_BTU
         else:
             logits = jnp.dot(x_MD.astype(jnp.float32), self.router[...])
         r = route_logits(logits, m.top_k, m.normalize_top_k)
+        if m.router == "pregate":
+            r = r._replace(weight_MP=unit_weights(jnp.take_along_axis(r.probs_MZ, r.expert_MP, axis=1)))
+        dispatched = r  # what the experts run: the chosen assignments
+        if m.router == "pregate" and m.router_grad == "all":  # every slot runs; the unchosen at weight 0
+            Z = r.probs_MZ.shape[1]
+            chosen_MZ = jnp.sum(jax.nn.one_hot(r.expert_MP, Z, dtype=jnp.float32), axis=1)
+            dispatched = r._replace(expert_MP=jnp.broadcast_to(jnp.arange(Z, dtype=jnp.int32), r.probs_MZ.shape),
+                             weight_MP=chosen_MZ + r.probs_MZ - jax.lax.stop_gradient(r.probs_MZ))
         weights = [w[...].astype(dtype) for w in (self.gate, self.up, self.down)]
         E, F = weights[0].shape[0], weights[0].shape[2]
         ep_axes = expert_axes(self.rules, E) if m.dispatch == "dropless" else ()
+        dropped_MP = None  # dropless: every choice runs
         if ep_axes:
             run = lambda x_AD, e_A, w: grouped_experts(x_AD, e_A, *w, m.impl)
-            y = experts_expert_parallel(x_BTD.astype(dtype), r.expert_MP.reshape(B, T, -1), r.weight_MP.reshape(B, T, -1),
-                                        tuple(weights), self.rules, ep_axes, run).reshape(B * T, D)
-            real = jnp.sum(r.expert_MP < E)
+            y = experts_expert_parallel(x_BTD.astype(dtype), dispatched.expert_MP.reshape(B, T, -1),
+                                        dispatched.weight_MP.reshape(B, T, -1), tuple(weights), self.rules, ep_axes,
+                                        run).reshape(B * T, D)
+            real = jnp.sum(dispatched.expert_MP < E)
             dropped = jnp.zeros((), jnp.float32)
         elif m.routing == "expert_choice":
-            y, dropped = experts_expert_choice(x_MD, r.probs_MZ, *weights, self.capacity(B * T))
+            y, untaken_M = experts_expert_choice(x_MD, r.probs_MZ, *weights, self.capacity(B * T))
+            dropped, dropped_MP = jnp.mean(untaken_M), jnp.broadcast_to(untaken_M[:, None], r.expert_MP.shape)
             real = jnp.asarray(E * min(self.capacity(B * T), B * T))
         elif m.dispatch == "dropless":
-            y = experts_dropless(x_MD, r, *weights, m.impl)
-            real = jnp.sum(r.expert_MP < E)
+            y = experts_dropless(x_MD, dispatched, *weights, m.impl)
+            real = jnp.sum(dispatched.expert_MP < E)
             dropped = jnp.zeros((), jnp.float32)
         else:
-            y, dropped = experts_capacity(x_MD, r, *weights, self.capacity(B * T))
+            y, dropped, dropped_MP = experts_capacity(x_MD, r, *weights, self.capacity(B * T))
             real = jnp.sum(r.expert_MP < E) * (1 - dropped)
         if self.shared is not None:
-            shared = self.shared(x_MD).astype(jnp.float32)
+            shared = self.shared(x_MD.reshape(B, T, D)).reshape(B * T, D).astype(jnp.float32)  # [B, T, D]: its constraints
             if self.shared_gate is not None:
                 shared = jax.nn.sigmoid(jnp.dot(x_MD, self.shared_gate[...].astype(dtype)).astype(jnp.float32)) * shared
             y = y + shared
         stats = routing_stats(r, dropped, real.astype(jnp.float32) * 2 * 3 * D * F,
-                              balanced=m.routing == "expert_choice")
+                              balanced=m.routing == "expert_choice", dropped_MP=dropped_MP)
         return y.astype(dtype).reshape(B, T, D), stats, state

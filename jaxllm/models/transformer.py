@@ -21,6 +21,7 @@ from jaxllm.models.layers import Dense, Embed, make_norm
 from jaxllm.models.mixlora import MixLoraFfn
 from jaxllm.models.mlp import Mlp
 from jaxllm.models.moe import MoeFfn, MoeStats
+from jaxllm.models.pregate_router import PregateRouter
 from jaxllm.sharding import Rules, constrain
 
 REMAT_POLICIES = {
@@ -57,7 +58,8 @@ class Block(nnx.Module):
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache: LayerCache | None = None, router_state=None,
                  packed: bool = True):
         """[B, T, D] -> ([B, T, D], (k_cache, v_cache) or None, MoeStats or None, router state or None).
-        `router_state`: a recurrent MoE router's per-token state from the layer below."""
+        `router_state`: a recurrent MoE router's per-token state from the layer below, or the pre-gating router's
+        logits."""
         x_BTD, kv = self.attend(x_BTD, positions_BT, segment_ids_BT, cache, packed)
         ffn_BTD, stats, router_state = self.feed_forward(x_BTD, router_state)
         return self.add(x_BTD, ffn_BTD), kv, stats, router_state
@@ -111,6 +113,9 @@ class Transformer(nnx.Module):
             dense_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_experts=0))
             self.blocks = stack(dense_cfg, cfg.num_layers - cfg.num_layers // every)
             self.moe_blocks = stack(cfg, cfg.num_layers // every)
+        if cfg.moe.num_experts and cfg.moe.router == "pregate":
+            self.pregate = PregateRouter(cfg.vocab_size, cfg.max_seq_len, cfg.moe.router_state_dim,
+                                         cfg.moe.num_experts + cfg.moe.null_experts, cfg.init_std, rngs=rngs)
         self.final_norm = make_norm(cfg, cfg.d_model, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), use_bias=False, **kw)
@@ -191,6 +196,8 @@ class Transformer(nnx.Module):
         router_state = None
         if cfg.moe.num_experts and cfg.moe.router == "recurrent":  # zeros below the first layer
             router_state = jnp.zeros((B, T, cfg.moe.router_state_dim), jnp.float32)
+        elif cfg.moe.num_experts and cfg.moe.router == "pregate":  # every layer's routing, once, before the stack
+            router_state = self.pregate(tokens_BT, positions_BT)
         block_def, stacked_state = nnx.split(self.blocks)
         every = moe_every(cfg)
         skipped_LB = None

@@ -92,7 +92,8 @@ def setup_step(cfg: Config, base: Base | None = None) -> StepSetup:
     frozen_sh = replicated if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
     batch_sh = NamedSharding(mesh, logical_to_spec(("batch", "length"), lm.rules, dict(mesh.shape)))
     step = make_train_step(lm, tx, microbatches=cfg.train.microbatches, z_loss=cfg.train.z_loss, schedule=schedule,
-                           to_model=method.to_model, regularizers=method.regularizers, update_mask=method.update_mask)
+                           to_model=method.to_model, regularizers=method.regularizers, update_mask=method.update_mask,
+                           objective=method.objective_sums)
     train_step = jax.jit(step, in_shardings=(state_sh, batch_sh, frozen_sh), out_shardings=(state_sh, None),
                          donate_argnums=(0,))
     return StepSetup(

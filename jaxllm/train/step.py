@@ -21,6 +21,10 @@ Regularizers = Callable[[Params, Any], dict[str, jax.Array]]
 # Which entries of the trained params may change: a tree like the params with a 0/1 array (broadcastable to its
 # leaf) or None (all of it) per leaf; None for no mask. Masked entries get zero gradient and zero update.
 UpdateMask = Callable[[Params], Any]
+# What a step minimises on a (micro)batch, from the model's params, the frozen input, the batch and the z-loss weight:
+# (total token sum, (cross-entropy sum, logsumexp^2 sum, tokens, router-loss sum), MoE stats) as
+# `LanguageModel.objective_sums` returns them.
+Objective = Callable[[Params, Any, Batch, float], tuple[jax.Array, tuple[jax.Array, ...], Any]]
 
 
 def _identity(params: Params, frozen: Any, rng: jax.Array | None) -> Params:
@@ -43,16 +47,19 @@ def init_state(lm: LanguageModel, tx: optax.GradientTransformation, seed: int) -
 def make_train_step(
     lm: LanguageModel, tx: optax.GradientTransformation, *, microbatches: int = 1, z_loss: float = 0.0,
     schedule: optax.Schedule | None = None, to_model: ToModel = _identity, regularizers: Regularizers | None = None,
-    update_mask: UpdateMask | None = None,
+    update_mask: UpdateMask | None = None, objective: Objective | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """Build the pure step `(state, batch, frozen=None) -> (state, metrics)`. The batch ([B, T] arrays)
     is split into `microbatches` run sequentially with `lax.scan`; token-sum losses make the result
     equal to one step on the whole batch. Only `state.params` is trained; the model runs on
     `to_model(params, frozen, rng)` (adapters on a frozen base, for fine-tuning). A method's `regularizers` are
-    added to the loss once per step; `update_mask` confines the gradient and the update to part of each leaf."""
+    added to the loss once per step; `update_mask` confines the gradient and the update to part of each leaf;
+    `objective(model_params, frozen, batch, z_loss)` replaces the next-token objective (`lm.objective_sums`)."""
+    if objective is None:
+        objective = lambda params, frozen, mb, z: lm.objective_sums(params, mb, z_loss=z)
 
     def sums(params: Params, frozen: Any, rng: jax.Array, mb: Batch):
-        total, parts, stats = lm.objective_sums(to_model(params, frozen, rng), mb, z_loss=z_loss)
+        total, parts, stats = objective(to_model(params, frozen, rng), frozen, mb, z_loss)
         return total, (parts, moe_metrics(stats))
 
     grad_fn = jax.grad(sums, has_aux=True)

@@ -2,7 +2,7 @@
 
 # importing a method's file registers it
 from jaxllm.train.methods import (  # noqa: F401
-    abba, bottleneck, corda, full, hft, lora, maskllm, miss, mixlora, pretrain, s2ft, self_guided, sorsa)
+    abba, bottleneck, corda, full, hft, lora, maskllm, miss, mixlora, pregate, pretrain, s2ft, self_guided, sorsa)
 from jaxllm.train.methods.method import Prepared, TrainingMethod
 from jaxllm.train.methods.registry import method_for, register
 

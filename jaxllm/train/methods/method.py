@@ -51,6 +51,12 @@ class TrainingMethod:
         """The params the model runs on in a step (`rng`: a PRNG key for stochastic methods; None to evaluate)."""
         return trained
 
+    def objective_sums(self, model_params: Params, frozen: Any, batch: dict[str, jax.Array], z_loss: float
+                       ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array, jax.Array], Any]:
+        """What a step minimises on a batch, as token sums (`LanguageModel.objective_sums`'s shape): next-token
+        cross entropy on the data; a distillation method compares with a teacher instead."""
+        return self.lm.objective_sums(model_params, batch, z_loss=z_loss)
+
     def regularizers(self, trained: Params, frozen: Any) -> dict[str, jax.Array]:
         """Loss terms the method adds once per step ({name: f32 scalar}; a regulariser), logged as `method/<name>`."""
         return {}
