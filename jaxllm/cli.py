@@ -269,6 +269,16 @@ def cmd_compress(args: argparse.Namespace) -> None:
     console.print(f"{summary} -> {out}")
 
 
+def cmd_moe_report(args: argparse.Namespace) -> None:
+    """OpenMoE's routing diagnostics and the inter-layer mutual information of a trained MoE run (markdown on
+    stdout; report.md / report.json / tensorboard in --out, default RUN/moe_report)."""
+    from jaxllm.moe.report import moe_report, render
+
+    print(render(moe_report(args.run, args.data, batches=args.batches, batch_size=args.batch_size,
+                            early_step=args.early_step, capacity_factor=args.capacity_factor,
+                            min_count=args.min_count, buckets=args.buckets, out=args.out)))
+
+
 def cmd_tokenizer(args: argparse.Namespace) -> None:
     """Train a byte-level BPE tokenizer on the training documents of a config's data (`data.source`)."""
     from jaxllm.data.pipeline import load_corpus
@@ -357,6 +367,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="calibrate every layer on the unpruned model (default: layer by layer, as Wanda's code)")
     p.add_argument("--out", required=True, help="new directory for the compressed model")
     p.set_defaults(fn=cmd_compress)
+    p = sub.add_parser("moe-report", help="routing diagnostics of a trained MoE run (OpenMoE's findings, layer MI)")
+    p.add_argument("run", help="a jaxllm run directory of an MoE model")
+    p.add_argument("--data", default="", help="data source (as data.source); default: the run's own data")
+    p.add_argument("--batches", type=int, default=8, help="batches of data.seq_len tokens to route")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--early-step", type=int, default=None, help="the early checkpoint to compare (default: oldest kept)")
+    p.add_argument("--capacity-factor", type=float, default=None,
+                   help="route under capacity dispatch at this factor (default: as the run was trained)")
+    p.add_argument("--min-count", type=int, default=8, help="token ids seen fewer times are left out of finding 1")
+    p.add_argument("--buckets", type=int, default=4, help="position buckets for the drop rate")
+    p.add_argument("--out", default=None, help="directory for report.md / report.json / tensorboard")
+    p.set_defaults(fn=cmd_moe_report)
     p = sub.add_parser("tokenizer", help="train a BPE tokenizer on a config's training documents")
     p.add_argument("action", choices=["train"])
     _add_config_args(p)

@@ -77,6 +77,14 @@ def test_small_capacity_drops_and_reports_it():
     counts = np.bincount(np.asarray(r.expert_MP).reshape(-1), minlength=4)
     assert float(stats.drop_fraction) == pytest.approx(1 - np.minimum(counts, 3).sum() / 36)
     assert float(stats.drop_fraction) > 0
+    # which choices were dropped, by the priority rule: all first choices in token order, then second choices
+    e_MP, taken, dropped = np.asarray(r.expert_MP), np.zeros(4, int), np.zeros((18, 2), bool)
+    for p in range(2):
+        for m in range(18):
+            dropped[m, p] = taken[e_MP[m, p]] >= 3
+            taken[e_MP[m, p]] += 1
+    np.testing.assert_array_equal(stats.expert_MP, e_MP)
+    np.testing.assert_array_equal(stats.dropped_MP, dropped)
 
 
 def test_pallas_grouped_matmul_path_equals_ragged_dot():

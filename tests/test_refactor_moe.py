@@ -158,7 +158,7 @@ def test_pregate_router_distils_from_the_dense_base_and_its_kl_falls(base_and_da
     moe = ["model.moe.num_experts=4", "model.moe.top_k=1", "model.moe.d_ff=24", "model.moe.shared_experts=1",
            "model.moe.shared_d_ff=32", "model.moe.router=pregate", "model.moe.router_state_dim=32"]
     assert main(["finetune", "--base", str(base), "finetune.method=pregate", f"data.source={data}", "data.format=sft",
-                 "data.seq_len=64", "train.batch_size=8", "train.eval_every=0", "train.steps=40", "train.log_every=10",
+                 "data.seq_len=64", "train.batch_size=8", "train.eval_every=0", "train.steps=20", "train.log_every=20",
                  "train.learning_rate=3e-2", "train.warmup_steps=0", "finetune.calibration.samples=8",
                  f"checkpoint.run_dir={run}", "checkpoint.async_save=false", *moe]) == 0
     cfg, lm, trained = load_run(run)

@@ -51,12 +51,17 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
-        """(step, state, data_state) of the newest readable checkpoint, or None if there is none.
+    def steps(self) -> list[int]:
+        """The steps of the checkpoints held, ascending."""
+        return sorted(self.manager.all_steps())
+
+    def restore_latest(self, abstract_state: Any, upto: int | None = None) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, state, data_state) of the newest readable checkpoint (at or before step `upto` when given), or None
+        if there is none.
 
         `abstract_state` holds jax.ShapeDtypeStruct leaves with the target shardings.
         """
-        for step in sorted(self.manager.all_steps(), reverse=True):
+        for step in sorted((s for s in self.manager.all_steps() if upto is None or s <= upto), reverse=True):
             try:
                 self._check_shapes(step, abstract_state)
                 restored = self.manager.restore(

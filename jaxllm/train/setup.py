@@ -121,18 +121,21 @@ def next_phase(state: TrainState, setup: StepSetup, after: StepSetup) -> TrainSt
                           after.state_sharding)
 
 
-def load_run(path: Path) -> tuple[Config, LanguageModel, Params]:
-    """(config, model, params) of a jaxllm run directory's newest complete checkpoint, on this process's devices; a
-    fine-tuning run gives its model as trained (e.g. LoRA: the adapters merged into the base)."""
+def load_run(path: Path, step: int | None = None) -> tuple[Config, LanguageModel, Params]:
+    """(config, model, params) of a jaxllm run directory's newest complete checkpoint (`step`: the one of that step),
+    on this process's devices; a fine-tuning run gives its model as trained (e.g. LoRA: the adapters merged into the
+    base)."""
     cfg = load_config([path / "config.yaml"], ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.expert=1",
                                                "mesh.sequence=1", "mesh.dcn_data=1", "mesh.dcn_fsdp=1",
                                                f"train.batch_size={jax.device_count()}", "train.microbatches=1"])
     ckpt = Checkpointer(path / "checkpoints", cfg.checkpoint)
-    cfg = phase_config(cfg, ckpt.latest_step() or 0)  # e.g. saved after its self-guided phase: no guides
+    if step is not None and step not in ckpt.steps():
+        raise ConfigError(f"{path}: no checkpoint of step {step}; it holds steps {ckpt.steps()}")
+    cfg = phase_config(cfg, step if step is not None else ckpt.latest_step() or 0)  # e.g. after a self-guided phase
     setup = setup_step(cfg)
-    restored = ckpt.restore_latest(setup.abstract_state)
-    if restored is None:
-        raise ConfigError(f"{path}: the run directory holds no complete checkpoint")
+    restored = ckpt.restore_latest(setup.abstract_state, upto=step)
+    if restored is None or (step is not None and restored[0] != step):
+        raise ConfigError(f"{path}: the run directory holds no complete checkpoint" + (f" of step {step}" if step is not None else ""))
     step, state = restored[0], restored[1]
     return cfg, setup.lm, setup.method.model_params(state.params, setup.frozen, step)
 
