@@ -126,7 +126,8 @@ def render(r: dict[str, Any]) -> str:
     agree = r["agreement"] or [None] * len(r["layers"])
     chance = r["agreement_chance"] or [None] * len(r["layers"])
     per_layer = _table([["MoE layer", "token id -> modal expert", "(ids shuffled)",
-                         f"agreement with step {r['early_step']}", "(chance)"]] +
+                         "agreement with " + (f"step {r['early_step']}" if r["early_step"] is not None else
+                                              "an early step (none kept)"), "(chance)"]] +
                        [[name, f(a), f(b), f(c), f(d)] for name, a, b, c, d in
                         zip(r["layers"], r["token_id_share"], r["token_id_share_baseline"], agree, chance)])
     drops = _table([["positions from", "drop rate"]] + [[str(s), f(d)] for s, d in

@@ -1,0 +1,140 @@
+"""Conditional compute on real text (the stdlib corpus, BPE 4,096): Read-ME (a dense model refactored into a pre-gated
+MoE, its router distilled from the dense model) vs continuing the dense model vs sparse upcycling, after equal further
+training; and OpenMoE's routing diagnostics on a trained MoE.
+
+    python experiments/moe/conditional_compute.py [--base-steps 150] [--steps 100] [--seeds 3]
+    python experiments/moe/conditional_compute.py --quick --out DIR   # a tiny model, a few steps (the tests)
+
+Per seed: a dense base (the `small` recipe at --d-model / --layers / --d-ff, --base-steps steps), then --steps more
+steps on the same data for each variant: the dense model continued (full fine-tuning); upcycled into 4 copies of its
+FFN, top-1 (full fine-tuning: the active FFN width stays the dense one); Read-ME: refactored into a shared FFN of
+d_ff/4 neurons plus 4 experts of 3 d_ff/16 (grouped on 32 calibration rows), top-1 or top-2, its pre-gating router
+distilled from the dense base, alone or with the experts. Diagnostics (seed 0): an MoE of 8 experts, top-2, capacity
+dispatch (factor 1.25) trained --base-steps steps with a checkpoint every 10, reported by `jaxllm.moe.report` at its
+last step against step 10. Writes conditional_compute.json (with command, commit, date, machine, versions) and
+conditional_compute.md (tables; differences by the two-std rule of experiments/real_text.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from provenance import provenance  # noqa: E402
+from real_text import Results, compare, corpus_overrides, fmt, mean_std, seed_overrides  # noqa: E402
+
+from jaxllm.config import load_config  # noqa: E402
+from jaxllm.moe.report import moe_report, render  # noqa: E402
+from jaxllm.train.trainer import resolve_finetune_config, train  # noqa: E402
+
+
+def variants(F: int) -> dict[str, tuple[list[str], int]]:
+    """{name: (overrides on the dense base, active FFN neurons per token and layer)}."""
+    shared, width = F // 4, 3 * F // 16
+    readme = ["finetune.method=pregate", "model.moe.num_experts=4", f"model.moe.d_ff={width}",
+              "model.moe.shared_experts=1", f"model.moe.shared_d_ff={shared}", "model.moe.router=pregate",
+              "finetune.calibration.samples=32"]
+    return {
+        "dense, continued": (["finetune.method=full"], F),
+        "upcycled, 4 copies, top-1": (["finetune.method=full", "model.moe.num_experts=4", "model.moe.top_k=1"], F),
+        "Read-ME top-1, router only": ([*readme, "model.moe.top_k=1"], shared + width),
+        "Read-ME top-1, router + experts": ([*readme, "model.moe.top_k=1", "finetune.pregate.train_experts=true"],
+                                            shared + width),
+        "Read-ME top-2, router + experts": ([*readme, "model.moe.top_k=2", "finetune.pregate.train_experts=true"],
+                                            shared + 2 * width),
+    }
+
+
+def run(overrides: list[str], run_dir: Path, steps: int, base: Path | None = None) -> dict:
+    common = [*corpus_overrides(), *overrides, f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}",
+              "train.log_every=10", f"train.eval_every={steps}", f"checkpoint.run_dir={run_dir}"]
+    cfg = (resolve_finetune_config(str(base), [], common) if base is not None else load_config(["small"], common))
+    result = train(cfg)
+    if result.interrupted:
+        raise SystemExit(f"{run_dir} was interrupted at step {result.end_step}; run again")
+    return {"eval_loss": result.eval_loss, "tokens_per_s": result.tokens_per_second}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base-steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=100, help="further steps for every variant")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--d-model", type=int, default=96)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--d-ff", type=int, default=384)
+    ap.add_argument("--quick", action="store_true", help="a tiny model, a few steps (for the tests)")
+    ap.add_argument("--out", default=str(Path(__file__).parent))
+    args = ap.parse_args(argv)
+    D, L, F = (32, 2, 64) if args.quick else (args.d_model, args.layers, args.d_ff)
+    shape = [f"model.d_model={D}", f"model.num_layers={L}", f"model.num_heads={max(1, D // 32)}",
+             f"model.num_kv_heads={max(1, D // 64)}", f"model.mlp.d_ff={F}"]
+    quick = ["train.eval_batches=2"] if args.quick else []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python experiments/moe/conditional_compute.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    settings = {"base_steps": args.base_steps, "steps": args.steps, "seeds": args.seeds, "shape": shape,
+                "variants": {k: v[0] for k, v in variants(F).items()}}
+    results = Results(out / "conditional_compute.json", {**provenance(command.strip()), "settings": settings})
+    work = Path(tempfile.mkdtemp(prefix="conditional-"))
+    for seed in range(args.seeds):
+        base = work / f"base-{seed}"
+        if any(f"{name}|{seed}" not in results for name in variants(F)):
+            print(f"== dense base, seed {seed}", flush=True)
+            got = run([*shape, *seed_overrides(seed), f"checkpoint.save_every={args.base_steps}", *quick], base,
+                      args.base_steps)
+            if f"dense base|{seed}" not in results:
+                results.add(f"dense base|{seed}", got)
+        for name, (overrides, _) in variants(F).items():
+            key = f"{name}|{seed}"
+            if key not in results:
+                print(f"== {key}", flush=True)
+                results.add(key, run([*overrides, *seed_overrides(seed, data_order=True),
+                                      f"checkpoint.save_every={args.steps}", *quick],
+                                     work / f"{name.replace(' ', '_').replace(',', '')}-{seed}", args.steps, base))
+    if "diagnostics" not in results:
+        moe_dir = work / "moe-diagnostics"
+        run([*shape, "model.moe.num_experts=8", "model.moe.top_k=2", f"model.moe.d_ff={F // 2}",
+             "model.moe.dispatch=capacity", "model.moe.capacity_factor=1.25", "checkpoint.save_every=10",
+             "checkpoint.keep_every=10", *seed_overrides(0), *quick], moe_dir, args.base_steps)
+        report = moe_report(moe_dir, batches=2 if args.quick else 12, early_step=10 if args.base_steps > 10 else None,
+                            out=work / "moe-report")
+        results.add("diagnostics", {"report": report, "markdown": render(report)})
+    write_report(results, variants(F), F, args, out)
+
+
+def write_report(results: Results, table: dict, F: int, args, out: Path) -> None:
+    m, runs = results.meta, results.runs
+    losses = lambda name: [r["eval_loss"] for k, r in runs.items() if k.split("|")[0] == name]
+    tps = lambda name: mean_std([r["tokens_per_s"] for k, r in runs.items() if k.split("|")[0] == name])[0]
+    lines = [
+        "# Conditional compute on real text: Read-ME vs dense vs upcycling; OpenMoE's routing diagnostics", "",
+        f"`{m['command']}` at commit {m['commit']}{' + changes' if m['dirty'] else ''} (runs at "
+        f"{', '.join(results.commits())}), {m['date']}, {m['machine']}; python {m['python']}, jax {m['jax']}.", "",
+        f"Dense base: {m['settings']['shape']}, {args.base_steps} steps of 8 x 256 stdlib tokens, {args.seeds} seeds "
+        f"(eval loss {fmt(losses('dense base'))}); then {args.steps} further steps for each variant, the same data. "
+        "Active FFN neurons: per token and layer.", "",
+        "| variant | active FFN neurons (vs dense) | eval loss | train tokens/s |", "|---|---:|---:|---:|"]
+    for name, (_, active) in table.items():
+        lines.append(f"| {name} | {active} ({active / F:.2f}x) | {fmt(losses(name))} | {tps(name):,.0f} |")
+    found = [f"- {compare(losses(a), losses(b), a, b)}" for a, b in (
+        ("Read-ME top-1, router + experts", "dense, continued"),
+        ("Read-ME top-1, router + experts", "upcycled, 4 copies, top-1"),
+        ("Read-ME top-1, router + experts", "Read-ME top-1, router only"),
+        ("Read-ME top-2, router + experts", "Read-ME top-1, router + experts"),
+        ("upcycled, 4 copies, top-1", "dense, continued"))]
+    diagnostics = runs["diagnostics"]["markdown"].split("\n", 2)[2]  # without its title line (a temporary path)
+    lines += ["", "## Differences (two-std rule over seeds)", "", *found, "",
+              f"## OpenMoE's routing diagnostics (8 experts, top-2, capacity 1.25, {args.base_steps} steps, seed 0; "
+              "step 10 as the early checkpoint)", "", diagnostics, ""]
+    results.save(claims=found)
+    (out / "conditional_compute.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
