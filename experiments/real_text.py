@@ -42,6 +42,12 @@ def corpus_overrides(vocab: int = VOCAB) -> list[str]:
             f"train.eval_batches={EVAL_BATCHES}"]
 
 
+def shape_overrides(d_model: int, layers: int, d_ff: int) -> list[str]:
+    """A small model's shape: heads of 32 dims, one kv head per 64 dims of d_model."""
+    return [f"model.d_model={d_model}", f"model.num_layers={layers}", f"model.num_heads={max(1, d_model // 32)}",
+            f"model.num_kv_heads={max(1, d_model // 64)}", f"model.mlp.d_ff={d_ff}"]
+
+
 def seed_overrides(seed: int, data_order: bool = False) -> list[str]:
     return [f"train.seed={seed}"] + ([f"data.seed={seed}"] if data_order else [])
 

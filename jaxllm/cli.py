@@ -210,14 +210,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_compress(args: argparse.Namespace) -> None:
     """Prune (magnitude or Wanda, unstructured or N:M) or quantise (SpQR) a Hugging Face or jaxllm model into --out: a
     Hugging Face directory from a Hugging Face one, else a jaxllm run directory (dense weights: SpQR's dequantised);
-    `generate`, `eval` and `convert` load either. Prints and writes (compression.json) the sparsity of every pruned
+    with --compact (2:4 only), the compact format of `jaxllm.compress.compact`. `generate`, `eval` and `convert` load
+    each. Prints and writes (compression.json) the sparsity of every pruned
     map, or SpQR's bits per parameter and outlier share."""
     import dataclasses
     import itertools
     import json
     from pathlib import Path
 
+    import shutil
+
+    from jaxllm.compress.compact import save_compact
     from jaxllm.compress.prune import PruneSpec, parse_pattern, prune, sparsity_of
+    from jaxllm.config import to_yaml
     from jaxllm.compress.quantize import dequantized, spqr
     from jaxllm.compress.spqr import SpqrSpec
     from jaxllm.data.pipeline import make_batches, text_encoder
@@ -261,7 +266,16 @@ def cmd_compress(args: argparse.Namespace) -> None:
         record |= {"pattern": args.pattern, "target_sparsity": spec.target_sparsity,
                    "sequential": bool(spec.sequential and rows), "sparsity": sparsity}
         summary = f"{spec.method} pruned {len(sparsity) - 1} maps to {100 * sparsity['all']:.1f}% zeros"
-    if is_hf_dir(Path(args.model)):
+    if args.compact:
+        if spec is None or spec.pattern != (2, 4):
+            raise ConfigError("--compact stores 2:4-sparse weights: use it with --pattern 2:4")
+        if is_hf_dir(Path(args.model)) and (Path(args.model) / "tokenizer.json").exists():
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copy(Path(args.model) / "tokenizer.json", out / "tokenizer.json")
+        stored = save_compact(out, to_yaml(m.config), m.lm, params)
+        record |= {"compact": {k: stored[k] for k in ("packed", "bytes", "dense_bytes")}}
+        summary += f"; compact: {stored['bytes']:,} bytes ({stored['bytes'] / stored['dense_bytes']:.2f}x dense)"
+    elif is_hf_dir(Path(args.model)):
         save_hf_checkpoint(out, m.lm.cfg, params, tokenizer_dir=args.model)
     else:
         save_run(out, m.config, params)
@@ -365,6 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration row")
     p.add_argument("--one-shot", action="store_true",
                    help="calibrate every layer on the unpruned model (default: layer by layer, as Wanda's code)")
+    p.add_argument("--compact", action="store_true",
+                   help="with --pattern 2:4: write the compact format (kept values + a pattern code per 4 weights)")
     p.add_argument("--out", required=True, help="new directory for the compressed model")
     p.set_defaults(fn=cmd_compress)
     p = sub.add_parser("moe-report", help="routing diagnostics of a trained MoE run (OpenMoE's findings, layer MI)")

@@ -211,6 +211,48 @@ def test_compress_cli_on_a_hugging_face_model_loads_in_transformers(hf_llama, tm
     np.testing.assert_allclose(np.asarray(lm.apply(ours, tokens)), theirs, atol=1e-4)
 
 
+def test_two_of_four_packing_equals_a_loop_and_unpacks_exactly():
+    from jaxllm.compress.compact import PATTERNS, pack_two_of_four, unpack_two_of_four
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(2, 16, 3)).astype(np.float32)
+    for l, g, o in np.ndindex(2, 4, 3):  # zero 2 (or, in some groups, 3 or 4) of every 4 inputs
+        drop = rng.permutation(4)[: rng.choice([2, 2, 3, 4])]
+        w[l, 4 * g + drop, o] = 0
+    values, patterns = pack_two_of_four(w)
+    assert values.shape == (2, 8, 3) and patterns.shape == (2, 4, 3) and patterns.dtype == np.uint8
+    for l, g, o in np.ndindex(2, 4, 3):
+        group = w[l, 4 * g:4 * g + 4, o]
+        kept = sorted((list(np.flatnonzero(group)) + [i for i in range(4) if group[i] == 0])[:2])  # zeros fill in order
+        assert PATTERNS[patterns[l, g, o]].tolist() == kept
+        assert values[l, 2 * g:2 * g + 2, o].tolist() == group[kept].tolist()
+    np.testing.assert_array_equal(unpack_two_of_four(values, patterns), w)
+
+
+def test_compress_compact_2_of_4_is_smaller_and_loads_bitwise(hf_llama, tmp_path, capsys):
+    from jaxllm.interop.models import load_model
+
+    path, _, lm, params = hf_llama
+    out = tmp_path / "compact"
+    assert main(["compress", "--model", str(path), "--method", "magnitude", "--pattern", "2:4", "--compact",
+                 "--out", str(out)]) == 0
+    meta = json.loads((out / "compact.json").read_text())
+    assert len(meta["packed"]) == 7 * 1 and all(p.startswith("blocks.") for p in meta["packed"])  # 7 stacked maps
+    want = prune(lm, params, PruneSpec(method="magnitude", pattern=(2, 4)))
+    loaded = load_model(out)
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    packed = sum(np.asarray(get_path(want, tuple(p.split(".")) + ("kernel",))).nbytes for p in meta["packed"])
+    # the packed maps: half their values plus one byte per 4 weights (f32: 9/16 of their bytes)
+    assert meta["bytes"] < meta["dense_bytes"] - packed * (1 - 9 / 16) + 4096  # + the safetensors header
+    assert main(["convert", str(out), str(tmp_path / "hf")]) == 0  # what generate / eval load, as convert reads it
+    down = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").model.layers[1].mlp.down_proj.weight
+    np.testing.assert_array_equal(down.detach().numpy(), np.asarray(want["blocks"]["mlp"]["down"]["kernel"][1]).T)
+    assert main(["compress", "--model", str(path), "--method", "magnitude", "--sparsity", "0.5", "--compact",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--pattern 2:4" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------------- MaskLLM
 def test_maskllm_soft_and_hard_masks_follow_the_formula():
     """The 6 candidates are the 2:4 patterns; the Gumbel-softmax mix equals numpy's formula with the same noise; the

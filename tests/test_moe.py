@@ -354,9 +354,9 @@ def test_moe_every_other_layer_interleaves_dense_and_moe_blocks():
     params = {**dp, "blocks": pick(dp["blocks"], [0, 2]),
               "moe_blocks": {**moe_layers, "mlp": {**experts, "router": mp["moe_blocks"]["mlp"]["router"]}}}
     tokens = np.random.default_rng(0).integers(0, 97, (2, 10))
-    np.testing.assert_allclose(lm.apply(params, tokens), dense.apply(dp, tokens), atol=1e-5)
+    np.testing.assert_allclose(jax.jit(lm.apply)(params, tokens), jax.jit(dense.apply)(dp, tokens), atol=1e-5)
     assert generate(lm, params, [list(tokens[0, :5])], 6) == generate(dense, dp, [list(tokens[0, :5])], 6)
-    _, _, _, stats = lm.loss_terms(params, {"inputs": tokens, "targets": tokens})
+    _, _, _, stats = jax.jit(lm.loss_terms)(params, {"inputs": tokens, "targets": tokens})
     assert stats.expert_load.shape == (2, 4)  # one row per MoE layer
     every_layer = LanguageModel(tiny_model(num_layers=4, moe=MoeConfig(num_experts=4, top_k=2)))
     per_moe_layer = (every_layer.flops_per_token(10) - dense.flops_per_token(10)) / 4
@@ -460,5 +460,6 @@ def test_lora_on_an_moe_model_adapts_both_block_stacks():
     assert ("moe_blocks", "attn", "q", "kernel") in adapter.quantized_paths()
     lora, frozen = adapter.init(jax.random.key(0), lm.init(jax.random.key(1)))
     tokens = np.random.default_rng(0).integers(0, 97, (2, 10))
-    np.testing.assert_allclose(lm.apply(adapter.apply(frozen, lora), tokens), lm.apply(adapter.merge(frozen, lora), tokens),
+    apply = jax.jit(lm.apply)
+    np.testing.assert_allclose(apply(adapter.apply(frozen, lora), tokens), apply(adapter.merge(frozen, lora), tokens),
                                atol=1e-5)

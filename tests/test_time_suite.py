@@ -2,6 +2,8 @@
 
 import json
 import sys
+
+import pytest
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
@@ -9,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
 import time_suite  # noqa: E402
 
 
+@pytest.mark.slow  # a pytest subprocess; the suite-time artifact (experiments/results/test_suite_time.md) is its real run
 def test_time_suite_writes_its_artifact(tmp_path):
     result = time_suite.main(["--out", str(tmp_path), "--", "tests/test_config.py", "-n", "0", "-q",
                               "--durations=10", "-k", "preset"])

@@ -25,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from provenance import provenance  # noqa: E402
-from real_text import Results, compare, corpus_overrides, fmt, mean_std, seed_overrides  # noqa: E402
+from real_text import (Results, compare, corpus_overrides, fmt, seed_overrides,  # noqa: E402
+                       shape_overrides)
 
 from jaxllm.config import load_config  # noqa: E402
 from jaxllm.moe.report import moe_report, render  # noqa: E402
@@ -71,8 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent))
     args = ap.parse_args(argv)
     D, L, F = (32, 2, 64) if args.quick else (args.d_model, args.layers, args.d_ff)
-    shape = [f"model.d_model={D}", f"model.num_layers={L}", f"model.num_heads={max(1, D // 32)}",
-             f"model.num_kv_heads={max(1, D // 64)}", f"model.mlp.d_ff={F}"]
+    shape = shape_overrides(D, L, F)
     quick = ["train.eval_batches=2"] if args.quick else []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,17 +110,17 @@ def main(argv: list[str] | None = None) -> None:
 def write_report(results: Results, table: dict, F: int, args, out: Path) -> None:
     m, runs = results.meta, results.runs
     losses = lambda name: [r["eval_loss"] for k, r in runs.items() if k.split("|")[0] == name]
-    tps = lambda name: mean_std([r["tokens_per_s"] for k, r in runs.items() if k.split("|")[0] == name])[0]
     lines = [
         "# Conditional compute on real text: Read-ME vs dense vs upcycling; OpenMoE's routing diagnostics", "",
         f"`{m['command']}` at commit {m['commit']}{' + changes' if m['dirty'] else ''} (runs at "
         f"{', '.join(results.commits())}), {m['date']}, {m['machine']}; python {m['python']}, jax {m['jax']}.", "",
         f"Dense base: {m['settings']['shape']}, {args.base_steps} steps of 8 x 256 stdlib tokens, {args.seeds} seeds "
         f"(eval loss {fmt(losses('dense base'))}); then {args.steps} further steps for each variant, the same data. "
-        "Active FFN neurons: per token and layer.", "",
-        "| variant | active FFN neurons (vs dense) | eval loss | train tokens/s |", "|---|---:|---:|---:|"]
+        "Active FFN neurons: per token and layer. (Tokens/s are in the JSON only: this CPU is shared while "
+        "it runs.)", "",
+        "| variant | active FFN neurons (vs dense) | eval loss |", "|---|---:|---:|"]
     for name, (_, active) in table.items():
-        lines.append(f"| {name} | {active} ({active / F:.2f}x) | {fmt(losses(name))} | {tps(name):,.0f} |")
+        lines.append(f"| {name} | {active} ({active / F:.2f}x) | {fmt(losses(name))} |")
     found = [f"- {compare(losses(a), losses(b), a, b)}" for a, b in (
         ("Read-ME top-1, router + experts", "dense, continued"),
         ("Read-ME top-1, router + experts", "upcycled, 4 copies, top-1"),

@@ -26,7 +26,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from provenance import provenance  # noqa: E402
-from real_text import Results, compare, corpus_overrides, fmt, mean_std, seed_overrides  # noqa: E402
+from real_text import (Results, compare, corpus_overrides, fmt, mean_std, seed_overrides,  # noqa: E402
+                       shape_overrides)
 
 from jaxllm.config import load_config  # noqa: E402
 from jaxllm.data.pipeline import load_corpus, make_batches  # noqa: E402
@@ -111,8 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent))
     args = ap.parse_args(argv)
     D, L, F = (32, 1, 64) if args.quick else (args.d_model, args.layers, args.d_ff)
-    shape = [f"model.d_model={D}", f"model.num_layers={L}", f"model.num_heads={max(1, D // 32)}",
-             f"model.num_kv_heads={max(1, D // 64)}", f"model.mlp.d_ff={F}"]
+    shape = shape_overrides(D, L, F)
     names = list(runs(F))[:2] if args.quick else list(runs(F))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """Load a model from either kind of directory, and convert between them.
 
 A *Hugging Face directory* holds config.json + safetensors (+ tokenizer.json); a *jaxllm run
-directory* holds config.yaml + checkpoints/ written by `jaxllm train`.
+directory* holds config.yaml + checkpoints/ written by `jaxllm train`; a *compact directory* holds a 2:4-sparse
+model's packed weights (`jaxllm.compress.compact`, written by `jaxllm compress --compact`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import jax
 
-from jaxllm.config import Config, ConfigError, FinetuneConfig, to_yaml
+from jaxllm.compress.compact import is_compact_dir, load_compact
+from jaxllm.config import Config, ConfigError, FinetuneConfig, load_config, to_yaml
 from jaxllm.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 from jaxllm.interop.hf_checkpoint import is_hf_dir, load_hf_checkpoint, save_hf_checkpoint
 from jaxllm.train.checkpoint import Checkpointer, is_run_dir
@@ -42,13 +44,23 @@ def load_model(path: str | Path, adapter: str | Path | None = None) -> LoadedMod
 
             lora_adapter, lora = load_peft_adapter(adapter, lm, family)
             params = jax.jit(lora_adapter.merge)(params, lora)
-        return LoadedModel(lm, params, tok, Config(model=lm.cfg), family)
+        cfg = Config(model=lm.cfg)
+        cfg.data.seq_len = min(cfg.data.seq_len, lm.cfg.max_seq_len)
+        if tok is not None:
+            cfg.data.tokenizer = str(path / "tokenizer.json")
+        return LoadedModel(lm, params, tok, cfg, family)
     if adapter is not None:
         raise ConfigError(f"a peft adapter applies to a Hugging Face base directory; {path} is not one "
                           "(`jaxllm convert` a jaxllm run to one first)")
     if is_run_dir(path):
         cfg, lm, params = load_run(path)
         return LoadedModel(lm, params, load_tokenizer(cfg.data.tokenizer), cfg)
+    if is_compact_dir(path):
+        cfg = load_config([path / "config.yaml"])
+        if (path / "tokenizer.json").exists():
+            cfg.data.tokenizer = str(path / "tokenizer.json")
+        lm = LanguageModel(cfg.model)
+        return LoadedModel(lm, jax.device_put(load_compact(path, lm)), load_tokenizer(cfg.data.tokenizer), cfg)
     raise not_a_model_dir(path)
 
 
