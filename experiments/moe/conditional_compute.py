@@ -9,7 +9,7 @@ Per seed: a dense base (the `small` recipe at --d-model / --layers / --d-ff, --b
 steps on the same data for each variant: the dense model continued (full fine-tuning); upcycled into 4 copies of its
 FFN, top-1 (full fine-tuning: the active FFN width stays the dense one); Read-ME: refactored into a shared FFN of
 d_ff/4 neurons plus 4 experts of 3 d_ff/16 (grouped on 32 calibration rows), top-1 or top-2, its pre-gating router
-distilled from the dense base, alone or with the experts. Diagnostics (seed 0): an MoE of 8 experts, top-2, capacity
+distilled from the dense base for all the steps, or for half of them and then the whole MoE trained on the data. Diagnostics (seed 0): an MoE of 8 experts, top-2, capacity
 dispatch (factor 1.25) trained --base-steps steps with a checkpoint every 10, reported by `jaxllm.moe.report` at its
 last step against step 10. Writes conditional_compute.json (with command, commit, date, machine, versions) and
 conditional_compute.md (tables; differences by the two-std rule of experiments/real_text.py).
@@ -33,31 +33,42 @@ from jaxllm.moe.report import moe_report, render  # noqa: E402
 from jaxllm.train.trainer import resolve_finetune_config, train  # noqa: E402
 
 
-def variants(F: int) -> dict[str, tuple[list[str], int]]:
-    """{name: (overrides on the dense base, active FFN neurons per token and layer)}."""
+def variants(F: int) -> dict[str, tuple[list[str], int, bool]]:
+    """{name: (overrides on the dense base, active FFN neurons per token and layer, whether a second half of the
+    steps then trains the whole model on the data)}."""
     shared, width = F // 4, 3 * F // 16
     readme = ["finetune.method=pregate", "model.moe.num_experts=4", f"model.moe.d_ff={width}",
               "model.moe.shared_experts=1", f"model.moe.shared_d_ff={shared}", "model.moe.router=pregate",
               "finetune.calibration.samples=32"]
     return {
-        "dense, continued": (["finetune.method=full"], F),
-        "upcycled, 4 copies, top-1": (["finetune.method=full", "model.moe.num_experts=4", "model.moe.top_k=1"], F),
-        "Read-ME top-1, router only": ([*readme, "model.moe.top_k=1"], shared + width),
-        "Read-ME top-1, router + experts": ([*readme, "model.moe.top_k=1", "finetune.pregate.train_experts=true"],
-                                            shared + width),
-        "Read-ME top-2, router + experts": ([*readme, "model.moe.top_k=2", "finetune.pregate.train_experts=true"],
-                                            shared + 2 * width),
+        "dense, continued": (["finetune.method=full"], F, False),
+        "upcycled, 4 copies, top-1": (["finetune.method=full", "model.moe.num_experts=4", "model.moe.top_k=1"], F, False),
+        "Read-ME top-1, router distilled": ([*readme, "model.moe.top_k=1"], shared + width, False),
+        "Read-ME top-1, distilled then trained": ([*readme, "model.moe.top_k=1"], shared + width, True),
+        "Read-ME top-2, distilled then trained": ([*readme, "model.moe.top_k=2"], shared + 2 * width, True),
     }
 
 
 def run(overrides: list[str], run_dir: Path, steps: int, base: Path | None = None) -> dict:
     common = [*corpus_overrides(), *overrides, f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}",
-              "train.log_every=10", f"train.eval_every={steps}", f"checkpoint.run_dir={run_dir}"]
+              "train.log_every=10", f"train.eval_every={steps}", f"checkpoint.save_every={steps}",
+              f"checkpoint.run_dir={run_dir}"]
     cfg = (resolve_finetune_config(str(base), [], common) if base is not None else load_config(["small"], common))
     result = train(cfg)
     if result.interrupted:
         raise SystemExit(f"{run_dir} was interrupted at step {result.end_step}; run again")
     return {"eval_loss": result.eval_loss, "tokens_per_s": result.tokens_per_second}
+
+
+def run_variant(overrides: list[str], then_train: bool, run_dir: Path, steps: int, base: Path) -> dict:
+    """The variant's further `steps`: all on its own method, or half on it and half training the whole model it
+    made on the data (full fine-tuning from its run directory)."""
+    if not then_train:
+        return run(overrides, run_dir, steps, base)
+    first = run(overrides, run_dir.with_name(run_dir.name + "-first"), steps // 2, base)
+    seed = [o for o in overrides if o.startswith(("train.seed", "data.seed"))]
+    second = run(["finetune.method=full", *seed], run_dir, steps - steps // 2, run_dir.with_name(run_dir.name + "-first"))
+    return {**second, "first_half": first}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,29 +89,29 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     command = "python experiments/moe/conditional_compute.py " + " ".join(argv if argv is not None else sys.argv[1:])
     settings = {"base_steps": args.base_steps, "steps": args.steps, "seeds": args.seeds, "shape": shape,
-                "variants": {k: v[0] for k, v in variants(F).items()}}
+                "variants": {k: [*v[0], "then full fine-tuning"] if v[2] else v[0]
+                                                      for k, v in variants(F).items()}}
     results = Results(out / "conditional_compute.json", {**provenance(command.strip()), "settings": settings})
     work = Path(tempfile.mkdtemp(prefix="conditional-"))
     for seed in range(args.seeds):
         base = work / f"base-{seed}"
         if any(f"{name}|{seed}" not in results for name in variants(F)):
             print(f"== dense base, seed {seed}", flush=True)
-            got = run([*shape, *seed_overrides(seed), f"checkpoint.save_every={args.base_steps}", *quick], base,
-                      args.base_steps)
+            got = run([*shape, *seed_overrides(seed), *quick], base, args.base_steps)
             if f"dense base|{seed}" not in results:
                 results.add(f"dense base|{seed}", got)
-        for name, (overrides, _) in variants(F).items():
+        for name, (overrides, _, then_train) in variants(F).items():
             key = f"{name}|{seed}"
             if key not in results:
                 print(f"== {key}", flush=True)
-                results.add(key, run([*overrides, *seed_overrides(seed, data_order=True),
-                                      f"checkpoint.save_every={args.steps}", *quick],
-                                     work / f"{name.replace(' ', '_').replace(',', '')}-{seed}", args.steps, base))
+                results.add(key, run_variant([*overrides, *seed_overrides(seed, data_order=True), *quick], then_train,
+                                             work / f"{name.replace(' ', '_').replace(',', '')}-{seed}", args.steps,
+                                             base))
     if "diagnostics" not in results:
         moe_dir = work / "moe-diagnostics"
         run([*shape, "model.moe.num_experts=8", "model.moe.top_k=2", f"model.moe.d_ff={F // 2}",
-             "model.moe.dispatch=capacity", "model.moe.capacity_factor=1.25", "checkpoint.save_every=10",
-             "checkpoint.keep_every=10", *seed_overrides(0), *quick], moe_dir, args.base_steps)
+             "model.moe.dispatch=capacity", "model.moe.capacity_factor=1.25", *seed_overrides(0), *quick,
+             "checkpoint.save_every=10", "checkpoint.keep_every=10"], moe_dir, args.base_steps)
         report = moe_report(moe_dir, batches=2 if args.quick else 12, early_step=10 if args.base_steps > 10 else None,
                             out=work / "moe-report")
         results.add("diagnostics", {"report": report, "markdown": render(report)})
@@ -116,16 +127,19 @@ def write_report(results: Results, table: dict, F: int, args, out: Path) -> None
         f"{', '.join(results.commits())}), {m['date']}, {m['machine']}; python {m['python']}, jax {m['jax']}.", "",
         f"Dense base: {m['settings']['shape']}, {args.base_steps} steps of 8 x 256 stdlib tokens, {args.seeds} seeds "
         f"(eval loss {fmt(losses('dense base'))}); then {args.steps} further steps for each variant, the same data. "
-        "Active FFN neurons: per token and layer. (Tokens/s are in the JSON only: this CPU is shared while "
-        "it runs.)", "",
-        "| variant | active FFN neurons (vs dense) | eval loss |", "|---|---:|---:|"]
-    for name, (_, active) in table.items():
+        "Read-ME's router learns by distillation from the dense base, so alone it can at best reach the base; "
+        "\"distilled then trained\" spends the first half of the steps distilling and the second training the whole MoE "
+        "on the data (full fine-tuning), as the dense and upcycled models do throughout. Active FFN neurons: per token "
+        "and layer. (Tokens/s are in the JSON only: this CPU is shared while it runs.)", "",
+        "| variant | active FFN neurons (vs dense) | eval loss |", "|---|---:|---:|",
+        f"| dense base (before the further steps) | {F} (1.00x) | {fmt(losses('dense base'))} |"]
+    for name, (_, active, _) in table.items():
         lines.append(f"| {name} | {active} ({active / F:.2f}x) | {fmt(losses(name))} |")
     found = [f"- {compare(losses(a), losses(b), a, b)}" for a, b in (
-        ("Read-ME top-1, router + experts", "dense, continued"),
-        ("Read-ME top-1, router + experts", "upcycled, 4 copies, top-1"),
-        ("Read-ME top-1, router + experts", "Read-ME top-1, router only"),
-        ("Read-ME top-2, router + experts", "Read-ME top-1, router + experts"),
+        ("Read-ME top-1, router distilled", "dense base"),
+        ("Read-ME top-1, distilled then trained", "dense, continued"),
+        ("Read-ME top-1, distilled then trained", "upcycled, 4 copies, top-1"),
+        ("Read-ME top-2, distilled then trained", "Read-ME top-1, distilled then trained"),
         ("upcycled, 4 copies, top-1", "dense, continued"))]
     diagnostics = runs["diagnostics"]["markdown"].split("\n", 2)[2]  # without its title line (a temporary path)
     lines += ["", "## Differences (two-std rule over seeds)", "", *found, "",
