@@ -286,7 +286,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
 def cmd_moe_report(args: argparse.Namespace) -> None:
     """OpenMoE's routing diagnostics and the inter-layer mutual information of a trained MoE run (markdown on
     stdout; report.md / report.json / tensorboard in --out, default RUN/moe_report)."""
-    from jaxllm.moe.report import moe_report, render
+    from jaxllm.moe_report import moe_report, render
 
     print(render(moe_report(args.run, args.data, batches=args.batches, batch_size=args.batch_size,
                             early_step=args.early_step, capacity_factor=args.capacity_factor,

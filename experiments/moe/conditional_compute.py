@@ -10,7 +10,7 @@ steps on the same data for each variant: the dense model continued (full fine-tu
 FFN, top-1 (full fine-tuning: the active FFN width stays the dense one); Read-ME: refactored into a shared FFN of
 d_ff/4 neurons plus 4 experts of 3 d_ff/16 (grouped on 32 calibration rows), top-1 or top-2, its pre-gating router
 distilled from the dense base for all the steps, or for half of them and then the whole MoE trained on the data. Diagnostics (seed 0): an MoE of 8 experts, top-2, capacity
-dispatch (factor 1.25) trained --base-steps steps with a checkpoint every 10, reported by `jaxllm.moe.report` at its
+dispatch (factor 1.25) trained --base-steps steps with a checkpoint every 10, reported by `jaxllm.moe_report` at its
 last step against step 10. Writes conditional_compute.json (with command, commit, date, machine, versions) and
 conditional_compute.md (tables; differences by the two-std rule of experiments/real_text.py).
 """
@@ -29,7 +29,7 @@ from real_text import (Results, compare, corpus_overrides, fmt, seed_overrides, 
                        shape_overrides)
 
 from jaxllm.config import load_config  # noqa: E402
-from jaxllm.moe.report import moe_report, render  # noqa: E402
+from jaxllm.moe_report import moe_report, render  # noqa: E402
 from jaxllm.train.trainer import resolve_finetune_config, train  # noqa: E402
 
 

@@ -1,2 +1,2 @@
-"""Conditional compute built on the MoE layers: Read-ME refactoring of dense models (`refactor`), routing diagnostics
-(`diagnostics`: OpenMoE's findings, inter-layer mutual information) and their report over a run (`report`)."""
+"""Conditional compute built on the MoE layers: Read-ME refactoring of dense models (`refactor`) and routing diagnostics
+(`diagnostics`: OpenMoE's findings, inter-layer mutual information); their report over a run is `jaxllm.moe_report`."""
