@@ -50,9 +50,9 @@ def variants(F: int) -> dict[str, tuple[list[str], int, bool]]:
 
 
 def run(overrides: list[str], run_dir: Path, steps: int, base: Path | None = None) -> dict:
-    common = [*corpus_overrides(), *overrides, f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}",
+    common = [*corpus_overrides(), f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}",
               "train.log_every=10", f"train.eval_every={steps}", f"checkpoint.save_every={steps}",
-              f"checkpoint.run_dir={run_dir}"]
+              f"checkpoint.run_dir={run_dir}", *overrides]
     cfg = (resolve_finetune_config(str(base), [], common) if base is not None else load_config(["small"], common))
     result = train(cfg)
     if result.interrupted:
