@@ -8,6 +8,7 @@ records every token's expert choices and whether capacity dispatch dropped them 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
@@ -33,7 +34,7 @@ class Routings(NamedTuple):
 
 def collect_routing(lm: LanguageModel, params: Params, batches: Iterable[dict[str, np.ndarray]]) -> Routings:
     """Every MoE layer's expert choices for the tokens of `batches` (rows of `inputs`; `segment_ids` 0 = padding)."""
-    run = jax.jit(lambda p, b: lm.logits_and_stats(p, b["inputs"], b.get("positions"), b.get("segment_ids"))[1])
+    run = _routing_fn(lm)
     parts = []
     for b in batches:
         stats = run(params, b)
@@ -47,6 +48,12 @@ def collect_routing(lm: LanguageModel, params: Params, batches: Iterable[dict[st
     if not parts:
         raise ConfigError("no batches: the data source holds no documents")
     return Routings(*(np.concatenate(x, axis=-2 if x[0].ndim == 3 else 0) for x in zip(*parts)))
+
+
+@functools.lru_cache(maxsize=4)
+def _routing_fn(lm: LanguageModel):
+    """The jitted (params, batch) -> MoeStats of `lm` (one compilation for every checkpoint routed)."""
+    return jax.jit(lambda p, b: lm.logits_and_stats(p, b["inputs"], b.get("positions"), b.get("segment_ids"))[1])
 
 
 def _table(rows: list[list[str]]) -> str:

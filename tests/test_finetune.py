@@ -204,11 +204,12 @@ def test_finetune_cli_end_to_end_with_resume(base_and_data, tmp_path, capsys):
     setup = setup_step(load_config([run / "config.yaml"]))
     restored = Checkpointer(run / "checkpoints", setup_cfg_checkpoint(run)).restore_latest(setup.abstract_state)
     tokens = np.arange(20).reshape(2, 10)
-    adapted = setup.lm.apply(setup.method.adapter.apply(setup.frozen, restored[1].params), tokens)
-    np.testing.assert_allclose(merged.lm.apply(merged.params, tokens), adapted, atol=1e-5)
+    apply = jax.jit(setup.lm.apply)  # the same architecture throughout
+    adapted = apply(jax.jit(setup.method.adapter.apply)(setup.frozen, restored[1].params), tokens)
+    np.testing.assert_allclose(apply(merged.params, tokens), adapted, atol=1e-5)
     assert main(["convert", str(run), str(tmp_path / "hf")]) == 0  # the merged model as a HF checkpoint
     lm, params, _ = load_hf_checkpoint(tmp_path / "hf")
-    np.testing.assert_allclose(lm.apply(params, tokens), adapted, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(lm.apply)(params, tokens), adapted, atol=1e-5)
     assert main(["finetune", "--base", str(tmp_path / "nothing"), f"data.source={data}"]) == 2
     assert "neither a Hugging Face directory" in capsys.readouterr().err
 

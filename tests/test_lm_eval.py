@@ -80,6 +80,7 @@ def test_generate_until_stops_at_the_until_string(adapter):
     assert cut == free[: free.index(stop)]
 
 
+@pytest.mark.slow  # lm-eval's whole harness; the adapter's answers are checked by the tests above
 def test_simple_evaluate_on_a_tiny_local_task(adapter, tmp_path):
     (tmp_path / "copy.yaml").write_text(TASK_YAML.format(path=TASK_DATA))
     manager = TaskManager(include_path=str(tmp_path), include_defaults=False)  # not lm-eval's thousands of tasks

@@ -252,6 +252,24 @@ def dense_run(tmp_path_factory):
     return run
 
 
+def test_upcycling_computes_the_dense_model_until_it_trains():
+    """Every expert a copy of its layer's dense FFN, the router fresh: the upcycled model's logits are the dense
+    model's (the top-k weights sum to 1 and all experts agree); a config that changes more than model.moe is refused."""
+    from jaxllm.models.upcycle import upcycle
+
+    dense = LanguageModel(tiny_model())
+    moe_cfg = dataclasses.replace(dense.cfg, moe=MoeConfig(num_experts=4, top_k=2))
+    dp = dense.init(jax.random.key(0))
+    mp = jax.jit(lambda p, k: upcycle(p, dense.cfg, moe_cfg, k))(dp, jax.random.key(1))
+    np.testing.assert_array_equal(mp["blocks"]["mlp"]["up"][:, 3], dp["blocks"]["mlp"]["up"]["kernel"])
+    tokens = np.random.default_rng(0).integers(0, 97, (2, 16))
+    np.testing.assert_allclose(jax.jit(LanguageModel(moe_cfg).apply)(mp, tokens), jax.jit(dense.apply)(dp, tokens),
+                               atol=1e-5)
+    with pytest.raises(ConfigError, match="only model.moe"):
+        upcycle(dp, dense.cfg, dataclasses.replace(moe_cfg, num_layers=3), jax.random.key(0))
+
+
+@pytest.mark.slow  # the same start through `jaxllm finetune` and 6 training steps; the test above has the exactness
 def test_upcycled_model_starts_as_the_dense_one_and_trains(dense_run):
     """`jaxllm finetune --base DENSE_RUN model.moe.num_experts=4`: experts copied from the dense FFN, router
     fresh, so the upcycled model computes the dense logits; training then moves the experts apart."""
@@ -270,7 +288,8 @@ def test_upcycled_model_starts_as_the_dense_one_and_trains(dense_run):
     assert mlp["gate"].shape == (2, 4) + dense.params["blocks"]["mlp"]["gate"]["kernel"].shape[1:]
     np.testing.assert_array_equal(np.asarray(mlp["up"][:, 3]), np.asarray(dense.params["blocks"]["mlp"]["up"]["kernel"]))
     tokens = np.random.default_rng(0).integers(0, 256, (2, 16))
-    np.testing.assert_allclose(setup.lm.apply(state.params, tokens), dense.lm.apply(dense.params, tokens), atol=1e-5)
+    np.testing.assert_allclose(jax.jit(setup.lm.apply)(state.params, tokens), jax.jit(dense.lm.apply)(dense.params, tokens),
+                               atol=1e-5)
     corpus = load_corpus(cfg.data)
     batches = make_batches(corpus.train_docs, corpus.tokenizer, seq_len=32, batch_size=8, seed=0, repeat=True,
                            encode=corpus.encode)

@@ -138,39 +138,41 @@ def test_pregated_cached_decoding_equals_the_full_forward(pregated):
     np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-4, rtol=1e-4)
 
 
-def test_pregate_router_distils_from_the_dense_base_and_its_kl_falls(base_and_data, tmp_path):
-    """`jaxllm finetune finetune.method=pregate`: the tiny base refactored (shared 32 + 4 experts x 24 neurons, one
-    expert per token), then only the pre-gating router trains, by distillation: its KL to the dense model on
-    held-out batches falls below the refactored model's with the fresh router; experts stay the base's slices."""
-    from jaxllm.cli import main
+def test_pregate_router_distils_from_the_dense_base_and_its_kl_falls(base_and_data):
+    """`finetune.method=pregate` (the method `jaxllm finetune` runs), step by step on 8 devices: a random dense base
+    whose FFNs matter refactored (shared 32 + 4 experts x 24 neurons, one expert per token), then only the pre-gating
+    router trains, by distillation: its KL to the dense model on held-out batches falls below the refactored model's
+    with the fresh router; the experts stay the base's slices."""
+    from jaxllm.config import load_config
     from jaxllm.data.pipeline import load_corpus, make_batches
     from jaxllm.losses import distillation_sums
-    from jaxllm.train.setup import load_run, setup_step
-
-    from jaxllm.config import load_config
-    from jaxllm.interop.models import save_run
+    from jaxllm.train.methods.base_model import Base
+    from jaxllm.train.setup import setup_step
 
     _, data = base_and_data
-    base_cfg = load_config(["tiny"], ["model.init_std=0.15"])  # a random dense model whose FFNs matter
-    base = tmp_path / "base"
-    save_run(base, base_cfg, LanguageModel(base_cfg.model).init(jax.random.key(5)))
-    run = tmp_path / "pregate"
-    moe = ["model.moe.num_experts=4", "model.moe.top_k=1", "model.moe.d_ff=24", "model.moe.shared_experts=1",
-           "model.moe.shared_d_ff=32", "model.moe.router=pregate", "model.moe.router_state_dim=32"]
-    assert main(["finetune", "--base", str(base), "finetune.method=pregate", f"data.source={data}", "data.format=sft",
-                 "data.seq_len=64", "train.batch_size=8", "train.eval_every=0", "train.steps=20", "train.log_every=20",
-                 "train.learning_rate=3e-2", "train.warmup_steps=0", "finetune.calibration.samples=8",
-                 f"checkpoint.run_dir={run}", "checkpoint.async_save=false", *moe]) == 0
-    cfg, lm, trained = load_run(run)
-    setup = setup_step(cfg)
-    initial = setup.method.to_model(setup.init().params, setup.frozen, None)
-    _, teacher_lm, dense = load_run(base)
-    np.testing.assert_array_equal(trained["blocks"]["mlp"]["down"], initial["blocks"]["mlp"]["down"])
+    dense_cfg = load_config(["tiny"], ["model.init_std=0.15"]).model
+    dense = LanguageModel(dense_cfg).init(jax.random.key(5))
+    cfg = load_config(["tiny"], [
+        "model.init_std=0.15", "finetune.base=(in memory)", "finetune.method=pregate", f"data.source={data}",
+        "data.format=sft", "data.seq_len=64", "train.batch_size=8", "train.learning_rate=3e-2", "train.warmup_steps=0",
+        "train.steps=20", "finetune.calibration.samples=2", "model.moe.num_experts=4", "model.moe.top_k=1",
+        "model.moe.d_ff=24", "model.moe.shared_experts=1", "model.moe.shared_d_ff=32", "model.moe.router=pregate",
+        "model.moe.router_state_dim=32"])
+    setup = setup_step(cfg, Base(dense_cfg, dense))
+    state = setup.init()
+    initial = jax.tree.map(jnp.copy, setup.method.to_model(state.params, setup.frozen, None))  # the step donates
     corpus = load_corpus(cfg.data)
+    stream = iter(make_batches(corpus.train_docs, corpus.tokenizer, seq_len=64, batch_size=8, seed=0, repeat=True,
+                               encode=corpus.encode))
+    for step in range(20):
+        state, _ = setup.train_step(state, setup.global_batch(next(stream)), setup.frozen_at(step))
+    trained = setup.method.to_model(state.params, setup.frozen, None)
+    np.testing.assert_array_equal(trained["blocks"]["mlp"]["down"], initial["blocks"]["mlp"]["down"])
+    lm, teacher_lm = setup.lm, setup.method.teacher_lm
     batches = list(make_batches(corpus.eval_docs, corpus.tokenizer, seq_len=64, batch_size=8, seed=1, repeat=False,
                                 encode=corpus.encode))[:3]
     kl = jax.jit(lambda p, d, b: distillation_sums(lm.apply(p, b["inputs"]), teacher_lm.apply(d, b["inputs"]),
                                                    b["loss_mask"])[1] / b["loss_mask"].sum())
     mean_kl = lambda p: np.mean([float(kl(p, dense, b)) for b in batches])
     before, after = mean_kl(initial), mean_kl(trained)
-    assert after < 0.8 * before, (before, after)
+    assert after < 0.85 * before, (before, after)  # measured 0.68 -> 0.53; without the straight-through term 0.66

@@ -61,6 +61,7 @@ def test_model_loss_and_gradients_with_the_sequence_split_equal_one_device(mesh,
     chex.assert_trees_all_close(got_grads, want_grads, atol=2e-6, rtol=2e-4)
 
 
+@pytest.mark.slow  # whole runs on two meshes; the sharded step's equality with one device is the default tests' claim
 def test_a_run_resumes_on_another_mesh_as_it_would_have_gone_on(tmp_path):
     """Steps 3-4 after a checkpoint taken on `sequence=4` and restored on `sequence=2, fsdp=2, tensor=2` match the
     uninterrupted `sequence=4` run (up to the meshes' different reduction orders)."""

@@ -55,7 +55,9 @@ def test_logical_to_spec_skips_axes_already_used():
 
 
 # data parallelism alone (batch split only) is what most training tests run on 8 devices: in the slow set here
-@pytest.mark.parametrize("preset", [pytest.param("mesh/dp", marks=pytest.mark.slow), "mesh/fsdp", "mesh/fsdp_tp"])
+# fsdp_tp shards over fsdp and tensor axes at once: the dp and fsdp-only cells are in the slow set
+@pytest.mark.parametrize("preset", [pytest.param("mesh/dp", marks=pytest.mark.slow),
+                                    pytest.param("mesh/fsdp", marks=pytest.mark.slow), "mesh/fsdp_tp"])
 def test_sharded_forward_and_grad_equal_single_device(preset):
     cfg = load_config(["tiny", preset])
     lm = build(cfg)

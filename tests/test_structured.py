@@ -225,16 +225,16 @@ def test_self_guided_run_drops_guides_and_resumes_on_both_sides_of_the_switch(tm
     from jaxllm.train.setup import setup_step
     from jaxllm.train.trainer import train
 
-    overrides = ["model.mlp.structure=lowrank", "model.mlp.guide_fraction=0.5", "train.steps=12", "train.log_every=1",
-                 "train.eval_every=0", "checkpoint.save_every=3", "checkpoint.keep_last=10", "checkpoint.async_save=false",
+    overrides = ["model.mlp.structure=lowrank", "model.mlp.guide_fraction=0.5", "train.steps=8", "train.log_every=1",
+                 "train.eval_every=0", "checkpoint.save_every=2", "checkpoint.keep_last=10", "checkpoint.async_save=false",
                  "train.warmup_steps=1"]
     full = train(load_config(["tiny"], overrides + [f"checkpoint.run_dir={tmp_path / 'full'}"]))
     cfg = load_config(["tiny"], overrides + [f"checkpoint.run_dir={tmp_path / 'full'}"])
     after = setup_step(without_guides(cfg))
     restored = Checkpointer(tmp_path / "full" / "checkpoints", cfg.checkpoint).restore_latest(after.abstract_state)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(restored[1])[0]]
-    assert restored[0] == 12 and paths and not any("guide" in p for p in paths)  # params and optimizer state
-    for resume_at in (3, 9):  # before the switch (step 6) and after it
+    assert restored[0] == 8 and paths and not any("guide" in p for p in paths)  # params and optimizer state
+    for resume_at in (2, 6):  # before the switch (step 4) and after it
         run = tmp_path / f"from{resume_at}"
         shutil.copytree(tmp_path / "full", run)
         for d in (run / "checkpoints").iterdir():
@@ -244,9 +244,9 @@ def test_self_guided_run_drops_guides_and_resumes_on_both_sides_of_the_switch(tm
 
         loaded = load_model(run)  # either side of the switch loads (for generate / eval)
         guide = loaded.params["blocks"]["mlp"]["up"].get("guide")
-        assert (guide is not None) == (resume_at < 6)
+        assert (guide is not None) == (resume_at < 4)
         if guide is not None:
-            np.testing.assert_allclose(guide.alpha, guide_alpha(resume_at, 6, "cosine"))
+            np.testing.assert_allclose(guide.alpha, guide_alpha(resume_at, 4, "cosine"))
         resumed = train(load_config(["tiny"], overrides + [f"checkpoint.run_dir={run}"]))
         assert resumed.start_step == resume_at
         for step, loss in resumed.losses.items():
