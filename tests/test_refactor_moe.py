@@ -2,6 +2,7 @@
 from activation statistics) and the pre-gating router (one choice per token for all layers, before the stack)."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -138,7 +139,7 @@ def test_pregated_cached_decoding_equals_the_full_forward(pregated):
     np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-4, rtol=1e-4)
 
 
-def test_pregate_router_distils_from_the_dense_base_and_its_kl_falls(base_and_data):
+def test_pregate_router_distils_from_the_dense_base_and_its_kl_falls(tmp_path):
     """`finetune.method=pregate` (the method `jaxllm finetune` runs), step by step on 8 devices: a random dense base
     whose FFNs matter refactored (shared 32 + 4 experts x 24 neurons, one expert per token), then only the pre-gating
     router trains, by distillation: its KL to the dense model on held-out batches falls below the refactored model's
@@ -149,7 +150,10 @@ def test_pregate_router_distils_from_the_dense_base_and_its_kl_falls(base_and_da
     from jaxllm.train.methods.base_model import Base
     from jaxllm.train.setup import setup_step
 
-    _, data = base_and_data
+    from jaxllm.data.synthetic import generate_instructions
+
+    data = tmp_path / "reverse.jsonl"  # instruction data as the fine-tuning tests use
+    data.write_text("".join(json.dumps(r) + "\n" for r in generate_instructions(64, seed=0)))
     dense_cfg = load_config(["tiny"], ["model.init_std=0.15"]).model
     dense = LanguageModel(dense_cfg).init(jax.random.key(5))
     cfg = load_config(["tiny"], [
