@@ -361,8 +361,6 @@ def test_recurrent_router_is_a_gru_whose_state_crosses_layers():
 def test_moe_every_other_layer_interleaves_dense_and_moe_blocks():
     """every=2 on 4 layers: dense, MoE, dense, MoE. With each MoE layer's experts all copies of a dense FFN,
     the model must compute that dense model's logits (so the layer order is right), with and without cache."""
-    from jaxllm.generate import generate
-
     dense = LanguageModel(tiny_model(num_layers=4))
     lm = LanguageModel(tiny_model(num_layers=4, moe=MoeConfig(num_experts=4, top_k=2, every=2)))
     dp, mp = dense.init(jax.random.key(0)), lm.init(jax.random.key(1))
@@ -373,8 +371,14 @@ def test_moe_every_other_layer_interleaves_dense_and_moe_blocks():
     params = {**dp, "blocks": pick(dp["blocks"], [0, 2]),
               "moe_blocks": {**moe_layers, "mlp": {**experts, "router": mp["moe_blocks"]["mlp"]["router"]}}}
     tokens = np.random.default_rng(0).integers(0, 97, (2, 10))
-    np.testing.assert_allclose(jax.jit(lm.apply)(params, tokens), jax.jit(dense.apply)(dp, tokens), atol=1e-5)
-    assert generate(lm, params, [list(tokens[0, :5])], 6) == generate(dense, dp, [list(tokens[0, :5])], 6)
+    full = jax.jit(dense.apply)(dp, tokens)
+    np.testing.assert_allclose(jax.jit(lm.apply)(params, tokens), full, atol=1e-5)
+    cache = lm.init_cache(2, 10)  # with a cache: 9 tokens of prefill, then the 10th
+    pos, seg = jnp.broadcast_to(jnp.arange(10), (2, 10)), jnp.ones((2, 10), jnp.int32)
+    cached = jax.jit(lm.apply_cached)
+    _, cache = cached(params, tokens[:, :9], pos[:, :9], seg[:, :9], cache)
+    np.testing.assert_allclose(cached(params, tokens[:, 9:], pos[:, 9:], seg[:, 9:], cache)[0][:, 0], full[:, 9],
+                               atol=1e-5)
     _, _, _, stats = jax.jit(lm.loss_terms)(params, {"inputs": tokens, "targets": tokens})
     assert stats.expert_load.shape == (2, 4)  # one row per MoE layer
     every_layer = LanguageModel(tiny_model(num_layers=4, moe=MoeConfig(num_experts=4, top_k=2)))
