@@ -67,7 +67,9 @@ def moe_report(run: str | Path, data: str = "", *, batches: int = 8, batch_size:
     """The report's numbers as a dict; writes report.md / report.json / tensorboard under `out` (RUN/moe_report)."""
     run = Path(run)
     cfg, lm, params = load_run(run)
-    steps = Checkpointer(run / "checkpoints", cfg.checkpoint).steps()
+    ckpt = Checkpointer(run / "checkpoints", cfg.checkpoint)
+    steps = ckpt.steps()
+    ckpt.close()
     early = steps[0] if early_step is None else early_step
     if capacity_factor is not None:
         moe = dataclasses.replace(cfg.model.moe, dispatch="capacity", capacity_factor=capacity_factor)

@@ -129,11 +129,14 @@ def load_run(path: Path, step: int | None = None) -> tuple[Config, LanguageModel
                                                "mesh.sequence=1", "mesh.dcn_data=1", "mesh.dcn_fsdp=1",
                                                f"train.batch_size={jax.device_count()}", "train.microbatches=1"])
     ckpt = Checkpointer(path / "checkpoints", cfg.checkpoint)
-    if step is not None and step not in ckpt.steps():
-        raise ConfigError(f"{path}: no checkpoint of step {step}; it holds steps {ckpt.steps()}")
-    cfg = phase_config(cfg, step if step is not None else ckpt.latest_step() or 0)  # e.g. after a self-guided phase
-    setup = setup_step(cfg)
-    restored = ckpt.restore_latest(setup.abstract_state, upto=step)
+    try:
+        if step is not None and step not in ckpt.steps():
+            raise ConfigError(f"{path}: no checkpoint of step {step}; it holds steps {ckpt.steps()}")
+        cfg = phase_config(cfg, step if step is not None else ckpt.latest_step() or 0)  # e.g. after a self-guided phase
+        setup = setup_step(cfg)
+        restored = ckpt.restore_latest(setup.abstract_state, upto=step)
+    finally:
+        ckpt.close()
     if restored is None or (step is not None and restored[0] != step):
         raise ConfigError(f"{path}: the run directory holds no complete checkpoint" + (f" of step {step}" if step is not None else ""))
     step, state = restored[0], restored[1]
