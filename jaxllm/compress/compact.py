@@ -21,6 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 from jaxllm.language_model import LanguageModel, Params
 from jaxllm.nested import get_path, merge_into
+from jaxllm.peft.lora import find_targets
 
 PATTERNS = np.array(list(itertools.combinations(range(4), 2)), np.int64)  # [6, 2]: the kept positions, ascending
 _PATTERN_OF = {tuple(p): i for i, p in enumerate(PATTERNS.tolist())}
@@ -67,13 +68,11 @@ def save_compact(dst: str | Path, config_yaml: str, lm: LanguageModel, params: P
     dst.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}
     packed = set()
-    for path, n_in in sorted(lm.linear_layers.items()):
-        kernel = np.asarray(get_path(params, path + ("kernel",)))
-        lead = get_path(lm.logical_axes, path + ("kernel",))[0] == "layers"
-        I = math.prod(kernel.shape[int(lead):int(lead) + n_in])
-        w_LIO = kernel.reshape(kernel.shape[0] if lead else 1, I, -1)
+    for t in find_targets(lm, (".*",), "compact maps"):  # every linear map
+        kernel = np.asarray(get_path(params, t.path + ("kernel",)))
+        w_LIO = kernel.reshape(-1, math.prod(t.in_shape), math.prod(t.out_shape))
         if is_two_of_four(w_LIO):
-            name = ".".join(path + ("kernel",))
+            name = t.name + ".kernel"
             tensors[name + "::values"], tensors[name + "::patterns"] = pack_two_of_four(w_LIO)
             packed.add(name)
     for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):

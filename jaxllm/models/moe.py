@@ -115,8 +115,9 @@ def experts_dropless(x_MD, r: Routing, gate_EDF, up_EDF, down_EFD, impl: str) ->
 
 def experts_capacity(x_MD, r: Routing, gate_EDF, up_EDF, down_EFD, capacity: int
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(output [M, D] f32, dropped share, dropped choices bool [M, P]): assignments gathered into [E, capacity] slots, experts run as one
-    batched matmul, results gathered back (index gathers, linear in M; one-hot einsums would be quadratic)."""
+    """(output [M, D] f32, dropped share, dropped choices bool [M, P]): assignments gathered into [E, capacity]
+    slots, experts run as one batched matmul, results gathered back (index gathers, linear in M; one-hot einsums
+    would be quadratic)."""
     M, P = r.expert_MP.shape
     E = gate_EDF.shape[0]
     e_A = r.expert_MP.T.reshape(P * M)  # choice-major: all first choices before any second choice
@@ -210,7 +211,7 @@ class MoeFfn(nnx.Module):
             Z = r.probs_MZ.shape[1]
             chosen_MZ = jnp.sum(jax.nn.one_hot(r.expert_MP, Z, dtype=jnp.float32), axis=1)
             dispatched = r._replace(expert_MP=jnp.broadcast_to(jnp.arange(Z, dtype=jnp.int32), r.probs_MZ.shape),
-                             weight_MP=chosen_MZ + r.probs_MZ - jax.lax.stop_gradient(r.probs_MZ))
+                                    weight_MP=chosen_MZ + r.probs_MZ - jax.lax.stop_gradient(r.probs_MZ))
         weights = [w[...].astype(dtype) for w in (self.gate, self.up, self.down)]
         E, F = weights[0].shape[0], weights[0].shape[2]
         ep_axes = expert_axes(self.rules, E) if m.dispatch == "dropless" else ()
