@@ -1,11 +1,13 @@
 """FFN-SkipLLM while decoding: skipped share, agreement with full decoding and batch-1 tokens/s per threshold, on a
-model pretrained here on the stdlib corpus (8 layers; the first and last run every FFN).
+model pretrained here on the stdlib corpus (by default 8 layers of width 512 with d_ff 2048, so that the FFNs hold
+most of the weights a decode step reads, as in the paper's models; the first and last layer run every FFN).
 
 For each threshold: greedy continuations of held-out stdlib snippets, one at a time (batch 1, where a skip is a real
 `lax.cond`), timed after a warm-up call; quality = the share of new tokens equal to full decoding's. Writes
 experiments/results/bench_ffn_skip.{md,json} (with the command, commit, date, machine and versions).
 
-    python experiments/bench_ffn_skip.py [--base-steps 300] [--prompts 8] [--new-tokens 64] [--rounds 5]
+    python experiments/bench_ffn_skip.py [--base-steps 300] [--d-model 512] [--layers 8] [--d-ff 2048] [--seq-len 256]
+        [--prompts 8] [--new-tokens 64] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -34,16 +36,20 @@ THRESHOLDS = (2.0, 0.999, 0.995, 0.99, 0.98, 0.95)  # 2.0: never skip (the refer
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base-steps", type=int, default=300)
+    ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--d-ff", type=int, default=2048)
+    ap.add_argument("--seq-len", type=int, default=256, help="pretraining sequence length (and the model's positions)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
-    shape = ["model.d_model=128", "model.num_layers=8", "model.num_heads=4", "model.num_kv_heads=2",
-             "model.mlp.d_ff=512"]
+    shape = [f"model.d_model={args.d_model}", f"model.num_layers={args.layers}",
+             f"model.num_heads={args.d_model // 64}", "model.num_kv_heads=2", f"model.mlp.d_ff={args.d_ff}"]
     base = Path(tempfile.mkdtemp(prefix="ffn-skip-")) / "base"
-    result = train(load_config(["small"], [*corpus_overrides(), *shape, "data.seq_len=512", "train.batch_size=4",
-                                           f"train.steps={args.base_steps}", "train.eval_every=0",
+    result = train(load_config(["small"], [*corpus_overrides(), *shape, f"data.seq_len={args.seq_len}",
+                                           "train.batch_size=4", f"train.steps={args.base_steps}", "train.eval_every=0",
                                            f"train.warmup_steps={max(1, args.base_steps // 10)}",
                                            f"checkpoint.save_every={args.base_steps}", f"checkpoint.run_dir={base}"]))
     if result.interrupted:
@@ -51,8 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     m = load_model(base)
     corpus = load_corpus(m.config.data)
     prompts = [m.tokenizer.encode(doc[:400], add_special_tokens=True)[:64] for doc in corpus.eval_docs[: args.prompts]]
-    for threshold in THRESHOLDS:  # compile every threshold's step first
-        generate(m.lm, m.params, prompts[:1], args.new_tokens, ffn_skip=FfnSkipping(threshold))
+    for threshold in THRESHOLDS:  # compile every threshold's steps for every prompt length first
+        for p in prompts:
+            generate(m.lm, m.params, [p], args.new_tokens, ffn_skip=FfnSkipping(threshold))
     speeds: dict[float, list[float]] = {t: [] for t in THRESHOLDS}
     outputs, skips = {}, {}
     for _ in range(args.rounds):  # thresholds alternate within each round: the machine's drift hits all alike
@@ -79,9 +86,10 @@ def main(argv: list[str] | None = None) -> None:
         "# FFN-SkipLLM while decoding (batch 1)", "",
         f"`{meta['command']}` at commit {meta['commit']}{' + changes' if meta['dirty'] else ''}, {meta['date']}, "
         f"{meta['machine']}; jax {meta['jax']}.", "",
-        f"Model: {', '.join(a.replace('model.', '') for a in shape)}, {args.base_steps} steps on the stdlib corpus; "
+        f"Model: {', '.join(a.replace('model.', '') for a in shape)}, {args.base_steps} steps of 4 x {args.seq_len} "
+        "tokens on the stdlib corpus; "
         f"{args.prompts} held-out prompts of up to 64 tokens, {args.new_tokens} greedy new tokens each; the first 4 "
-        "new tokens and layers 0 and 7 never skip.", "",
+        f"new tokens and layers 0 and {args.layers - 1} never skip.", "",
         f"Tokens/s: the median of {args.rounds} rounds, thresholds alternating within each.", "",
         "| threshold (cosine) | FFNs skipped | tokens equal to full decoding | tokens/s | vs full |",
         "|---:|---:|---:|---:|---:|", *table, ""])

@@ -176,14 +176,21 @@ class Transformer(nnx.Module):
                 layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
             return layer
 
-        def skipping_layer(block_def):
+        def skipping_layer(block_def, stacked_state):
+            def block_at(layer):
+                return nnx.merge(block_def, jax.tree.map(lambda a: a[layer], stacked_state))
+
             def layer(carry, xs):
                 x_BTD, cos_B = carry
-                block = nnx.merge(block_def, xs[0])
-                layer_cache = LayerCache(xs[1], xs[2], cache.positions, cache.segment_ids, cache.slots(T))
+                k, v, layer = xs
+                layer_cache = LayerCache(k, v, cache.positions, cache.segment_ids, cache.slots(T))
+                # only attention's weights are used here (the FFN's slices are dead code): XLA copies a dynamic
+                # slice of a weight before its dot, so the FFN's are sliced inside the branch that runs it; sliced
+                # here, a skipped FFN would cost as much memory traffic as one that runs
+                block = block_at(layer)
                 x_BTD, kv = block.attend(x_BTD, positions_BT, segment_ids_BT, layer_cache, packed)
-                skip_B = ffn_skip.decide(xs[3], cfg.num_layers, cos_B)
-                ffn = lambda x: block.feed_forward(x)[0]
+                skip_B = ffn_skip.decide(layer, cfg.num_layers, cos_B)
+                ffn = lambda x: block_at(layer).feed_forward(x)[0]
                 if B == 1:  # a real skip
                     ffn_BTD = jax.lax.cond(skip_B[0], jnp.zeros_like, ffn, x_BTD)
                 else:
@@ -202,8 +209,9 @@ class Transformer(nnx.Module):
         every = moe_every(cfg)
         skipped_LB = None
         if ffn_skip is not None:
-            xs = (stacked_state, cache.k, cache.v, jnp.arange(cfg.num_layers))
-            (x_BTD, _), (kv, skipped_LB) = jax.lax.scan(skipping_layer(block_def), (x_BTD, jnp.zeros((B,))), xs)
+            xs = (cache.k, cache.v, jnp.arange(cfg.num_layers))
+            (x_BTD, _), (kv, skipped_LB) = jax.lax.scan(skipping_layer(block_def, stacked_state),
+                                                       (x_BTD, jnp.zeros((B,))), xs)
             stats = None
         elif every == 1:
             unroll = 1 if cfg.scan_layers else cfg.num_layers
