@@ -16,15 +16,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def provenance(command: str, packages: tuple[str, ...] = ("jax", "flax", "torch")) -> dict:
-    """{command, commit, dirty (tracked files other than artifacts changed), date (UTC), machine, python,
-    <package>: version}. Artifacts (.json/.md/.png under experiments/) do not count: a script rewrites its own."""
+    """{command, commit, dirty (the tracked files other than artifacts that differ from the commit: empty when
+    clean), date (UTC), machine, python, <package>: version}. Artifacts (.json/.md/.png under experiments/) do not
+    count: a script rewrites its own."""
     import psutil
 
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    changed = [line.split(maxsplit=1)[-1] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
     return {"command": command, "commit": git("rev-parse", "--short", "HEAD"),
-            "dirty": any(not (path.startswith("experiments/") and path.endswith((".json", ".md", ".png")))
-                         for path in (line.split(maxsplit=1)[-1] for line in
-                                      git("status", "--porcelain", "--untracked-files=no").splitlines())),
+            "dirty": [path for path in changed
+                      if not (path.startswith("experiments/") and path.endswith((".json", ".md", ".png")))],
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                        f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {cpu_model()}",

@@ -5,14 +5,16 @@ training; and OpenMoE's routing diagnostics on a trained MoE.
     python experiments/moe/conditional_compute.py [--base-steps 150] [--steps 100] [--seeds 3]
     python experiments/moe/conditional_compute.py --quick --out DIR   # a tiny model, a few steps (the tests)
 
-Per seed: a dense base (the `small` recipe at --d-model / --layers / --d-ff, --base-steps steps), then --steps more
-steps on the same data for each variant: the dense model continued (full fine-tuning); upcycled into 4 copies of its
-FFN, top-1 (full fine-tuning: the active FFN width stays the dense one); Read-ME: refactored into a shared FFN of
-d_ff/4 neurons plus 4 experts of 3 d_ff/16 (grouped on 32 calibration rows), top-1 or top-2, its pre-gating router
-distilled from the dense base for all the steps, or for half of them and then the whole MoE trained on the data. Diagnostics (seed 0): an MoE of 8 experts, top-2, capacity
-dispatch (factor 1.25) trained --base-steps steps with a checkpoint every 10, reported by `jaxllm.moe_report` at its
-last step against step 10. Writes conditional_compute.json (with command, commit, date, machine, versions) and
-conditional_compute.md (tables; differences by the two-std rule of experiments/real_text.py).
+Per seed: a dense base (the `small` recipe at --d-model / --layers / --d-ff, --base-steps steps) and a narrow dense
+base (d_ff = Read-ME top-1's active width, 7 d_ff/16, the same steps), then --steps more steps on the same data for
+each variant: a base continued (full fine-tuning); a base upcycled into 4 copies of its FFN, top-1 (full fine-tuning;
+an upcycled expert is the whole FFN it copies, so the narrow base's upcycled MoE is the one at Read-ME top-1's active
+parameters); Read-ME: the dense base refactored into a shared FFN of d_ff/4 neurons plus 4 experts of 3 d_ff/16
+(grouped on 32 calibration rows), top-1 or top-2, its pre-gating router distilled from the dense base for all the
+steps, or for half of them and then the whole MoE trained on the data. Diagnostics (seed 0): an MoE of 8 experts,
+top-2, capacity dispatch (factor 1.25) trained --base-steps steps with a checkpoint every 10, reported by
+`jaxllm.moe_report` at its last step against step 10. Writes conditional_compute.json (with command, commit, date,
+machine, versions) and conditional_compute.md (tables; differences by the two-std rule of experiments/real_text.py).
 """
 
 from __future__ import annotations
@@ -33,19 +35,29 @@ from jaxllm.moe_report import moe_report, render  # noqa: E402
 from jaxllm.train.trainer import resolve_finetune_config, train  # noqa: E402
 
 
-def variants(F: int) -> dict[str, tuple[list[str], int, bool]]:
-    """{name: (overrides on the dense base, active FFN neurons per token and layer, whether a second half of the
-    steps then trains the whole model on the data)}."""
+def narrow_width(F: int) -> int:
+    """The narrow base's d_ff: Read-ME top-1's active FFN neurons (its shared FFN plus one expert)."""
+    return F // 4 + 3 * F // 16
+
+
+def variants(F: int) -> dict[str, tuple[list[str], int, bool, str]]:
+    """{name: (overrides on its base, active FFN neurons per token and layer, whether a second half of the steps then
+    trains the whole model on the data, which base: "dense base" or "narrow dense base")}."""
     shared, width = F // 4, 3 * F // 16
     readme = ["finetune.method=pregate", "model.moe.num_experts=4", f"model.moe.d_ff={width}",
               "model.moe.shared_experts=1", f"model.moe.shared_d_ff={shared}", "model.moe.router=pregate",
               "finetune.calibration.samples=32"]
+    upcycle = ["finetune.method=full", "model.moe.num_experts=4", "model.moe.top_k=1"]
+    narrow = narrow_width(F)
     return {
-        "dense, continued": (["finetune.method=full"], F, False),
-        "upcycled, 4 copies, top-1": (["finetune.method=full", "model.moe.num_experts=4", "model.moe.top_k=1"], F, False),
-        "Read-ME top-1, router distilled": ([*readme, "model.moe.top_k=1"], shared + width, False),
-        "Read-ME top-1, distilled then trained": ([*readme, "model.moe.top_k=1"], shared + width, True),
-        "Read-ME top-2, distilled then trained": ([*readme, "model.moe.top_k=2"], shared + 2 * width, True),
+        "dense, continued": (["finetune.method=full"], F, False, "dense base"),
+        "upcycled, 4 copies, top-1": (upcycle, F, False, "dense base"),
+        "narrow dense, continued": (["finetune.method=full"], narrow, False, "narrow dense base"),
+        "upcycled narrow, 4 copies, top-1": (upcycle, narrow, False, "narrow dense base"),
+        "Read-ME top-1, router distilled": ([*readme, "model.moe.top_k=1"], shared + width, False, "dense base"),
+        "Read-ME top-1, distilled then trained": ([*readme, "model.moe.top_k=1"], shared + width, True, "dense base"),
+        "Read-ME top-2, distilled then trained": ([*readme, "model.moe.top_k=2"], shared + 2 * width, True,
+                                                  "dense base"),
     }
 
 
@@ -67,7 +79,8 @@ def run_variant(overrides: list[str], then_train: bool, run_dir: Path, steps: in
         return run(overrides, run_dir, steps, base)
     first = run(overrides, run_dir.with_name(run_dir.name + "-first"), steps // 2, base)
     seed = [o for o in overrides if o.startswith(("train.seed", "data.seed"))]
-    second = run(["finetune.method=full", *seed], run_dir, steps - steps // 2, run_dir.with_name(run_dir.name + "-first"))
+    second = run(["finetune.method=full", *seed], run_dir, steps - steps // 2,
+                 run_dir.with_name(run_dir.name + "-first"))
     return {**second, "first_half": first}
 
 
@@ -83,33 +96,35 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent))
     args = ap.parse_args(argv)
     D, L, F = (32, 2, 64) if args.quick else (args.d_model, args.layers, args.d_ff)
-    shape = shape_overrides(D, L, F)
+    shapes = {"dense base": shape_overrides(D, L, F), "narrow dense base": shape_overrides(D, L, narrow_width(F))}
     quick = ["train.eval_batches=2"] if args.quick else []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python experiments/moe/conditional_compute.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    settings = {"base_steps": args.base_steps, "steps": args.steps, "seeds": args.seeds, "shape": shape,
+    settings = {"base_steps": args.base_steps, "steps": args.steps, "seeds": args.seeds, "shapes": shapes,
                 "variants": {k: [*v[0], "then full fine-tuning"] if v[2] else v[0]
                                                       for k, v in variants(F).items()}}
     results = Results(out / "conditional_compute.json", {**provenance(command.strip()), "settings": settings})
     work = Path(tempfile.mkdtemp(prefix="conditional-"))
     for seed in range(args.seeds):
-        base = work / f"base-{seed}"
-        if any(f"{name}|{seed}" not in results for name in variants(F)):
-            print(f"== dense base, seed {seed}", flush=True)
-            got = run([*shape, *seed_overrides(seed), *quick], base, args.base_steps)
-            if f"dense base|{seed}" not in results:
-                results.add(f"dense base|{seed}", got)
-        for name, (overrides, _, then_train) in variants(F).items():
-            key = f"{name}|{seed}"
-            if key not in results:
-                print(f"== {key}", flush=True)
-                results.add(key, run_variant([*overrides, *seed_overrides(seed, data_order=True), *quick], then_train,
-                                             work / f"{name.replace(' ', '_').replace(',', '')}-{seed}", args.steps,
-                                             base))
+        for base_name, shape in shapes.items():
+            base = work / f"{base_name.replace(' ', '_')}-{seed}"
+            todo = [(name, v) for name, v in variants(F).items()
+                    if v[3] == base_name and f"{name}|{seed}" not in results]
+            if todo:
+                print(f"== {base_name}, seed {seed}", flush=True)
+                got = run([*shape, *seed_overrides(seed), *quick], base, args.base_steps)
+                if f"{base_name}|{seed}" not in results:
+                    results.add(f"{base_name}|{seed}", got)
+            for name, (overrides, _, then_train, _) in todo:
+                print(f"== {name}|{seed}", flush=True)
+                results.add(f"{name}|{seed}", run_variant([*overrides, *seed_overrides(seed, data_order=True), *quick],
+                                                          then_train,
+                                                          work / f"{name.replace(' ', '_').replace(',', '')}-{seed}",
+                                                          args.steps, base))
     if "diagnostics" not in results:
         moe_dir = work / "moe-diagnostics"
-        run([*shape, "model.moe.num_experts=8", "model.moe.top_k=2", f"model.moe.d_ff={F // 2}",
+        run([*shapes["dense base"], "model.moe.num_experts=8", "model.moe.top_k=2", f"model.moe.d_ff={F // 2}",
              "model.moe.dispatch=capacity", "model.moe.capacity_factor=1.25", *seed_overrides(0), *quick,
              "checkpoint.save_every=10", "checkpoint.keep_every=10"], moe_dir, args.base_steps)
         report = moe_report(moe_dir, batches=2 if args.quick else 12, early_step=10 if args.base_steps > 10 else None,
@@ -120,25 +135,33 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_report(results: Results, table: dict, F: int, args, out: Path) -> None:
     m, runs = results.meta, results.runs
+    narrow = narrow_width(F)
     losses = lambda name: [r["eval_loss"] for k, r in runs.items() if k.split("|")[0] == name]
     lines = [
         "# Conditional compute on real text: Read-ME vs dense vs upcycling; OpenMoE's routing diagnostics", "",
         f"`{m['command']}` at commit {m['commit']}{' + changes' if m['dirty'] else ''} (runs at "
         f"{', '.join(results.commits())}), {m['date']}, {m['machine']}; python {m['python']}, jax {m['jax']}.", "",
-        f"Dense base: {m['settings']['shape']}, {args.base_steps} steps of 8 x 256 stdlib tokens, {args.seeds} seeds "
-        f"(eval loss {fmt(losses('dense base'))}); then {args.steps} further steps for each variant, the same data. "
-        "Read-ME's router learns by distillation from the dense base, so alone it can at best reach the base; "
-        "\"distilled then trained\" spends the first half of the steps distilling and the second training the whole MoE "
-        "on the data (full fine-tuning), as the dense and upcycled models do throughout. Active FFN neurons: per token "
-        "and layer. (Tokens/s are in the JSON only: this CPU is shared while it runs.)", "",
+        f"Dense base: {m['settings']['shapes']['dense base']}; narrow dense base: the same with d_ff={narrow} "
+        f"(Read-ME top-1's active FFN width); each {args.base_steps} steps of 8 x 256 stdlib tokens, {args.seeds} "
+        f"seeds; then {args.steps} further steps for each variant, the same data. An upcycled expert copies its "
+        "base's whole FFN, so the upcycled narrow base is the MoE at Read-ME top-1's active parameters after the same "
+        "training. Read-ME's router learns by distillation from the dense base, so alone it can at best reach the "
+        "base; \"distilled then trained\" spends the first half of the steps distilling and the second training the "
+        "whole MoE on the data (full fine-tuning), as the dense and upcycled models do throughout. Active FFN neurons: "
+        "per token and layer. (Tokens/s are in the JSON only: this CPU is shared while it runs.)", "",
         "| variant | active FFN neurons (vs dense) | eval loss |", "|---|---:|---:|",
-        f"| dense base (before the further steps) | {F} (1.00x) | {fmt(losses('dense base'))} |"]
-    for name, (_, active, _) in table.items():
+        f"| dense base (before the further steps) | {F} (1.00x) | {fmt(losses('dense base'))} |",
+        f"| narrow dense base (before the further steps) | {narrow} ({narrow / F:.2f}x) | "
+        f"{fmt(losses('narrow dense base'))} |"]
+    for name, (_, active, _, _) in table.items():
         lines.append(f"| {name} | {active} ({active / F:.2f}x) | {fmt(losses(name))} |")
     found = [f"- {compare(losses(a), losses(b), a, b)}" for a, b in (
         ("Read-ME top-1, router distilled", "dense base"),
         ("Read-ME top-1, distilled then trained", "dense, continued"),
         ("Read-ME top-1, distilled then trained", "upcycled, 4 copies, top-1"),
+        ("Read-ME top-1, distilled then trained", "upcycled narrow, 4 copies, top-1"),
+        ("Read-ME top-1, distilled then trained", "narrow dense, continued"),
+        ("upcycled narrow, 4 copies, top-1", "narrow dense, continued"),
         ("Read-ME top-2, distilled then trained", "Read-ME top-1, distilled then trained"),
         ("upcycled, 4 copies, top-1", "dense, continued"))]
     diagnostics = runs["diagnostics"]["markdown"].split("\n", 2)[2]  # without its title line (a temporary path)
