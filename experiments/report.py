@@ -72,6 +72,29 @@ def bench_finetune() -> str:
             f"{100 * mfu['torch']:.0f}% ({_made(r['meta'])})")
 
 
+def bench_ffn_skip() -> str:
+    r = _load("bench_ffn_skip")
+    rows = [row for row in r["rows"] if row["threshold"] <= 1]
+    full = r["rows"][0]["tokens_per_s"]
+    span = lambda xs, f: f"{f(min(xs))}-{f(max(xs))}"
+    pct = lambda x: f"{100 * x:.1f}%"
+    return (f"at batch 1 ({', '.join(a.replace('model.', '') for a in r['shape'])}; cosine thresholds "
+            f"{min(x['threshold'] for x in rows)}-{max(x['threshold'] for x in rows)}) "
+            f"{span([x['skipped'] for x in rows], pct)} of the FFNs are skipped, "
+            f"{span([x['agreement'] for x in rows], pct)} of the new tokens equal full decoding's, and decoding runs "
+            f"at **{span([x['tokens_per_s'] / full for x in rows], lambda v: f'{v:.2f}')}x** full decoding's "
+            f"tokens/s ({_made(r['meta'])})")
+
+
+def conditional_compute() -> str:
+    r = json.loads((ROOT / "experiments" / "moe" / "conditional_compute.json").read_text())
+    st = r["settings"]
+    return "\n".join([f"\n{st['seeds']} seeds, {st['base_steps']} base steps then {st['steps']} further steps per "
+                      f"variant ({_made(r)}; runs at commits "
+                      f"{', '.join(sorted({str(run.get('commit')) for run in r['runs'].values()}))}):", "",
+                      *r["claims"], ""])
+
+
 def moe_bench_layer() -> str:
     r = json.loads((ROOT / "experiments" / "moe" / "bench_layer.json").read_text())
     layers = r["layers"]
@@ -173,7 +196,8 @@ def long_context() -> str:
 REPORTS = {"suite_time": suite_time, "default_run": default_run, "bench_vs_torch": bench_vs_torch,
            "bench_decode": bench_decode, "bench_finetune": bench_finetune, "context_memory": context_memory,
            "long_context": long_context,
-           "moe_bench_layer": moe_bench_layer,
+           "moe_bench_layer": moe_bench_layer, "bench_ffn_skip": bench_ffn_skip,
+           "conditional_compute": conditional_compute,
            "structured_ffn": structured_ffn, "lora_experiment": lora_experiment, "moe_experiment": moe_experiment,
            "compress_experiment": compress_experiment}
 
