@@ -168,6 +168,33 @@ def test_ffn_skip_decoding_is_the_model_without_the_skipped_ffns():
         np.testing.assert_allclose(np.asarray(logits), np.asarray(step(without, b)), atol=1e-5)
 
 
+def test_a_skipped_ffn_reads_none_of_its_weights():
+    """At batch 1 the skip is a `lax.cond` whose FFN branch indexes the layer's FFN weights out of the whole stack
+    itself: no one-layer slice of an FFN weight is made before the branch (XLA copies such a slice before its dot, so
+    a skipped FFN would move as many bytes as a computed one)."""
+    import jax.extend
+
+    from jaxllm.models.ffn_skip import FfnSkip
+
+    lm = LanguageModel(tiny_model())
+    params = lm.init(jax.random.key(0))
+    cache = lm.init_cache(1, 16)
+    one = jnp.ones((1, 1), jnp.int32)
+    jaxpr = jax.make_jaxpr(lm.apply_cached_skipping)(params, one, one, one, cache, FfnSkip(jnp.bool_(True), 0.5))
+    up = params["blocks"]["mlp"]["up"]["kernel"]  # [L, D, F]
+
+    def equations(jx):
+        for eqn in jx.eqns:
+            yield eqn
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from equations(sub)
+
+    conds = [e for e in equations(jaxpr.jaxpr) if e.primitive.name == "cond"]
+    assert len(conds) == 1
+    shapes = [tuple(v.aval.shape) for v in conds[0].invars]
+    assert up.shape in shapes and up.shape[1:] not in shapes, shapes
+
+
 def test_generate_with_ffn_skip_never_skipping_equals_generate_and_counts_what_it_skips(tmp_path, capsys):
     """`generate(..., ffn_skip=)` above 1 gives `generate`'s tokens and skips nothing; at -1 every unprotected layer
     skips after the warm-up tokens (counted exactly); `jaxllm generate --ffn-skip` prints the share."""
