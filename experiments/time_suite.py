@@ -1,7 +1,7 @@
 """Time the whole test suite as CI runs it (`pytest` from the repository root) and write the artifact the
-README's test-time sentence comes from: wall time, outcome, the 10 slowest tests and the peak memory of
-pytest and all its workers and subprocesses together (sampled every 0.5 s), with command, commit, date,
-machine and versions.
+README's test-time sentence comes from: wall time, outcome, the 10 slowest tests, each test file's summed test
+time (what to trim first when the suite nears its 10 minutes) and the peak memory of pytest and all its workers and
+subprocesses together (sampled every 0.5 s), with command, commit, date, machine and versions.
 
     python experiments/time_suite.py            # -> experiments/results/test_suite_time.{md,json}
     python experiments/time_suite.py -- -x      # extra arguments after -- go to pytest
@@ -37,7 +37,7 @@ def _tree_rss(proc: psutil.Process) -> int:
 
 
 def run(pytest_args: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *pytest_args]
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--durations=0", *pytest_args]
     start = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak, done = [0], threading.Event()
@@ -54,9 +54,13 @@ def run(pytest_args: list[str]) -> dict:
     done.set()
     wall = time.time() - start
     durations = re.findall(r"^([0-9.]+)s (call|setup|teardown)\s+(\S+)$", out, re.M)
+    per_file: dict[str, float] = {}
+    for seconds, _, test in durations:
+        per_file[test.split("::")[0]] = per_file.get(test.split("::")[0], 0.0) + float(seconds)
     summary = re.findall(r"^=* ?(\d+ (?:passed|failed|error).*?) in [0-9.]+s", out, re.M)
     return {"returncode": proc.returncode, "wall_s": round(wall, 1), "summary": summary[-1] if summary else "",
             "slowest": [{"seconds": float(s), "phase": ph, "test": t} for s, ph, t in durations[:10]],
+            "per_file_s": {f: round(t, 1) for f, t in sorted(per_file.items(), key=lambda kv: -kv[1])},
             "peak_rss_gib": round(peak[0] / 2**30, 2), "log_tail": out[-3000:]}
 
 
@@ -76,6 +80,10 @@ def write(result: dict, out: Path) -> None:
              f"peak memory of pytest + workers + subprocesses {r['peak_rss_gib']} GiB.\n",
              "| seconds | phase | test |", "|---:|---|---|"]
     lines += [f"| {s['seconds']:.1f} | {s['phase']} | `{s['test']}` |" for s in r["slowest"]]
+    if r.get("per_file_s"):
+        lines += ["", "Summed test time per file (setup + call + teardown, across both workers; the 15 largest):", "",
+                  "| seconds | file |", "|---:|---|"]
+        lines += [f"| {t:.1f} | `{f}` |" for f, t in list(r["per_file_s"].items())[:15]]
     (out / "test_suite_time.md").write_text("\n".join(lines) + "\n")
 
 

@@ -100,10 +100,12 @@ BLOCKS = [((8, 8), "random", 3, None, None), ((16, 8), "shuffled", 3, None, None
           ((1024, 1024), "diagonal", 2, (32, 256, 256), (16, 512, 256))]
 
 
-# the tiny (8x8), square (128x128) and large (1024x1024) blocks run in the slow set; odd and oblong ones here
+# the tiny (8x8), square (128x128), large (1024x1024) and wide (256x2048) blocks run in the slow set; an odd and a
+# small oblong one here
 @pytest.mark.parametrize("backend", ["triton", "tpu"])
 @pytest.mark.parametrize("blocks,kind,n,triton_tiles,tpu_tiles", [
-    pytest.param(*b, marks=pytest.mark.slow) if b[0] in ((8, 8), (128, 128), (1024, 1024)) else b for b in BLOCKS],
+    pytest.param(*b, marks=pytest.mark.slow) if b[0] in ((8, 8), (128, 128), (1024, 1024), (256, 2048)) else b
+    for b in BLOCKS],
     ids=[f"{b[0][0]}x{b[0][1]}" for b in BLOCKS])
 def test_blocks_of_every_size_in_both_kernel_styles(blocks, kind, n, triton_tiles, tpu_tiles, backend):
     """Triton-style kernels in interpret mode, TPU-style ones in TPU interpret mode (scalar prefetch,

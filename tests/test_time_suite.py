@@ -18,6 +18,7 @@ def test_time_suite_writes_its_artifact(tmp_path):
     run = result["run"]
     assert run["returncode"] == 0 and "passed" in run["summary"] and run["slowest"], run["log_tail"]
     assert all(s["test"].startswith("tests/test_config.py::") for s in run["slowest"])
+    assert list(run["per_file_s"]) == ["tests/test_config.py"] and run["per_file_s"]["tests/test_config.py"] > 0
     assert 0 < run["peak_rss_gib"] < 8 and run["wall_s"] > 0
     saved = json.loads((tmp_path / "test_suite_time.json").read_text())
     assert saved["meta"]["commit"] and saved["meta"]["jax"] and "-- tests/test_config.py" in saved["meta"]["command"]
