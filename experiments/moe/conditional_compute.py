@@ -1,6 +1,7 @@
 """Conditional compute on real text (the stdlib corpus, BPE 4,096): Read-ME (a dense model refactored into a pre-gated
 MoE, its router distilled from the dense model) vs continuing the dense model vs sparse upcycling, after equal further
-training; and OpenMoE's routing diagnostics on a trained MoE.
+training; and OpenMoE's routing diagnostics on a trained MoE. The report closes with FFN-SkipLLM's decoding benchmark
+(skipped share vs agreement vs speed: experiments/bench_ffn_skip.py's committed artifact, with its own provenance).
 
     python experiments/moe/conditional_compute.py [--base-steps 150] [--steps 100] [--seeds 3]
     python experiments/moe/conditional_compute.py --quick --out DIR   # a tiny model, a few steps (the tests)
@@ -168,6 +169,10 @@ def write_report(results: Results, table: dict, F: int, args, out: Path) -> None
     lines += ["", "## Differences (two-std rule over seeds)", "", *found, "",
               f"## OpenMoE's routing diagnostics (8 experts, top-2, capacity 1.25, {args.base_steps} steps, seed 0; "
               "step 10 as the early checkpoint)", "", diagnostics, ""]
+    ffn_skip = Path(__file__).resolve().parents[1] / "results" / "bench_ffn_skip.md"
+    if ffn_skip.exists():  # FFN-SkipLLM's skipped share vs agreement vs speed: its own benchmark and provenance
+        lines += ["## FFN-SkipLLM while decoding (`experiments/bench_ffn_skip.py`, its artifact as committed)", "",
+                  ffn_skip.read_text().split("\n", 2)[2].strip(), ""]
     results.save(claims=found)
     (out / "conditional_compute.md").write_text("\n".join(lines))
     print("\n".join(lines))
