@@ -285,17 +285,23 @@ def test_maskllm_soft_and_hard_masks_follow_the_formula():
 
 def test_maskllm_finetune_learns_2_of_4_masks_below_wanda_on_frozen_weights(base_and_data, tmp_path):
     """`jaxllm finetune finetune.method=maskllm` (Wanda prior): every final mask is 2:4, every kept weight is the
-    base's bitwise, and the learned masks' loss is below the Wanda-2:4 starting point on the training data."""
+    base's bitwise, and the learned masks' loss is below the Wanda-2:4 starting point on the training data. The run
+    loads after its data is gone (its calibration rows are recorded in the run directory)."""
+    import shutil
+
     from jaxllm.data.pipeline import calibration_rows, load_corpus, make_batches
     from jaxllm.train.setup import load_run
 
     base, data = base_and_data
-    run = tmp_path / "maskllm"
-    assert main(["finetune", "--base", str(base), "finetune.method=maskllm", f"data.source={data}", "data.format=sft",
+    run, moving = tmp_path / "maskllm", tmp_path / "data.jsonl"
+    shutil.copy(data, moving)
+    assert main(["finetune", "--base", str(base), "finetune.method=maskllm", f"data.source={moving}", "data.format=sft",
                  "data.seq_len=64", "train.batch_size=8", "train.eval_every=0", "train.steps=20",
                  "train.learning_rate=1e-2", "train.warmup_steps=0", "finetune.calibration.samples=8",
                  f"checkpoint.run_dir={run}", "checkpoint.async_save=false"]) == 0
+    moving.unlink()
     cfg, lm, learned = load_run(run)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=str(data)))
     _, _, dense = load_run(base)
     targets = find_targets(lm, ("q", "k", "v", "o", "gate", "up", "down"), "test")
     for t in targets:

@@ -128,6 +128,7 @@ def load_run(path: Path, step: int | None = None) -> tuple[Config, LanguageModel
     cfg = load_config([path / "config.yaml"], ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.expert=1",
                                                "mesh.sequence=1", "mesh.dcn_data=1", "mesh.dcn_fsdp=1",
                                                f"train.batch_size={jax.device_count()}", "train.microbatches=1"])
+    cfg.checkpoint.run_dir = str(path)  # where the run is now: its method may read what it recorded there
     ckpt = Checkpointer(path / "checkpoints", cfg.checkpoint)
     try:
         if step is not None and step not in ckpt.steps():

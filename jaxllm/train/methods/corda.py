@@ -9,7 +9,6 @@ import jax
 from jax.sharding import Mesh
 
 from jaxllm.config import Config, ConfigError
-from jaxllm.data.pipeline import calibration_rows
 from jaxllm.language_model import LanguageModel, Params
 from jaxllm.peft.corda import CordaAdapter
 from jaxllm.train.methods.lora import Lora
@@ -26,7 +25,7 @@ class Corda(Lora):
 
     def initialise(self, key: jax.Array, base: Params, mesh: Mesh) -> tuple[Params, Params]:
         try:
-            self.adapter.calibrate(base, calibration_rows(self.cfg.data, self.cfg.finetune.calibration))
+            self.adapter.calibrate(base, iter(self.calibration_rows()))
         except ValueError as err:  # no rows
             raise ConfigError(f"finetune.method=corda: {err}; finetune.calibration.data holds no calibration text") from err
         trained, frozen = self.adapter.init(key, jax.device_get(base))

@@ -15,7 +15,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxllm.compress.maskllm import hard_mask, logits_axes, logits_shape, prior_logits, soft_mask
 from jaxllm.compress.prune import PruneSpec, input_norms, keep_mask
 from jaxllm.config import Config, ConfigError
-from jaxllm.data.pipeline import calibration_rows
 from jaxllm.language_model import LanguageModel, Params
 from jaxllm.nested import get_path, merge_into, replace_path
 from jaxllm.peft.lora import find_targets
@@ -58,7 +57,7 @@ class MaskLlm(TrainingMethod):
             return self._tree(lambda t: jnp.zeros(logits_shape(t), jnp.float32))
         norms = None
         if s.prior == "wanda":
-            rows = list(calibration_rows(self.cfg.data, self.cfg.finetune.calibration))
+            rows = self.calibration_rows()
             if not rows:
                 raise ConfigError("finetune.maskllm.prior=wanda: finetune.calibration.data holds no text")
             norms = input_norms(self.lm, params, self.targets, rows)

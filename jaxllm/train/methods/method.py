@@ -9,14 +9,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import optax
 from jax.sharding import Mesh
 from rich.console import Console
 
 from jaxllm.config import Config
+from jaxllm.data.pipeline import calibration_rows
 from jaxllm.language_model import LanguageModel, Params
 from jaxllm.train.methods.base_model import Base
 from jaxllm.train.optimizer import make_optimizer
+
+
+CALIBRATION_RECORD = "calibration_rows.npy"  # in a run directory: the rows its method calibrated on [N, T]
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,19 @@ class TrainingMethod:
         shardings = self.lm.param_shardings(mesh)
         init = jax.jit(self.lm.init, out_shardings=shardings)
         return Prepared(lambda: init(key), shardings)
+
+    def calibration_rows(self) -> list[np.ndarray]:
+        """The run's calibration rows [T] (`finetune.calibration`), recorded in its run directory
+        (`calibration_rows.npy`) the first time they are drawn: the run then resumes and loads (`load_run`) from what
+        it calibrated on, even after its data has moved or changed. Without a run directory: drawn from the data."""
+        record = Path(self.cfg.checkpoint.run_dir) / CALIBRATION_RECORD if self.cfg.checkpoint.run_dir else None
+        if record is not None and record.exists():
+            return list(np.load(record, allow_pickle=False))
+        rows = list(calibration_rows(self.cfg.data, self.cfg.finetune.calibration))
+        if record is not None and rows and jax.process_index() == 0:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            np.save(record, np.stack(rows), allow_pickle=False)
+        return rows
 
     def to_model(self, trained: Params, frozen: Any, rng: jax.Array | None) -> Params:
         """The params the model runs on in a step (`rng`: a PRNG key for stochastic methods; None to evaluate)."""

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxllm.config import Config, ConfigError, MoeConfig
-from jaxllm.data.pipeline import calibration_rows
 from jaxllm.language_model import LanguageModel, Params
 from jaxllm.losses import distillation_sums
 from jaxllm.moe.refactor import refactor_dense
@@ -54,7 +53,7 @@ class PregateDistillation(TrainingMethod):
     def prepare(self, mesh: Mesh, key: jax.Array, base: Base) -> Prepared:
         cfg, lm = self.cfg, self.lm
         dense_cfg = with_execution_of(base.cfg, cfg.model)
-        rows = list(calibration_rows(cfg.data, cfg.finetune.calibration))
+        rows = self.calibration_rows()
         if not rows:
             raise ConfigError("finetune.method=pregate groups the FFN neurons on finetune.calibration rows: none found")
         teacher_lm = self.teacher_lm
