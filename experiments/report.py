@@ -91,7 +91,7 @@ def conditional_compute() -> str:
     st = r["settings"]
     return "\n".join([f"\n{st['seeds']} seeds, {st['base_steps']} base steps then {st['steps']} further steps per "
                       f"variant ({_made(r)}; runs at commits "
-                      f"{', '.join(sorted({str(run.get('commit')) for run in r['runs'].values()}))}):", "",
+                      f"{_run_commits(r['runs'])}):", "",
                       *r["claims"], ""])
 
 
@@ -108,6 +108,11 @@ def moe_bench_layer() -> str:
 
 def _experiment(name: str) -> dict:
     return json.loads((ROOT / "experiments" / name / "results.json").read_text())
+
+
+def _run_commits(runs: dict) -> str:
+    """The commits an experiment's runs ran at (each run records its own)."""
+    return ", ".join(sorted({str(run.get("commit")) for run in runs.values()}))
 
 
 def _mean_std(values: list[float]) -> str:
@@ -138,7 +143,7 @@ def lora_experiment() -> str:
     b = r["base"]
     return "\n".join([
         f"\n{st['seeds']} seeds, {st['steps']} steps of 8 x {st['seq_len']} tokens per method ({_made(r)}; runs at "
-        f"commits {', '.join(sorted({str(run.get('commit')) for run in runs.values()}))}); the base "
+        f"commits {_run_commits(runs)}); the base "
         f"scores {b['held_out_loss']:.3f} on the held-out task and {b['pretrain_eval_loss']:.3f} on its own eval files:",
         "", "| method | trainable params | held-out loss | held-out token accuracy | pretraining-eval loss after |",
         "|---|---:|---:|---:|---:|", *rows, "", *r["claims"], ""])
@@ -164,7 +169,7 @@ def compress_experiment() -> str:
         f"\nA base of {', '.join(a.replace('model.', '') for a in st['shape'])} after {st['base_steps']} steps on the stdlib corpus (eval loss "
         f"{r['base']['eval_loss']:.3f}), {st['calib']} calibration rows of {st['seq_len']} tokens, MaskLLM "
         f"{st['maskllm_steps']} steps x {st['seeds']} seeds ({_made(r)}; runs at commits "
-        f"{', '.join(sorted({str(run.get('commit')) for run in r['runs'].values()}))}); eval loss on the held-out files:",
+        f"{_run_commits(r['runs'])}); eval loss on the held-out files:",
         "", *[line.replace("## ", "**", 1) + "**" if line.startswith("## ") else line for line in r["tables"]],
         "", *r["claims"], ""])
 

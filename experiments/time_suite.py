@@ -10,6 +10,7 @@ subprocesses together (sampled every 0.5 s), with command, commit, date, machine
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import re
 import subprocess
@@ -54,13 +55,13 @@ def run(pytest_args: list[str]) -> dict:
     done.set()
     wall = time.time() - start
     durations = re.findall(r"^([0-9.]+)s (call|setup|teardown)\s+(\S+)$", out, re.M)
-    per_file: dict[str, float] = {}
+    per_file: collections.Counter[str] = collections.Counter()
     for seconds, _, test in durations:
-        per_file[test.split("::")[0]] = per_file.get(test.split("::")[0], 0.0) + float(seconds)
+        per_file[test.split("::")[0]] += float(seconds)
     summary = re.findall(r"^=* ?(\d+ (?:passed|failed|error).*?) in [0-9.]+s", out, re.M)
     return {"returncode": proc.returncode, "wall_s": round(wall, 1), "summary": summary[-1] if summary else "",
             "slowest": [{"seconds": float(s), "phase": ph, "test": t} for s, ph, t in durations[:10]],
-            "per_file_s": {f: round(t, 1) for f, t in sorted(per_file.items(), key=lambda kv: -kv[1])},
+            "per_file_s": {f: round(t, 1) for f, t in per_file.most_common()},
             "peak_rss_gib": round(peak[0] / 2**30, 2), "log_tail": out[-3000:]}
 
 

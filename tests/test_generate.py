@@ -15,8 +15,8 @@ TOL = dict(atol=1e-4, rtol=1e-4)  # f32: cached and full attention sum in differ
 
 # MHA and MQA are GQA with other head groupings (swept by the kernel tests), and QK-norm / softcap are the functions
 # the uncached forward runs (tests/test_model.py): in the slow set
-@pytest.mark.parametrize("name", ["gqa", "sliding_window", "gpt2_style",
-                                  *(pytest.param(n, marks=pytest.mark.slow) for n in ("mha", "mqa", "qk_norm_softcap"))])
+@pytest.mark.parametrize("name", ["gqa", "sliding_window", "gpt2_style", *(
+    pytest.param(n, marks=pytest.mark.slow) for n in ("mha", "mqa", "qk_norm_softcap"))])
 def test_kv_cache_decoding_equals_full_recompute(name):
     """Prefill two left-padded prompts, feed 8 tokens one by one through the cache; every step's
     logits equal a full forward over the whole (padded) sequence so far."""
