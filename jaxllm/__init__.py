@@ -13,23 +13,28 @@ Array names in model code end in their shape, one capital letter per axis, each 
 e.g. `q_BTNH`, `x_MI`, `expert_MP`, `w_JIO`. `kernels_pallas` keeps the GEMM letters (x_MK @ w_KN -> y_MN).
 """
 
-from jaxllm.config import Config, ConfigError, ModelConfig, load_config, validate
-from jaxllm.language_model import LanguageModel, Params, build
-from jaxllm.losses import cross_entropy
-from jaxllm.sharding import constrain, logical_to_spec, make_mesh
+import importlib
 
-__all__ = [
-    "Config",
-    "ConfigError",
-    "LanguageModel",
-    "ModelConfig",
-    "Params",
-    "build",
-    "constrain",
-    "cross_entropy",
-    "load_config",
-    "logical_to_spec",
-    "make_mesh",
-    "validate",
-]
+# Exported names load on first use, so `jaxllm` commands start (and re-execute, `jaxllm.host_memory`) before jax loads.
+_EXPORTS = {
+    "Config": "jaxllm.config",
+    "ConfigError": "jaxllm.config",
+    "ModelConfig": "jaxllm.config",
+    "load_config": "jaxllm.config",
+    "validate": "jaxllm.config",
+    "LanguageModel": "jaxllm.language_model",
+    "Params": "jaxllm.language_model",
+    "build": "jaxllm.language_model",
+    "cross_entropy": "jaxllm.losses",
+    "constrain": "jaxllm.sharding",
+    "logical_to_spec": "jaxllm.sharding",
+    "make_mesh": "jaxllm.sharding",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'jaxllm' has no attribute {name!r}")

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from jaxllm.config import Config, ConfigError, load_config
 from jaxllm.data.tokenizer import Tokenizer
+from jaxllm.host_memory import reexec_with_huge_pages
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # logs: no truncated names
 
@@ -316,6 +317,10 @@ def cmd_docstring_task(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; `argv` None: this process's own (then the process first re-executes itself with huge-page
+    malloc, `jaxllm.host_memory`)."""
+    if argv is None:
+        reexec_with_huge_pages()
     parser = argparse.ArgumentParser(prog="jaxllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="param count, FLOPs and shardings of a config")

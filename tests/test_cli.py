@@ -2,11 +2,14 @@
 preset in the slow set), generate, convert both ways, eval (in-process), and config errors as exit code 2."""
 
 import json
+import os
+import platform
 
 import pytest
 
 from cli_process import jaxllm_process
 from jaxllm.cli import main
+from jaxllm.host_memory import huge_page_environment, malloc_pages, transparent_huge_page_mode
 
 
 def test_info_and_config_errors(capsys):
@@ -34,6 +37,8 @@ def test_train_then_generate_convert_and_eval(tmp_path, capsys):
     out = jaxllm_process("train", "--config", "tiny", f"checkpoint.run_dir={run}", "train.steps=10",
                           "train.warmup_steps=3", "train.log_every=1", "checkpoint.async_save=false")
     assert "done: step 10" in out and "floor" in out
+    reexecuted = huge_page_environment(os.environ, platform.libc_ver(), transparent_huge_page_mode())
+    assert f"host malloc: {malloc_pages(reexecuted or os.environ)}" in out  # re-executed itself where that helps
     losses = [json.loads(line)["train/loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
               if "train/loss" in line]
     assert len(losses) == 10 and losses[-1] < losses[0]

@@ -21,6 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from jaxllm.config import Config, ConfigError, load_config, to_yaml, validate
 from jaxllm.data.pipeline import Corpus, RowStreams, load_corpus, local_rows
 from jaxllm.distributed import all_processes_agree, check_same_config, merged_state
+from jaxllm.host_memory import malloc_pages
 from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.metrics import MetricsWriter
 from jaxllm.train.peak_flops import peak_flops
@@ -209,7 +210,7 @@ class _StepLog:
             f"run dir [bold]{self.result.run_dir}[/]: {setup.method.describe(setup.abstract_state.params)}, mesh "
             f"{dict(setup.mesh.shape)}, {len(corpus.train_docs):,} train / {len(corpus.eval_docs):,} eval docs, steps "
             f"{self.last_step}->{self.cfg.train.steps}; MFU of {setup.flops_per_token(seq):.4g} FLOPs/token against "
-            f"{peak.flops_per_s / 1e9:,.0f} GFLOP/s ({peak.source})"
+            f"{peak.flops_per_s / 1e9:,.0f} GFLOP/s ({peak.source}); host malloc: {malloc_pages()}"
         )
 
     def train(self, step: int, metrics: dict, setup: StepSetup) -> None:
