@@ -5,7 +5,10 @@ tied embeddings), random weights saved locally as a Hugging Face directory; LoRA
 on all 7 projections (q, k, v, o, gate, up, down); 4 x 256 random tokens per step, every token a target; f32;
 AdamW on the adapters. Each peer runs in its own process, alternating, `--rounds` times; tokens/s is the
 median of `--steps` timed steps after one warm-up step; peak memory is the process's peak resident set
-(model loading included, for both). Writes experiments/results/bench_finetune.{md,json}.
+(model loading included, for both). jaxllm's process re-executes itself with huge-page malloc as the `jaxllm`
+command does (`jaxllm.host_memory`) and torch runs as its users run it; each also runs once more per round with the
+other malloc setting (`torch+hugepages`, `jaxllm, JAXLLM_HUGE_PAGES=0`), to show what of the difference that is. Writes
+experiments/results/bench_finetune.{md,json}.
 
     python experiments/bench_finetune.py [--rounds 2] [--steps 3]
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -23,6 +27,8 @@ import time
 from pathlib import Path
 
 from provenance import provenance
+
+from jaxllm.host_memory import reexec_with_huge_pages
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -70,8 +76,8 @@ def torch_peer(base: Path, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(loss)
 
-    times, loss = _timed(step, steps)
-    return {"step_s_all": times, "loss": loss, "threads": torch.get_num_threads(), "peak_rss_bytes": _peak_rss_bytes()}
+    timed = _timed(step, steps)
+    return {**timed, "threads": torch.get_num_threads(), "peak_rss_bytes": _peak_rss_bytes()}
 
 
 def jaxllm_peer(base: Path, steps: int) -> dict:
@@ -94,25 +100,37 @@ def jaxllm_peer(base: Path, steps: int) -> dict:
             state[0], m = s.train_step(state[0], batch, s.frozen)
             return float(m["loss"])
 
-        times, loss = _timed(step, steps)
+        timed = _timed(step, steps)
     trainable = sum(x.size for x in jax.tree.leaves(s.abstract_state.params))
-    return {"step_s_all": times, "loss": loss, "flops_per_token": s.flops_per_token(SEQ),
-            "trainable_params": trainable, "peak_rss_bytes": _peak_rss_bytes()}
+    return {**timed, "flops_per_token": s.flops_per_token(SEQ), "trainable_params": trainable,
+            "peak_rss_bytes": _peak_rss_bytes()}
 
 
-def _timed(step, steps: int) -> tuple[list[float], float]:
+def _timed(step, steps: int) -> dict:
+    """Step times after a warm-up step, the last loss, and the timed steps' page faults and kernel CPU time per step."""
     loss = step()  # warm-up (and compile)
-    times = []
+    times, before = [], resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(steps):
         t = time.perf_counter()
         loss = step()
         times.append(round(time.perf_counter() - t, 4))
-    return times, loss
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {"step_s_all": times, "loss": loss, "page_faults_per_step": (after.ru_minflt - before.ru_minflt) // steps,
+            "sys_cpu_s_per_step": round((after.ru_stime - before.ru_stime) / steps, 3)}
+
+
+# peer -> (process, environment added): each framework as its users run it, and with the other malloc setting
+PEERS = {"torch": ("torch", {}), "jaxllm": ("jaxllm", {}),
+         "torch+hugepages": ("torch", {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}),
+         "jaxllm, JAXLLM_HUGE_PAGES=0": ("jaxllm", {"JAXLLM_HUGE_PAGES": "0"})}
+DEFAULT_PAGES = "jaxllm, JAXLLM_HUGE_PAGES=0"
 
 
 def run(peer: str, base: Path, steps: int) -> dict:
-    cmd = [sys.executable, __file__, "--peer", peer, "--base", str(base), "--steps", str(steps)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    process, added = PEERS[peer]
+    cmd = [sys.executable, __file__, "--peer", process, "--base", str(base), "--steps", str(steps)]
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAXLLM_HUGE_PAGES")} | added
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, env=env).stdout
     res = json.loads(out.strip().splitlines()[-1])
     res["step_s"] = statistics.median(res["step_s_all"])
     res["tokens_per_s"] = round(BATCH * SEQ / res["step_s"], 1)
@@ -128,24 +146,33 @@ def write(result: dict) -> str:
     m, rows = result["meta"], result["rows"]
     med = result["median_tokens_per_s"]
     mem = result["median_peak_rss_gib"]
+    faults = {p: statistics.median(r["page_faults_per_step"] for r in rows if r["peer"] == p) for p in PEERS}
+    sys_s = {p: statistics.median(r["sys_cpu_s_per_step"] for r in rows if r["peer"] == p) for p in PEERS}
     lines = ["# LoRA fine-tuning: jaxllm vs transformers + peft", "",
              f"`{m['command']}` at commit {m['commit']}{' (dirty)' if m['dirty'] else ''}, {m['date']}, {m['machine']}; "
              f"jax {m['jax']}, flax {m['flax']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}.",
              "", "SmolLM2-135M architecture (random weights), LoRA r=8 alpha=16 on q, k, v, o, gate, up, down; "
              f"{BATCH} x {SEQ} tokens per step; f32; AdamW on the adapters.", "",
-             "| round | peer | median step (s) | tokens/s | peak RSS (GiB) | loss after warm-up + steps |",
-             "|---|---|---|---|---|---|"]
+             "| round | peer | median step (s) | tokens/s | peak RSS (GiB) | page faults / step | kernel CPU s / step "
+             "| loss after warm-up + steps |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['round']} | {r['peer']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['loss']:.4f} |")
+                     f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['page_faults_per_step']:,} | {r['sys_cpu_s_per_step']:.2f} | "
+                     f"{r['loss']:.4f} |")
     lines += ["", f"Median tokens/s: jaxllm {med['jaxllm']:.0f}, transformers + peft {med['torch']:.0f}: "
-                  f"**{result['speedup']:.2f}x**. Peak memory: jaxllm {mem['jaxllm']:.2f} GiB, transformers + peft "
-                  f"{mem['torch']:.2f} GiB ({mem['jaxllm'] / mem['torch']:.2f}x).", "",
+                  f"**{result['speedup']:.2f}x** (transformers + peft with huge-page malloc too: "
+                  f"{med['torch+hugepages']:.0f}, {result['speedup_same_malloc']:.2f}x). Peak memory: jaxllm "
+                  f"{mem['jaxllm']:.2f} GiB, transformers + peft {mem['torch']:.2f} GiB "
+                  f"({mem['jaxllm'] / mem['torch']:.2f}x).", "",
+              f"Huge-page malloc (`jaxllm.host_memory`): jaxllm with default pages {med[DEFAULT_PAGES]:.0f} tokens/s "
+              f"({faults[DEFAULT_PAGES]:,.0f} page faults and {sys_s[DEFAULT_PAGES]:.2f} s of kernel CPU time per step), "
+              f"with huge pages {med['jaxllm']:.0f} ({faults['jaxllm']:,.0f} and {sys_s['jaxllm']:.2f} s).", "",
               f"MFU ({result['flops_per_token']:.4g} FLOPs per token: forward and input gradients of the frozen "
               f"base, all three matmuls of the adapters; peak {result['peak_flops'] / 1e9:.0f} GFLOP/s f32, "
               f"{result['peak_source']}): jaxllm {100 * result['mfu']['jaxllm']:.0f}%, transformers + peft "
-              f"{100 * result['mfu']['torch']:.0f}%. 1.5x transformers + peft would take an MFU of "
-              f"{150 * result['mfu']['torch']:.0f}%."]
+              f"{100 * result['mfu']['torch']:.0f}% ({100 * result['mfu']['torch+hugepages']:.0f}% with huge pages). "
+              f"1.5x transformers + peft would take an MFU of {150 * result['mfu']['torch']:.0f}%."]
     return "\n".join(lines) + "\n"
 
 
@@ -157,6 +184,8 @@ def main() -> None:
     ap.add_argument("--base", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peer:
+        if args.peer == "jaxllm":
+            reexec_with_huge_pages()
         peer = torch_peer if args.peer == "torch" else jaxllm_peer
         print(json.dumps(peer(Path(args.base), args.steps)))
         return
@@ -165,20 +194,21 @@ def main() -> None:
         base = Path(tmp) / "base"
         make_base(base)
         for r in range(args.rounds):
-            for peer in ("torch", "jaxllm") if r % 2 == 0 else ("jaxllm", "torch"):
+            for peer in list(PEERS) if r % 2 == 0 else list(PEERS)[::-1]:
                 res = run(peer, base, args.steps)
                 rows.append({"round": r + 1, "peer": peer, **res})
                 print(f"round {r + 1} {peer}: {res['tokens_per_s']} tokens/s, "
                       f"peak RSS {res['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
-    med = {p: statistics.median(r["tokens_per_s"] for r in rows if r["peer"] == p) for p in ("torch", "jaxllm")}
-    mem = {p: statistics.median(r["peak_rss_bytes"] for r in rows if r["peer"] == p) / 2**30 for p in ("torch", "jaxllm")}
+    med = {p: statistics.median(r["tokens_per_s"] for r in rows if r["peer"] == p) for p in PEERS}
+    mem = {p: statistics.median(r["peak_rss_bytes"] for r in rows if r["peer"] == p) / 2**30 for p in PEERS}
     from jaxllm.train.peak_flops import peak_flops
 
     peak = peak_flops("float32")
     flops = next(r["flops_per_token"] for r in rows if r["peer"] == "jaxllm")  # the same model FLOPs for both
     mfu = {p: flops * med[p] / peak.flops_per_s for p in med}
     result = {"meta": meta(args), "rows": rows, "median_tokens_per_s": med, "median_peak_rss_gib": mem,
-              "speedup": med["jaxllm"] / med["torch"], "flops_per_token": flops, "peak_flops": peak.flops_per_s,
+              "speedup": med["jaxllm"] / med["torch"], "speedup_same_malloc": med["jaxllm"] / med["torch+hugepages"],
+              "flops_per_token": flops, "peak_flops": peak.flops_per_s,
               "peak_source": peak.source, "mfu": mfu}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_finetune.json").write_text(json.dumps(result, indent=2) + "\n")
