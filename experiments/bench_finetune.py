@@ -103,7 +103,39 @@ def jaxllm_peer(base: Path, steps: int) -> dict:
         timed = _timed(step, steps)
     trainable = sum(x.size for x in jax.tree.leaves(s.abstract_state.params))
     return {**timed, "flops_per_token": s.flops_per_token(SEQ), "trainable_params": trainable,
-            "peak_rss_bytes": _peak_rss_bytes()}
+            "peak_rss_bytes": _peak_rss_bytes(), "matmul_floor_s": round(matmul_floor_s(), 4)}
+
+
+def matmul_floor_s(repeats: int = 5) -> float:
+    """Seconds per step of the frozen base's and the tied head's matmuls alone: each projection's forward x @ W and
+    input gradient dy @ W^T at its shape ([4 x 256 tokens, in] x [in, out]) times the layers, plus the head's two,
+    each jitted alone, median of `repeats` calls. What the step would take with attention, the adapters, the softmax,
+    element-wise work and the optimizer free."""
+    import jax
+    import numpy as np
+
+    M, D, F, V = BATCH * SEQ, SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"]
+    kv = D // SHAPE["num_attention_heads"] * SHAPE["num_key_value_heads"]
+    forward = jax.jit(lambda x_MI, w_IO: x_MI @ w_IO)
+    input_grad = jax.jit(lambda dy_MO, w_IO: jax.lax.dot_general(dy_MO, w_IO, (((1,), (1,)), ((), ()))))
+
+    def seconds(fn, *args) -> float:
+        fn(*args).block_until_ready()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn(*args).block_until_ready()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+    def both(i: int, o: int) -> float:
+        key_x, key_w, key_dy = jax.random.split(jax.random.key(0), 3)
+        w = jax.random.normal(key_w, (i, o)) * 0.02
+        return (seconds(forward, jax.random.normal(key_x, (M, i)), w)
+                + seconds(input_grad, jax.random.normal(key_dy, (M, o)), w))
+
+    projections = [(D, D), (D, kv), (D, kv), (D, D), (D, F), (D, F), (F, D)]  # q, k, v, o, gate, up, down
+    return SHAPE["num_hidden_layers"] * sum(both(i, o) for i, o in projections) + both(D, V)
 
 
 def _timed(step, steps: int) -> dict:
@@ -147,6 +179,9 @@ def write(result: dict) -> str:
     med = result["median_tokens_per_s"]
     mem = result["median_peak_rss_gib"]
     faults = {p: statistics.median(r["page_faults_per_step"] for r in rows if r["peer"] == p) for p in PEERS}
+    floor = statistics.median(r["matmul_floor_s"] for r in rows if r["peer"] == "jaxllm")
+    step = statistics.median(r["step_s"] for r in rows if r["peer"] == "jaxllm")
+    goal = BATCH * SEQ / med["torch"] / 1.5
     sys_s = {p: statistics.median(r["sys_cpu_s_per_step"] for r in rows if r["peer"] == p) for p in PEERS}
     lines = ["# LoRA fine-tuning: jaxllm vs transformers + peft", "",
              f"`{m['command']}` at commit {m['commit']}{' (dirty)' if m['dirty'] else ''}, {m['date']}, {m['machine']}; "
@@ -172,7 +207,12 @@ def write(result: dict) -> str:
               f"base, all three matmuls of the adapters; peak {result['peak_flops'] / 1e9:.0f} GFLOP/s f32, "
               f"{result['peak_source']}): jaxllm {100 * result['mfu']['jaxllm']:.0f}%, transformers + peft "
               f"{100 * result['mfu']['torch']:.0f}% ({100 * result['mfu']['torch+hugepages']:.0f}% with huge pages). "
-              f"1.5x transformers + peft would take an MFU of {150 * result['mfu']['torch']:.0f}%."]
+              f"1.5x transformers + peft would take an MFU of {150 * result['mfu']['torch']:.0f}%.", "",
+              f"The frozen base's and the head's matmuls alone (forward and input gradient, each jitted alone at its "
+              f"shape in jaxllm's process, `matmul_floor_s`): {floor:.2f} s per step, {100 * floor / step:.0f}% of "
+              f"jaxllm's {step:.2f} s step. 1.5x transformers + peft needs a step of {goal:.2f} s, i.e. attention, the "
+              f"adapters, the softmax, element-wise work and the optimizer in {goal - floor:.2f} s; they take "
+              f"{step - floor:.2f} s now."]
     return "\n".join(lines) + "\n"
 
 
