@@ -66,3 +66,10 @@ def test_reexecution_removes_the_page_faults_of_large_temporaries():
     assert pages == "huge pages" and n < 2000, (pages, n)
     pages, n = faults(JAXLLM_HUGE_PAGES="0")
     assert pages == "default pages" and n > 8000, (pages, n)  # the control: the measurement sees the faults
+
+
+def test_the_command_starts_before_jax_loads():
+    """`jaxllm.cli` imports without jax (so its re-execution is cheap), and every exported name still resolves."""
+    code = "import sys, jaxllm, jaxllm.cli; print('jax' in sys.modules, all(getattr(jaxllm, n) for n in jaxllm.__all__))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]
