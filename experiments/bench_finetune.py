@@ -174,15 +174,18 @@ def meta(args: argparse.Namespace) -> dict:
                       ("jax", "flax", "torch", "transformers", "peft"))
 
 
+def _medians(rows: list[dict], key: str, peers=tuple(PEERS)) -> dict:
+    """peer -> the median of `key` over its rows."""
+    return {p: statistics.median(r[key] for r in rows if r["peer"] == p) for p in peers}
+
+
 def write(result: dict) -> str:
     m, rows = result["meta"], result["rows"]
     med = result["median_tokens_per_s"]
     mem = result["median_peak_rss_gib"]
-    faults = {p: statistics.median(r["page_faults_per_step"] for r in rows if r["peer"] == p) for p in PEERS}
-    floor = statistics.median(r["matmul_floor_s"] for r in rows if r["peer"] == "jaxllm")
-    step = statistics.median(r["step_s"] for r in rows if r["peer"] == "jaxllm")
+    faults, sys_s = _medians(rows, "page_faults_per_step"), _medians(rows, "sys_cpu_s_per_step")
+    floor, step = _medians(rows, "matmul_floor_s", ("jaxllm",))["jaxllm"], _medians(rows, "step_s")["jaxllm"]
     goal = BATCH * SEQ / med["torch"] / 1.5
-    sys_s = {p: statistics.median(r["sys_cpu_s_per_step"] for r in rows if r["peer"] == p) for p in PEERS}
     lines = ["# LoRA fine-tuning: jaxllm vs transformers + peft", "",
              f"`{m['command']}` at commit {m['commit']}{' (dirty)' if m['dirty'] else ''}, {m['date']}, {m['machine']}; "
              f"jax {m['jax']}, flax {m['flax']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}.",
@@ -239,8 +242,8 @@ def main() -> None:
                 rows.append({"round": r + 1, "peer": peer, **res})
                 print(f"round {r + 1} {peer}: {res['tokens_per_s']} tokens/s, "
                       f"peak RSS {res['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
-    med = {p: statistics.median(r["tokens_per_s"] for r in rows if r["peer"] == p) for p in PEERS}
-    mem = {p: statistics.median(r["peak_rss_bytes"] for r in rows if r["peer"] == p) / 2**30 for p in PEERS}
+    med = _medians(rows, "tokens_per_s")
+    mem = {p: b / 2**30 for p, b in _medians(rows, "peak_rss_bytes").items()}
     from jaxllm.train.peak_flops import peak_flops
 
     peak = peak_flops("float32")

@@ -5,8 +5,9 @@ XLA on CPU allocates an execution's temporaries as one block through malloc (mor
 faults in and zeroes each 4 KiB page again (`experiments/results/bench_finetune.md` counts the faults and the kernel
 CPU time per step). glibc's tunable `glibc.malloc.hugetlb=1` makes malloc ask for transparent huge pages (2 MiB)
 for such blocks. glibc reads tunables only when a process starts, so the `jaxllm` command re-executes itself once
-with the tunable added (`reexec_with_huge_pages`), before jax is imported. Python scripts and notebooks get the same by starting Python with
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in the environment. `JAXLLM_HUGE_PAGES=0` turns it off.
+with the tunable added (`reexec_with_huge_pages`), before jax is imported. Python scripts and notebooks get the same
+by starting Python with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in the environment. `JAXLLM_HUGE_PAGES=0` turns it
+off.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Mapping
 
 OPT_OUT = "JAXLLM_HUGE_PAGES"
 TUNABLE = "glibc.malloc.hugetlb"
+HUGE_PAGES = f"{TUNABLE}=1"  # malloc advises transparent huge pages for the blocks it maps
 THP_MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -44,12 +46,12 @@ def huge_page_environment(environ: Mapping[str, str], libc: tuple[str, str], thp
     tunables = environ.get("GLIBC_TUNABLES", "")
     if TUNABLE + "=" in tunables:
         return None
-    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"}
+    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES}
 
 
 def malloc_pages(environ: Mapping[str, str] = os.environ) -> str:
     """How this process's malloc backs large blocks, for run logs: huge pages or default pages."""
-    return "huge pages" if f"{TUNABLE}=1" in environ.get("GLIBC_TUNABLES", "") else "default pages"
+    return "huge pages" if HUGE_PAGES in environ.get("GLIBC_TUNABLES", "").split(":") else "default pages"
 
 
 def reexec_with_huge_pages() -> None:
