@@ -1,9 +1,9 @@
 """Host memory for XLA on CPU: large buffers on transparent huge pages (Linux with glibc >= 2.35).
 
-XLA on CPU allocates an execution's temporaries as one block through malloc (more than a GiB for a LoRA step of a
-135M model). glibc maps a block that large fresh from the kernel and unmaps it when it is freed, so every step
-faults in and zeroes each 4 KiB page again (`experiments/results/bench_finetune.md` counts the faults and the kernel
-CPU time per step). glibc's tunable `glibc.malloc.hugetlb=1` makes malloc ask for transparent huge pages (2 MiB)
+XLA on CPU allocates an execution's temporaries as one block through malloc (for a training step, the size of all
+its activations and scratch). glibc maps a block that large fresh from the kernel and unmaps it when it is freed, so
+every step faults in and zeroes each 4 KiB page again (`experiments/results/bench_finetune.md` counts the faults and
+the kernel CPU time per step). glibc's tunable `glibc.malloc.hugetlb=1` makes malloc ask for transparent huge pages (2 MiB)
 for such blocks. glibc reads tunables only when a process starts, so the `jaxllm` command re-executes itself once
 with the tunable added (`reexec_with_huge_pages`), before jax is imported. Python scripts and notebooks get the same
 by starting Python with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in the environment. `JAXLLM_HUGE_PAGES=0` turns it
